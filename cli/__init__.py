@@ -1,0 +1,29 @@
+"""The ``gradcam-batch`` command line: thin click commands over the engine API."""
+
+from __future__ import annotations
+
+import click
+
+from gradcam_batch import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gradcam-batch")
+def cli() -> None:
+    """High-throughput, batched Grad-CAM explanations for whole image datasets."""
+
+
+def _register() -> None:
+    from gradcam_batch.cli.demo import demo
+
+    cli.add_command(demo)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="gradcam-batch")
+
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,392 @@
+"""The Grad-CAM engine: ``explain()`` and ``Explainer``.
+
+Where the speed comes from (see the README's design notes):
+
+1. The backbone (everything before the target layer) runs under ``torch.inference_mode``:
+   no autograd graph, no parameter gradients. Autograd starts at the target activation A.
+2. The C classes of the B images are explained by one vectorized vector-Jacobian product
+   of the head: ``torch.func.vjp`` once, then ``torch.vmap`` over the C one-hot cotangents.
+3. A global-average-pool -> linear head needs no backward at all: dy^c/dA^k_ij = W[c, k] / (h*w)
+   (the CAM equivalence), so alpha is read off the linear layer.
+4. Post-processing (weighting, ReLU, upsampling, normalization, quantization) is one call to
+   ``gradcam_batch.kernels.fused_cam``: a fused Triton kernel on CUDA, batched torch elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from gradcam_batch.engine.layers import TargetLayerError, detect_target_layer, layer_name_of
+from gradcam_batch.engine.split import LinearHead, SplitModel, analyze_head, split_at
+from gradcam_batch.kernels import DEFAULT_EPS, fused_cam
+
+METHODS = ("gradcam", "cam")
+VJP_STRATEGIES = ("vmap", "loop", "batched_grad")
+
+
+@dataclass
+class Explanation:
+    """The result of one explained batch. All tensors live on the model's device."""
+
+    classes: torch.Tensor  # (B, C) int64, the explained class indices
+    scores: torch.Tensor  # (B, C) float32, y^c before softmax
+    probabilities: torch.Tensor  # (B, C) float32, softmax over all N scores, taken at the classes
+    cams: torch.Tensor  # (B, C, h, w) float32, ReLU(sum_k alpha_k^c A^k), unnormalized
+    heatmaps: torch.Tensor  # (B, C, H, W) out_dtype, upsampled (and normalized to [0, 1])
+    cam_max: torch.Tensor  # (B, C) float32, max of each low-resolution cam
+    peaks: torch.Tensor  # (B, C, 2) int64, (y, x) of each heatmap's maximum
+    weights: torch.Tensor  # (B, C, K) float32, alpha_k^c (negated for counterfactuals)
+    target_layer: str  # qualified name of the target module
+    closed_form: bool  # True when alpha came from the GAP -> linear closed form
+
+
+def default_score_fn(output: object) -> torch.Tensor:
+    """The model output itself, when it is a (B, N) tensor."""
+    if isinstance(output, torch.Tensor) and output.dim() == 2:
+        return output
+    desc = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    raise TypeError(
+        f"the model returns {desc}, not (B, N) scores; pass score_fn= to map its output to (B, N) scores"
+    )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run in eval semantics and restore every module's own train/eval flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+class _TargetHook:
+    """Forward hook for models FX cannot trace: capture A, or make it the autograd root.
+
+    In ``root`` mode the hook detaches the target's output, makes it a leaf that requires
+    grad, and turns grad mode on for the rest of the forward, so the graph starts at A.
+    The handle is removed on exit, also when the forward raises.
+    """
+
+    def __init__(self, module: nn.Module, name: str, root: bool):
+        self.module, self.name, self.root = module, name, root
+        self.activation: torch.Tensor | None = None
+        self.calls = 0
+        self._handle = None
+        self._grad_ctx: contextlib.ExitStack | None = None
+
+    def _hook(self, module, args, output):
+        self.calls += 1
+        if self.calls > 1:
+            raise TargetLayerError(
+                f"target layer {self.name!r} runs more than once per forward; pick a module that runs once"
+            )
+        if not isinstance(output, torch.Tensor) or output.dim() != 4:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise TargetLayerError(
+                f"target layer {self.name!r} outputs {shape}; Grad-CAM needs a 4-D (B, K, h, w) map"
+            )
+        if not self.root:
+            self.activation = output
+            return None
+        leaf = output.detach().requires_grad_(True)
+        self.activation = leaf
+        assert self._grad_ctx is not None
+        self._grad_ctx.enter_context(torch.enable_grad())
+        return leaf
+
+    def __enter__(self) -> _TargetHook:
+        self._grad_ctx = contextlib.ExitStack()
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        if self._grad_ctx is not None:
+            self._grad_ctx.close()
+        return None
+
+
+class Explainer:
+    """Set up once (layer resolution, graph split, head analysis), then call per batch.
+
+    ``Explainer(model, target_layer=None, method="gradcam", score_fn=None)(images, ...)``
+    takes the same per-batch keyword arguments as ``explain()``.
+
+    The model is always explained in eval semantics (BatchNorm running statistics, no
+    dropout); each module's train/eval flag is restored after every call. Parameters,
+    ``requires_grad`` flags, ``.grad`` and hooks of the caller's model are left as they were.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str | nn.Module | None = None,
+        method: str = "gradcam",
+        score_fn: Callable[[object], torch.Tensor] | None = None,
+        *,
+        vjp_strategy: str = "vmap",
+        kernel_backend: str = "auto",
+    ):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        if vjp_strategy not in VJP_STRATEGIES:
+            raise ValueError(f"unknown vjp_strategy {vjp_strategy!r}; expected one of {', '.join(VJP_STRATEGIES)}")
+        self.model = model
+        self.method = method
+        self.score_fn = score_fn
+        self.vjp_strategy = vjp_strategy
+        self.kernel_backend = kernel_backend
+        self._score_fn = score_fn or default_score_fn
+        self.target_layer: str | None = None if target_layer is None else layer_name_of(model, target_layer)
+        self._split: SplitModel | None = None
+        self._linear: LinearHead | None = None
+        self._prepared = False
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _prepare(self, images: torch.Tensor) -> None:
+        if self.target_layer is None:
+            self.target_layer = detect_target_layer(self.model, images[:1], self._score_fn)
+        self._split = split_at(self.model, self.target_layer)
+        if self._split is not None and self.score_fn is None:
+            self._linear = analyze_head(self._split)
+        if self.method == "cam" and self._linear is None:
+            raise ValueError(
+                f"method='cam' needs a global-average-pool -> linear head after {self.target_layer!r}, "
+                "and the model has a different head; use method='gradcam'"
+            )
+        self._prepared = True
+
+    @property
+    def closed_form(self) -> bool:
+        """True when the head is GAP -> linear and alpha needs no backward pass."""
+        return self._linear is not None
+
+    # -- per batch --------------------------------------------------------------------------------
+    def __call__(
+        self,
+        images: torch.Tensor,
+        *,
+        classes: torch.Tensor | None = None,
+        top_k: int = 1,
+        counterfactual: bool = False,
+        output_size: tuple[int, int] | int | None = None,
+        normalize: bool = True,
+        out_dtype: torch.dtype = torch.float32,
+        relu: bool = True,
+        eps: float = DEFAULT_EPS,
+        heatmaps: bool = True,
+    ) -> Explanation:
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
+        if images.shape[0] == 0:
+            raise ValueError("images is an empty batch")
+        with eval_mode(self.model):
+            if not self._prepared:
+                self._prepare(images)
+            acts, scores_all, classes_t, weights = self._weights(images, classes, top_k, counterfactual)
+        if output_size is None:
+            out_size = (images.shape[-2], images.shape[-1])
+        elif isinstance(output_size, int):
+            out_size = (output_size, output_size)
+        else:
+            out_size = (int(output_size[0]), int(output_size[1]))
+        maps = fused_cam(
+            acts,
+            weights,
+            out_size if heatmaps else None,
+            relu=relu,
+            normalize=normalize,
+            out_dtype=out_dtype,
+            eps=eps,
+            backend=self.kernel_backend,
+        )
+        dt = maps.cams.dtype
+        scores_all = scores_all.to(dt)
+        probs = torch.softmax(scores_all, dim=1)
+        return Explanation(
+            classes=classes_t,
+            scores=scores_all.gather(1, classes_t),
+            probabilities=probs.gather(1, classes_t),
+            cams=maps.cams,
+            heatmaps=maps.heatmaps,
+            cam_max=maps.cam_max,
+            peaks=maps.peaks,
+            weights=weights,
+            target_layer=self.target_layer or "",
+            closed_form=self._linear is not None,
+        )
+
+    def _weights(self, images, classes, top_k, counterfactual):
+        """Returns (A, all scores (B, N), classes (B, C), alpha (B, C, K))."""
+        sign = -1.0 if counterfactual else 1.0
+        if self._split is None:
+            return self._weights_hooked(images, classes, top_k, sign)
+        with torch.inference_mode():
+            feats = self._split.backbone(images)
+        # Inference tensors cannot enter autograd; a clone outside inference mode can.
+        acts, *extra = (t.clone() if isinstance(t, torch.Tensor) else t for t in feats)
+        self._check_acts(acts)
+        head = self._split.head
+        score_fn = self._score_fn
+        h, w = acts.shape[-2:]
+        cdt = torch.promote_types(acts.dtype, torch.float32)
+
+        if self._linear is not None:
+            with torch.no_grad():
+                scores_all = score_fn(head(acts, *extra))
+            classes_t = _resolve_classes(classes, top_k, scores_all)
+            weight = self._linear.weight.detach().to(cdt)
+            alpha = weight[classes_t]  # (B, C, K)
+            if self.method == "gradcam":
+                alpha = alpha / (h * w)
+            return acts, scores_all.detach(), classes_t, sign * alpha
+
+        def head_scores(a: torch.Tensor) -> torch.Tensor:
+            return score_fn(head(a, *extra))
+
+        if self.vjp_strategy == "batched_grad":
+            with torch.enable_grad():
+                a = acts.detach().requires_grad_(True)
+                scores_all = head_scores(a)
+                self._check_scores(scores_all, images)
+                classes_t = _resolve_classes(classes, top_k, scores_all.detach())
+                cot = _one_hots(classes_t, scores_all, sign)
+                (grads,) = torch.autograd.grad(scores_all, a, cot, is_grads_batched=True)
+        else:
+            # Under an outer no_grad, vjp still differentiates w.r.t. its primal (it is a
+            # function transform) but records nothing for the model's parameters.
+            with torch.no_grad():
+                scores_all, vjp_fn = torch.func.vjp(head_scores, acts)
+                self._check_scores(scores_all, images)
+                classes_t = _resolve_classes(classes, top_k, scores_all)
+                cot = _one_hots(classes_t, scores_all, sign)
+                if self.vjp_strategy == "vmap":
+                    (grads,) = torch.vmap(vjp_fn)(cot)
+                else:
+                    grads = torch.stack([vjp_fn(cot[c])[0] for c in range(cot.shape[0])])
+        alpha = grads.to(cdt).mean(dim=(3, 4)).permute(1, 0, 2)  # (C, B, K) -> (B, C, K)
+        return acts, scores_all.detach(), classes_t, alpha.contiguous()
+
+    def _weights_hooked(self, images, classes, top_k, sign):
+        """Fallback for models FX cannot trace: one forward, graph from A, batched backward."""
+        assert self.target_layer is not None
+        if self.method == "cam":
+            raise ValueError("method='cam' needs a traceable GAP -> linear head")
+        module = self.model.get_submodule(self.target_layer)
+        # no_grad outside, the hook's enable_grad inside: leaving restores both in order.
+        with torch.no_grad(), _TargetHook(module, self.target_layer, root=True) as hook:
+            out = self.model(images)
+            scores_all = self._score_fn(out)
+            a = hook.activation
+        if a is None:
+            raise TargetLayerError(f"target layer {self.target_layer!r} did not run in the forward pass")
+        self._check_acts(a)
+        self._check_scores(scores_all, images)
+        classes_t = _resolve_classes(classes, top_k, scores_all.detach())
+        cot = _one_hots(classes_t, scores_all, sign)
+        if not scores_all.requires_grad:
+            self._no_dependency()
+        (grads,) = torch.autograd.grad(scores_all, a, cot, is_grads_batched=True, allow_unused=True)
+        if grads is None:
+            self._no_dependency()
+        cdt = torch.promote_types(a.dtype, torch.float32)
+        alpha = grads.to(cdt).mean(dim=(3, 4)).permute(1, 0, 2).contiguous()
+        return a.detach(), scores_all.detach(), classes_t, alpha
+
+    def _check_acts(self, acts: object) -> None:
+        if not isinstance(acts, torch.Tensor) or acts.dim() != 4:
+            shape = tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__
+            raise TargetLayerError(
+                f"target layer {self.target_layer!r} outputs {shape}; Grad-CAM needs a 4-D (B, K, h, w) map"
+            )
+
+    def _check_scores(self, scores: torch.Tensor, images: torch.Tensor) -> None:
+        if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[0] != images.shape[0]:
+            shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise ValueError(f"score_fn must return (B, N) = ({images.shape[0]}, N) scores, got {shape}")
+
+    def _no_dependency(self):
+        raise TargetLayerError(f"the scores do not depend on target layer {self.target_layer!r}")
+
+
+def _resolve_classes(classes: torch.Tensor | None, top_k: int, scores: torch.Tensor) -> torch.Tensor:
+    b, n = scores.shape
+    if classes is None:
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        if top_k > n:
+            raise ValueError(f"top_k={top_k} exceeds the number of classes ({n})")
+        return scores.detach().topk(top_k, dim=1).indices
+    classes_t = torch.as_tensor(classes, device=scores.device)
+    if classes_t.dtype.is_floating_point or classes_t.dtype == torch.bool:
+        raise ValueError(f"classes must be integer indices, got dtype {classes_t.dtype}")
+    classes_t = classes_t.long()
+    if classes_t.dim() == 1:
+        classes_t = classes_t.unsqueeze(0).expand(b, -1)
+    if classes_t.dim() != 2 or classes_t.shape[0] != b or classes_t.shape[1] == 0:
+        raise ValueError(f"classes must be (C,) or (B, C) = ({b}, C) indices, got shape {tuple(classes_t.shape)}")
+    bad = (classes_t < 0) | (classes_t >= n)
+    if bool(bad.any()):
+        idx = int(classes_t[bad][0])
+        raise ValueError(f"class index {idx} is out of range: the model has {n} classes (0..{n - 1})")
+    return classes_t.contiguous()
+
+
+def _one_hots(classes: torch.Tensor, scores: torch.Tensor, sign: float) -> torch.Tensor:
+    """(C, B, N) cotangents: one-hot at each explained class, negated for counterfactuals."""
+    b, c = classes.shape
+    cot = torch.zeros((c, b, scores.shape[1]), dtype=scores.dtype, device=scores.device)
+    cot.scatter_(2, classes.t().unsqueeze(-1), sign)
+    return cot
+
+
+def explain(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    target_layer: str | nn.Module | None = None,
+    classes: torch.Tensor | None = None,
+    top_k: int = 1,
+    method: str = "gradcam",
+    counterfactual: bool = False,
+    score_fn: Callable[[object], torch.Tensor] | None = None,
+    output_size: tuple[int, int] | int | None = None,
+    normalize: bool = True,
+    out_dtype: torch.dtype = torch.float32,
+) -> Explanation:
+    """Grad-CAM for a batch of preprocessed images, for several classes per image at once.
+
+    Args:
+        model: a classifier (any ``nn.Module``); left exactly as it was.
+        images: (B, 3, H, W) float tensor on the model's device, already normalized.
+        target_layer: a module name from ``model.named_modules()``, the module itself, or None to
+            pick the last 4-D spatial map that the scores depend on.
+        classes: None for the ``top_k`` highest scores per image, a (B, C) LongTensor of class
+            indices per image, or a (C,) LongTensor of classes for every image.
+        method: ``"gradcam"``, or ``"cam"`` (Zhou et al.; GAP -> linear heads only, no backward).
+        counterfactual: negate the gradients: the regions whose removal would raise the score.
+        score_fn: maps the model output to (B, N) scores (multi-label, segmentation, similarity).
+        output_size: (H, W) of the heatmaps; default the input's size.
+        normalize: min-max normalize each heatmap to [0, 1]; a constant map becomes 0.
+        out_dtype: heatmap dtype: float32 (default), float16 or uint8 (round(255 * x)).
+    """
+    explainer = Explainer(model, target_layer=target_layer, method=method, score_fn=score_fn)
+    return explainer(
+        images,
+        classes=classes,
+        top_k=top_k,
+        counterfactual=counterfactual,
+        output_size=output_size,
+        normalize=normalize,
+        out_dtype=out_dtype,
+    )

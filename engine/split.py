@@ -1,0 +1,210 @@
+"""Split a model at its target layer into a no-grad backbone and a differentiable head.
+
+Grad-CAM needs dy/dA only, so nothing before the target layer has to be differentiated.
+``split_at`` traces the model with ``torch.fx`` (the target module kept as one leaf call)
+and cuts the graph in two:
+
+- ``backbone(x) -> (A, *extra)``: everything the head needs that does not depend on A;
+- ``head(A, *extra) -> output``: every node downstream of the target call.
+
+Both are ``GraphModule``s that share the caller's submodules and parameters; nothing is
+copied and nothing of the caller's model changes. Models that FX cannot trace get
+``None`` and the engine falls back to a forward hook (see ``explainer.py``).
+
+``analyze_head`` recognizes a global-average-pool -> (flatten) -> linear head, for which
+Grad-CAM's weights have the closed form alpha = W[c] / (h * w) (the CAM equivalence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class _LeafTracer(fx.Tracer):
+    """The default tracer, with the target module kept as a single call."""
+
+    def __init__(self, leaf: nn.Module):
+        super().__init__()
+        self._leaf = leaf
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return m is self._leaf or super().is_leaf_module(m, module_qualified_name)
+
+
+@dataclass
+class SplitModel:
+    backbone: fx.GraphModule
+    head: fx.GraphModule
+    n_extra: int  # inputs of the head besides A
+
+
+def split_at(model: nn.Module, layer_name: str) -> SplitModel | None:
+    """Cut ``model`` at ``layer_name``; None when the model cannot be traced or cut there."""
+    leaf = model.get_submodule(layer_name)
+    try:
+        tracer = _LeafTracer(leaf)
+        graph = tracer.trace(model)
+    except Exception:  # any tracing failure means: use the hook path instead
+        return None
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == layer_name]
+    if len(calls) != 1:
+        return None  # a module called several times (or not at all) is ambiguous to cut
+    target = calls[0]
+
+    downstream: set[fx.Node] = set()
+    stack = [target]
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user not in downstream:
+                downstream.add(user)
+                stack.append(user)
+    output = next(n for n in graph.nodes if n.op == "output")
+    if output not in downstream:
+        return None
+    head_nodes = [n for n in graph.nodes if n in downstream and n.op != "output"]
+
+    # Values computed upstream that the head needs (skip connections around the cut, the
+    # input itself, ...). get_attr nodes are cheap and re-created inside the head.
+    extra: list[fx.Node] = []
+    for node in head_nodes + [output]:
+        for inp in node.all_input_nodes:
+            if inp is target or inp in downstream or inp.op == "get_attr" or inp in extra:
+                continue
+            extra.append(inp)
+
+    backbone_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        if node in downstream or node.op == "output":
+            continue
+        env[node] = backbone_graph.node_copy(node, lambda n: env[n])
+    backbone_graph.output((env[target], *[env[n] for n in extra]))
+
+    head_graph = fx.Graph()
+    henv: dict[fx.Node, fx.Node] = {target: head_graph.placeholder("target_activation")}
+    for i, node in enumerate(extra):
+        henv[node] = head_graph.placeholder(f"upstream_{i}")
+
+    def lookup(n: fx.Node) -> fx.Node:
+        if n not in henv and n.op == "get_attr":
+            henv[n] = head_graph.node_copy(n, lookup)
+        return henv[n]
+
+    for node in head_nodes:
+        henv[node] = head_graph.node_copy(node, lookup)
+    head_graph.output(fx.node.map_arg(output.args[0], lookup))
+
+    try:
+        backbone = fx.GraphModule(model, backbone_graph, class_name="Backbone")
+        head = fx.GraphModule(model, head_graph, class_name="Head")
+        backbone.graph.eliminate_dead_code()
+        backbone.recompile()
+    except Exception:
+        return None
+    return SplitModel(backbone=backbone, head=head, n_extra=len(extra))
+
+
+@dataclass
+class LinearHead:
+    """A GAP -> linear head: scores = mean_hw(A) @ weight.T + bias."""
+
+    weight: torch.Tensor  # (N, K)
+    bias: torch.Tensor | None  # (N,)
+
+
+_GAP_MODULES = (nn.AdaptiveAvgPool2d,)
+_PASS_MODULES = (nn.Flatten, nn.Identity, nn.Dropout)
+
+
+def _is_gap(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, _GAP_MODULES):
+            size = m.output_size
+            return size in (1, (1, 1), [1, 1])
+        return False
+    if node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d):
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return size in (1, (1, 1), [1, 1])
+    if node.op in ("call_function", "call_method") and node.target in (torch.mean, "mean"):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dims is None:
+            return False
+        dims = tuple(dims) if isinstance(dims, (list, tuple)) else (dims,)
+        return sorted(d % 4 for d in dims) == [2, 3]
+    return False
+
+
+def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, nn.Flatten):
+            return m.start_dim == 1 and m.end_dim == -1
+        # Dropout in eval mode and Identity pass values through unchanged.
+        return isinstance(m, (nn.Identity, nn.Dropout))
+    if node.op == "call_function" and node.target is torch.flatten:
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return start == 1 and end == -1
+    if node.op == "call_method" and node.target == "flatten":
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return start == 1 and end == -1
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        shape = node.args[1:]
+        if len(shape) == 1 and isinstance(shape[0], (list, tuple)):
+            shape = tuple(shape[0])
+        return len(shape) == 2 and shape[1] == -1
+    return False
+
+
+def analyze_head(split: SplitModel) -> LinearHead | None:
+    """Return the linear layer of a GAP -> (flatten) -> linear head, or None."""
+    if split.n_extra:
+        return None
+    modules = dict(split.head.named_modules())
+    nodes = [n for n in split.head.graph.nodes if n.op not in ("placeholder", "output")]
+    out = next(n for n in split.head.graph.nodes if n.op == "output")
+    placeholder = next(n for n in split.head.graph.nodes if n.op == "placeholder")
+    if not nodes or not isinstance(out.args[0], fx.Node):
+        return None
+    # Walk the single chain from the activation to the output.
+    chain: list[fx.Node] = []
+    cur = placeholder
+    while True:
+        users = list(cur.users)
+        if len(users) != 1:
+            return None
+        nxt = users[0]
+        if nxt is out:
+            break
+        if nxt.all_input_nodes != [cur]:
+            return None
+        chain.append(nxt)
+        cur = nxt
+    if len(chain) != len(nodes):
+        return None
+    i = 0
+    while i < len(chain) and _is_flatten(chain[i], modules) and chain[i].op == "call_module":
+        i += 1  # identity/dropout before the pooling
+    if i >= len(chain) or not _is_gap(chain[i], modules):
+        return None
+    i += 1
+    while i < len(chain) and _is_flatten(chain[i], modules):
+        i += 1
+    if i != len(chain) - 1:
+        return None
+    last = chain[i]
+    if last.op == "call_module" and isinstance(modules[last.target], nn.Linear):
+        lin = modules[last.target]
+        return LinearHead(weight=lin.weight, bias=lin.bias)
+    return None
+
+
+__all__ = ["LinearHead", "SplitModel", "analyze_head", "split_at"]
