@@ -1,0 +1,578 @@
+"""Throughput benchmark: gradcam-batch next to pure inference, pytorch-grad-cam and captum.
+
+``run_bench(BenchConfig(...))`` is what ``gradcam-batch bench`` calls. How it keeps the
+comparison fair:
+
+- Every contender gets the same model weights, target layer (the one the ``Explainer``
+  resolves), batches, device and precision, and produces heatmaps at input size (except
+  pure inference, the limit, which only computes the scores).
+- Inputs are random normal batches (not zeros), rotated among ``n_batches`` so that no
+  contender sees the same tensor twice in a row.
+- Repetitions are interleaved: one round runs every contender once, and the order rotates
+  from round to round, so drift in machine load (this CPU is shared) hits all of them alike.
+  The median of the rounds after warm-up is reported. On CUDA each call is timed with
+  events after a synchronize.
+- The baselines explain top-k with k calls (each takes one target per image), and are handed
+  the top-k classes for free: they are computed once, outside the timed region. That favours
+  the baselines; gradcam-batch picks its classes inside the timed call.
+- pytorch-grad-cam keeps its hooks on the model for the lifetime of its ``GradCAM`` object,
+  so it gets its own copy of the model (same weights); otherwise its hooks would also run,
+  and slow down, the other contenders' forwards.
+
+Where the maps differ by design (``check_parity`` compares the raw low-resolution maps, which
+agree): pytorch-grad-cam min-max normalizes each map with a 1e-7 epsilon and resizes it with
+OpenCV's bilinear ``cv2.resize`` on the host; captum returns the un-normalized map and
+resizes it with ``F.interpolate(mode="bilinear")`` (align_corners=False); gradcam-batch
+resizes like captum, then min-max normalizes the upsampled map (a constant map becomes 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import importlib.util
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from gradcam_batch.engine.explainer import VJP_STRATEGIES, Explainer
+
+INFERENCE = "inference"
+OURS = "gradcam-batch"
+PYTORCH_GRAD_CAM = "pytorch-grad-cam"
+CAPTUM = "captum"
+BASELINES = (INFERENCE, PYTORCH_GRAD_CAM, CAPTUM)
+# The import module and PyPI name that provide each library baseline.
+_BASELINE_PACKAGES = {PYTORCH_GRAD_CAM: ("pytorch_grad_cam", "grad-cam"), CAPTUM: ("captum", "captum")}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PARITY_MIN_PEARSON = 0.999
+
+
+# -- models ---------------------------------------------------------------------------------------
+def load_model(spec: str, weights: str | None = None) -> nn.Module:
+    """Build a model from ``torchvision:NAME`` with random weights, or ``weights`` (a state dict file).
+
+    Kept small on purpose: the general model loader of ``gradcam-batch run`` replaces it.
+    """
+    source, sep, name = spec.partition(":")
+    if not sep or not name:
+        raise ValueError(f"model spec {spec!r} must look like torchvision:NAME (for example torchvision:resnet50)")
+    if source != "torchvision":
+        raise ValueError(f"unknown model source {source!r} in {spec!r}; supported: torchvision:NAME")
+    try:
+        import torchvision
+    except ImportError as e:
+        raise ValueError("torchvision:NAME needs torchvision; install it with pip install torchvision") from e
+    if name not in torchvision.models.list_models():
+        raise ValueError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
+    model = torchvision.models.get_model(name, weights=None)
+    if weights is not None:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except FileNotFoundError as e:
+            raise ValueError(f"weights file {weights!r} does not exist") from e
+        except Exception as e:  # a pickle that is not a plain state dict, or not a torch file
+            raise ValueError(f"cannot load weights from {weights!r}: {str(e).splitlines()[0]}") from e
+        if not isinstance(state, dict):
+            raise ValueError(f"weights file {weights!r} holds a {type(state).__name__}, not a state dict")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"weights in {weights!r} do not fit {spec}: {str(e).splitlines()[0]}") from e
+    return model
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested, but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def parse_top_ks(text: str | Sequence[int]) -> tuple[int, ...]:
+    """``"1,5"`` -> (1, 5), positive, unique, in the given order."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out: list[int] = []
+    for item in items:
+        try:
+            k = int(str(item).strip())
+        except ValueError:
+            raise ValueError(f"top-k must be a comma-separated list of positive integers, got {text!r}") from None
+        if k < 1:
+            raise ValueError(f"top-k values must be positive, got {k}")
+        if k not in out:
+            out.append(k)
+    if not out:
+        raise ValueError("top-k is empty")
+    return tuple(out)
+
+
+def parse_names(text: str | Sequence[str], allowed: Sequence[str], what: str) -> tuple[str, ...]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = tuple(dict.fromkeys(s.strip() for s in items if s.strip()))
+    bad = [s for s in out if s not in allowed]
+    if bad:
+        raise ValueError(f"unknown {what} {bad[0]!r}; expected some of {', '.join(allowed)}")
+    if not out:
+        raise ValueError(f"no {what} given; expected some of {', '.join(allowed)}")
+    return out
+
+
+# -- configuration and results --------------------------------------------------------------------
+@dataclass
+class BenchConfig:
+    model: str = "torchvision:resnet50"
+    weights: str | None = None
+    batch_size: int = 16
+    image_size: int = 224
+    top_k: tuple[int, ...] = (1, 5)
+    device: str = "auto"
+    precision: str = "fp32"
+    iters: int = 10
+    warmup: int = 2
+    baselines: tuple[str, ...] = BASELINES
+    vjp_strategies: tuple[str, ...] = ("vmap",)
+    n_batches: int = 4
+    seed: int = 0
+    check: bool = False
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be positive, got {self.batch_size}")
+        if self.image_size < 8:
+            raise ValueError(f"image size must be at least 8, got {self.image_size}")
+        if self.iters < 1:
+            raise ValueError(f"iters must be at least 1, got {self.iters}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be non-negative, got {self.warmup}")
+        if self.n_batches < 1:
+            raise ValueError(f"n_batches must be at least 1, got {self.n_batches}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+        self.top_k = parse_top_ks(self.top_k)
+        self.baselines = parse_names(self.baselines, BASELINES, "baseline")
+        self.vjp_strategies = parse_names(self.vjp_strategies, VJP_STRATEGIES, "vjp strategy")
+
+
+@dataclass
+class Result:
+    """One contender at one top-k (None for pure inference)."""
+
+    contender: str
+    top_k: int | None
+    status: str  # "ok", "skipped" (not installed) or "failed"
+    reason: str = ""
+    times_s: list[float] = field(default_factory=list)  # per batch, after warm-up
+    median_s: float | None = None
+    img_per_s: float | None = None
+    vs_inference: float | None = None  # img/s over pure inference's img/s
+    speedup: dict[str, float] = field(default_factory=dict)  # ours only: img/s over each baseline's
+
+
+@dataclass
+class ParityResult:
+    baseline: str
+    min_pearson: float
+    maps: int  # how many (image, class) maps were compared
+    passed: bool
+
+
+@dataclass
+class BenchReport:
+    config: dict
+    environment: dict
+    target_layer: str
+    closed_form: bool
+    results: list[Result]
+    parity: list[ParityResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def result(self, contender: str, top_k: int | None = None) -> Result:
+        for r in self.results:
+            if r.contender == contender and r.top_k == top_k:
+                return r
+        raise KeyError((contender, top_k))
+
+    def format_table(self) -> str:
+        """The results as an aligned plain-text table, followed by skipped/failed notes."""
+        c = self.config
+        ours = [r.contender for r in self.results if r.contender.startswith(OURS)]
+        base = [b for b in (PYTORCH_GRAD_CAM, CAPTUM) if any(r.contender == b for r in self.results)]
+        header = ["contender", "top-k", "img/s", "ms/batch", "x inference", *[f"x {b}" for b in base]]
+        rows = [header]
+        notes = []
+        for r in self.results:
+            if r.status != "ok":
+                notes.append(f"{r.contender}" + (f" (top-{r.top_k})" if r.top_k else "") + f": {r.status}, {r.reason}")
+                continue
+            row = [
+                r.contender,
+                "-" if r.top_k is None else str(r.top_k),
+                f"{r.img_per_s:.1f}",
+                f"{r.median_s * 1000:.1f}",
+                _fmt_ratio(r.vs_inference),
+            ]
+            row += [_fmt_ratio(r.speedup.get(b)) if r.contender in ours else "" for b in base]
+            rows.append(row)
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = [
+            f"model {c['model']}  batch {c['batch_size']}  image {c['image_size']}x{c['image_size']}  "
+            f"{c['precision']}  device {self.environment['device']}  layer {self.target_layer}"
+            + ("  (closed form)" if self.closed_form else ""),
+            f"median of {c['iters']} interleaved rounds after {c['warmup']} warm-up",
+        ]
+        for i, row in enumerate(rows):
+            cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
+            lines.append("  ".join(cells).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        lines += notes
+        for p in self.parity:
+            verdict = "ok" if p.passed else "FAILED"
+            lines.append(
+                f"parity vs {p.baseline}: min Pearson {p.min_pearson:.6f} over {p.maps} raw maps "
+                f"(>= {PARITY_MIN_PEARSON}) {verdict}"
+            )
+        return "\n".join(lines)
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+# -- timing ---------------------------------------------------------------------------------------
+class _Timer:
+    """Wall time of one call; on CUDA, events recorded around it after a synchronize."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+@dataclass
+class _Contender:
+    name: str
+    top_k: int | None
+    run: Callable[[int], object]  # batch index -> runs one batch
+    release: Callable[[], None] = lambda: None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".strip()
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+# -- contenders -----------------------------------------------------------------------------------
+def _pytorch_grad_cam(model, layer, batches, classes, k) -> _Contender:
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    own = copy.deepcopy(model)
+    cam = GradCAM(model=own, target_layers=[own.get_submodule(layer)])
+    targets = [[[ClassifierOutputTarget(int(c)) for c in cls[:, r].tolist()] for r in range(k)] for cls in classes]
+
+    def run(i: int) -> object:
+        return [cam(input_tensor=batches[i], targets=targets[i][r]) for r in range(k)]
+
+    return _Contender(PYTORCH_GRAD_CAM, k, run, release=cam.activations_and_grads.release)
+
+
+def _captum(model, layer, batches, classes, k) -> _Contender:
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    gc = LayerGradCam(model, model.get_submodule(layer))
+    size = tuple(batches[0].shape[-2:])
+
+    def run(i: int) -> object:
+        out = []
+        for r in range(k):
+            attr = gc.attribute(batches[i], target=classes[i][:, r], relu_attributions=True)
+            out.append(LayerAttribution.interpolate(attr, size, "bilinear"))
+        return out
+
+    return _Contender(CAPTUM, k, run)
+
+
+def _build_contenders(cfg, model, explainers, batches, classes) -> tuple[list[_Contender], list[Result]]:
+    contenders: list[_Contender] = []
+    unavailable: list[Result] = []
+    if INFERENCE in cfg.baselines:
+
+        def infer(i: int) -> object:
+            with torch.inference_mode():
+                return model(batches[i])
+
+        contenders.append(_Contender(INFERENCE, None, infer))
+    layer = next(iter(explainers.values())).target_layer
+    for k in cfg.top_k:
+        for strategy, explainer in explainers.items():
+            name = OURS if len(explainers) == 1 else f"{OURS}[{strategy}]"
+            contenders.append(_Contender(name, k, lambda i, e=explainer, k=k: e(batches[i], top_k=k)))
+        for b, make in ((PYTORCH_GRAD_CAM, _pytorch_grad_cam), (CAPTUM, _captum)):
+            if b not in cfg.baselines:
+                continue
+            module, dist = _BASELINE_PACKAGES[b]
+            if not _installed(module):
+                unavailable.append(Result(b, k, "skipped", f"not installed (pip install {dist})"))
+                continue
+            try:
+                contenders.append(make(model, layer, batches, classes, k))
+            except Exception as e:  # a baseline that cannot even be set up is reported, not fatal
+                unavailable.append(Result(b, k, "failed", _one_line(e)))
+    return contenders, unavailable
+
+
+# -- the benchmark --------------------------------------------------------------------------------
+def make_batches(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+    return [torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(cfg.n_batches)]
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    for module, _ in _BASELINE_PACKAGES.values():
+        if _installed(module):
+            try:
+                mod = __import__(module)
+                env[module] = getattr(mod, "__version__", "installed")
+            except Exception as e:  # a broken install is reported, never fatal
+                env[module] = f"broken: {_one_line(e)}"
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run_bench(
+    cfg: BenchConfig,
+    model: nn.Module | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> BenchReport:
+    """Run the benchmark described by ``cfg``; ``model`` overrides ``cfg.model`` when given."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    dtype = PRECISIONS[cfg.precision]
+    if model is None:
+        model = load_model(cfg.model, cfg.weights)
+    model = model.to(device).eval()
+    torch.manual_seed(cfg.seed)
+
+    parity: list[ParityResult] = []
+    if cfg.check:
+        # Parity is a property of the math, checked in float32 whatever precision is timed
+        # (pytorch-grad-cam cannot run in bf16: it converts to numpy).
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        shape = (min(cfg.batch_size, 8), 3, cfg.image_size, cfg.image_size)
+        x = torch.randn(shape, generator=gen).to(device)
+        parity = check_parity(model, x, top_k=max(cfg.top_k), baselines=cfg.baselines)
+
+    model = model.to(dtype)
+    batches = make_batches(cfg, device, dtype)
+    explainers = {s: Explainer(model, vjp_strategy=s) for s in cfg.vjp_strategies}
+    kmax = max(cfg.top_k)
+    classes = []
+    with torch.inference_mode():
+        for x in batches:
+            scores = model(x)
+            if kmax > scores.shape[1]:
+                raise ValueError(f"top-k {kmax} exceeds the model's {scores.shape[1]} classes")
+            classes.append(scores.float().topk(kmax, dim=1).indices.clone())
+    for e in explainers.values():
+        e(batches[0][:1], top_k=1)  # resolves the target layer and the graph split, untimed
+    first = next(iter(explainers.values()))
+
+    contenders, results = _build_contenders(cfg, model, explainers, batches, classes)
+    timer = _Timer(device)
+    times: dict[int, list[float]] = {i: [] for i in range(len(contenders))}
+    failed: dict[int, str] = {}
+    try:
+        rounds = cfg.warmup + cfg.iters
+        for it in range(rounds):
+            if progress is not None:
+                progress(f"round {it + 1}/{rounds}" + (" (warm-up)" if it < cfg.warmup else ""))
+            n = len(contenders)
+            for j in range(n):
+                idx = (j + it) % n  # rotate the order so no contender always runs first
+                if idx in failed:
+                    continue
+                batch_index = (it + idx) % len(batches)
+                try:
+                    dt = timer(lambda c=contenders[idx], b=batch_index: c.run(b))
+                except Exception as e:  # e.g. a baseline that does not support bf16
+                    failed[idx] = _one_line(e)
+                    continue
+                if it >= cfg.warmup:
+                    times[idx].append(dt)
+    finally:
+        for c in contenders:
+            c.release()
+
+    for i, c in enumerate(contenders):
+        if i in failed:
+            results.append(Result(c.name, c.top_k, "failed", failed[i]))
+            continue
+        med = statistics.median(times[i])
+        results.append(Result(c.name, c.top_k, "ok", times_s=times[i], median_s=med, img_per_s=cfg.batch_size / med))
+    _fill_ratios(results)
+    order = {name: i for i, name in enumerate([INFERENCE, *(c.name for c in contenders), PYTORCH_GRAD_CAM, CAPTUM])}
+    results.sort(key=lambda r: (r.top_k or 0, order.get(r.contender, len(order))))
+    return BenchReport(
+        config=asdict(cfg),
+        environment=environment(device),
+        target_layer=first.target_layer or "",
+        closed_form=first.closed_form,
+        results=results,
+        parity=parity,
+    )
+
+
+def _fill_ratios(results: list[Result]) -> None:
+    ok = {(r.contender, r.top_k): r for r in results if r.status == "ok"}
+    inf = ok.get((INFERENCE, None))
+    for r in ok.values():
+        if inf is not None:
+            r.vs_inference = r.img_per_s / inf.img_per_s
+        if r.contender.startswith(OURS):
+            for b in (PYTORCH_GRAD_CAM, CAPTUM):
+                other = ok.get((b, r.top_k))
+                if other is not None:
+                    r.speedup[b] = r.img_per_s / other.img_per_s
+
+
+# -- parity ---------------------------------------------------------------------------------------
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each pair of maps over the last two dims, in float64.
+
+    Two constant maps that are equal correlate perfectly (1.0); a constant map against a
+    varying one gives 0.0.
+    """
+    a = a.detach().to("cpu", torch.float64).flatten(-2)
+    b = b.detach().to("cpu", torch.float64).flatten(-2)
+    a = a - a.mean(-1, keepdim=True)
+    b = b - b.mean(-1, keepdim=True)
+    num = (a * b).sum(-1)
+    den = (a.square().sum(-1) * b.square().sum(-1)).sqrt()
+    out = num / den
+    both_flat = den == 0
+    same = torch.isclose(a, b).all(-1)
+    return torch.where(both_flat, torch.where(same, 1.0, 0.0).to(out.dtype), out)
+
+
+def ours_raw_cams(explainer: Explainer, images: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(classes (B, k), raw cams (B, k, h, w)): sum_k alpha_k A^k before ReLU, no upsampling."""
+    exp = explainer(images, top_k=top_k, relu=False, heatmaps=False)
+    return exp.classes, exp.cams
+
+
+def pytorch_grad_cam_raw(model: nn.Module, layer: str, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """pytorch-grad-cam's map before its ReLU, resize and normalization: (B, k, h, w)."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    module = model.get_submodule(layer)
+    maps = []
+    with GradCAM(model=model, target_layers=[module]) as cam:
+        for r in range(classes.shape[1]):
+            targets = [ClassifierOutputTarget(int(c)) for c in classes[:, r].tolist()]
+            cam(input_tensor=images, targets=targets)
+            acts = cam.activations_and_grads.activations[0].numpy()
+            grads = cam.activations_and_grads.gradients[0].numpy()
+            maps.append(torch.from_numpy(cam.get_cam_image(images, module, targets, acts, grads)))
+    return torch.stack(maps, dim=1)
+
+
+def captum_raw(model: nn.Module, layer: str, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """captum's LayerGradCam map without ReLU or interpolation: (B, k, h, w)."""
+    from captum.attr import LayerGradCam
+
+    gc = LayerGradCam(model, model.get_submodule(layer))
+    maps = [gc.attribute(images, target=classes[:, r], relu_attributions=False)[:, 0] for r in range(classes.shape[1])]
+    return torch.stack(maps, dim=1).detach()
+
+
+def check_parity(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    top_k: int = 1,
+    baselines: Sequence[str] = (PYTORCH_GRAD_CAM, CAPTUM),
+    explainer: Explainer | None = None,
+) -> list[ParityResult]:
+    """Our raw low-resolution cams against each installed baseline's, same layer and classes."""
+    explainer = explainer or Explainer(model)
+    classes, ours = ours_raw_cams(explainer, images, top_k)
+    layer = explainer.target_layer
+    assert layer is not None
+    out = []
+    for b, fn in ((PYTORCH_GRAD_CAM, pytorch_grad_cam_raw), (CAPTUM, captum_raw)):
+        if b not in baselines or not _installed(_BASELINE_PACKAGES[b][0]):
+            continue
+        theirs = fn(model, layer, images, classes)
+        r = pearson(ours, theirs)
+        low = float(r.min())
+        out.append(ParityResult(b, low, r.numel(), bool(low >= PARITY_MIN_PEARSON and not math.isnan(low))))
+    return out
+
+
+__all__ = [
+    "BASELINES",
+    "BenchConfig",
+    "BenchReport",
+    "ParityResult",
+    "Result",
+    "check_parity",
+    "load_model",
+    "make_batches",
+    "parse_top_ks",
+    "pearson",
+    "resolve_device",
+    "run_bench",
+]

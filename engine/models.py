@@ -1,0 +1,234 @@
+"""Load a model from a spec string: the ``--model`` of the command line.
+
+Accepted specs (``load_model(spec, weights=..., num_classes=..., device=...)``):
+
+- ``torchvision:NAME`` — a torchvision classifier built with random weights
+  (``torchvision.models.get_model(NAME, weights=None)``); ``weights=FILE`` then loads a state
+  dict with ``torch.load(..., weights_only=True)`` (no pickled code runs), and ``num_classes``
+  sets the size of the classifier.
+- ``path/to/file.py:FACTORY`` — imports the file and calls ``FACTORY()``
+  (``FACTORY(num_classes=N)`` when ``num_classes`` is given); ``weights=`` as above.
+- ``package.module:FACTORY`` — the same for an importable module.
+- ``model.onnx`` — an ONNX file, run with ONNX Runtime (see ``gradcam_batch.engine.onnx_backend``).
+- ``model.pt2`` — a ``torch.export`` program (``torch.export.save``), unlifted to an ``nn.Module``.
+- any other existing file (``.pt``, ``.pth``, ``.ts``, ...) — a TorchScript archive (``torch.jit.save``).
+
+What comes back is something ``Explainer`` accepts:
+
+- an ``nn.Module`` in eval mode on ``device`` for every torch spec;
+- an ``OnnxModel`` for ``.onnx`` files. It is not an ``nn.Module``: the Explainer recognizes it by
+  its ``gradcam_weights`` method (the external-backend protocol, documented in
+  ``onnx_backend``) and hands it the whole per-batch weight computation.
+
+Every bad spec, missing file, failing factory or mismatching state dict raises ``ModelSpecError``
+(a ``ValueError``) with one line that says what is wrong and what is accepted.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+SPEC_HELP = (
+    "expected torchvision:NAME, path/to/file.py:FACTORY, package.module:FACTORY, "
+    "or a model file (.onnx, .pt2 torch.export program, TorchScript .pt)"
+)
+
+
+class ModelSpecError(ValueError):
+    """The model spec, its weights or its factory cannot be used."""
+
+
+def load_model(
+    spec: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+    providers: list[str] | None = None,
+):
+    """Build or load the model named by ``spec`` (see the module docstring for the forms).
+
+    Args:
+        spec: the model spec.
+        weights: a state-dict file for ``torchvision:`` and factory specs (``weights_only=True``).
+        num_classes: classifier size for ``torchvision:`` and factory specs.
+        device: where the model runs. For ONNX models it picks the default providers
+            (TensorRT, CUDA, CPU on a CUDA device; CPU otherwise).
+        providers: ONNX Runtime providers, in order of preference (ONNX models only).
+
+    Returns:
+        an ``nn.Module`` in eval mode on ``device``, or an ``OnnxModel`` for ``.onnx`` files.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError(f"empty model spec; {SPEC_HELP}")
+    spec = spec.strip()
+    device = torch.device(device)
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ModelSpecError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if providers is not None and not spec.lower().endswith(".onnx"):
+        raise ModelSpecError("providers apply to ONNX models only")
+
+    path = Path(spec)
+    suffix = path.suffix.lower()
+    is_file_spec = suffix in (".onnx", ".pt2") or (path.is_file() and ":" not in path.name)
+    if is_file_spec:
+        if weights is not None or num_classes is not None:
+            raise ModelSpecError(
+                f"{path.name} is a complete model file; weights= and num_classes= apply to "
+                "torchvision: and factory specs only"
+            )
+        if not path.is_file():
+            raise ModelSpecError(f"model file not found: {spec}")
+        if suffix == ".onnx":
+            from gradcam_batch.engine.onnx_backend import OnnxModel
+
+            return OnnxModel(path, device=device, providers=providers)
+        if suffix == ".pt2":
+            return _finish(_load_exported(path), device)
+        return _finish(_load_torchscript(path), device)
+
+    if spec.startswith("torchvision:"):
+        model = _torchvision_model(spec[len("torchvision:") :], num_classes)
+    elif ":" in spec:
+        target, _, factory_name = spec.rpartition(":")
+        if not target or not factory_name.isidentifier():
+            raise ModelSpecError(f"cannot parse model spec {spec!r}; {SPEC_HELP}")
+        module = _import_file(target) if target.endswith(".py") else _import_module(target)
+        model = _call_factory(module, factory_name, spec, num_classes)
+    else:
+        raise ModelSpecError(f"cannot parse model spec {spec!r} (no such file, and no ':'); {SPEC_HELP}")
+    if weights is not None:
+        _load_state_dict(model, weights)
+    return _finish(model, device)
+
+
+def _finish(model: nn.Module, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    model.eval()
+    return model
+
+
+def _torchvision_model(name: str, num_classes: int | None) -> nn.Module:
+    try:
+        import torchvision
+    except ImportError:
+        raise ModelSpecError("torchvision: specs need the torchvision package (pip install torchvision)") from None
+    available = torchvision.models.list_models()
+    if name not in available:
+        close = [n for n in available if name and (name in n or n in name)][:6]
+        hint = f"; did you mean {', '.join(close)}?" if close else " (see torchvision.models.list_models())"
+        raise ModelSpecError(f"unknown torchvision model {name!r}{hint}")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        # weights=None: random init; nothing is downloaded.
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    except Exception as exc:
+        raise ModelSpecError(f"torchvision model {name!r} could not be built: {exc}") from None
+
+
+def _import_file(file: str):
+    path = Path(file)
+    if not path.is_file():
+        raise ModelSpecError(f"model factory file not found: {file}")
+    mod_name = f"_gradcam_batch_user_model_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise ModelSpecError(f"cannot import {file} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    # Registered before running so that dataclasses and pickling inside the file resolve.
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(mod_name, None)
+        raise ModelSpecError(f"importing {file} failed: {type(exc).__name__}: {exc}") from None
+    return module
+
+
+def _import_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise ModelSpecError(f"cannot import module {name!r}: {exc}") from None
+    except Exception as exc:
+        raise ModelSpecError(f"importing {name!r} failed: {type(exc).__name__}: {exc}") from None
+
+
+def _call_factory(module, factory_name: str, spec: str, num_classes: int | None) -> nn.Module:
+    factory = getattr(module, factory_name, None)
+    if factory is None or not callable(factory):
+        raise ModelSpecError(f"{spec}: {module.__name__} has no callable {factory_name!r}")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise ModelSpecError(f"{spec}: calling {factory_name}({_fmt(kwargs)}) failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"{spec}: {factory_name}() returned {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+def _fmt(kwargs: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _load_state_dict(model: nn.Module, weights: str | os.PathLike) -> None:
+    path = Path(weights)
+    if not path.is_file():
+        raise ModelSpecError(f"weights file not found: {weights}")
+    try:
+        # weights_only: a checkpoint is data, never code to run.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelSpecError(f"cannot read weights {path.name} as a state dict (weights_only=True): {first}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]  # the common {"state_dict": ..., "epoch": ...} checkpoint layout
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelSpecError(f"{path.name} is not a state dict (a mapping of names to tensors)")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise ModelSpecError(f"weights {path.name} do not match the model: {'; '.join(parts)} keys")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ModelSpecError(
+                f"weights {path.name} do not match the model: {k} has shape {tuple(v.shape)}, the model "
+                f"expects {tuple(own[k].shape)} (set num_classes?)"
+            )
+    model.load_state_dict(state)
+
+
+def _load_torchscript(path: Path) -> nn.Module:
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception:
+        raise ModelSpecError(
+            f"{path.name} is not a TorchScript archive; a state dict needs an architecture: "
+            f"--model torchvision:NAME --weights {path.name} (or path/to/file.py:FACTORY)"
+        ) from None
+
+
+def _load_exported(path: Path) -> nn.Module:
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelSpecError(f"cannot load {path.name} as a torch.export program: {first}") from None
+    return program.module()
+
+
+__all__ = ["SPEC_HELP", "ModelSpecError", "load_model"]
