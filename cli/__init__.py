@@ -17,6 +17,15 @@ def _register() -> None:
     from gradcam_batch.cli.demo import demo
 
     cli.add_command(demo)
+    from gradcam_batch.cli.run import run
+
+    cli.add_command(run)
+    from gradcam_batch.cli.layers import layers
+
+    cli.add_command(layers)
+    from gradcam_batch.cli.bench import bench
+
+    cli.add_command(bench)
 
 
 _register()

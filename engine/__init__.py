@@ -3,4 +3,12 @@
 from gradcam_batch.engine.explainer import Explainer, Explanation, explain
 from gradcam_batch.engine.layers import LayerInfo, TargetLayerError, detect_target_layer, probe_layers
 
-__all__ = ["Explainer", "Explanation", "LayerInfo", "TargetLayerError", "detect_target_layer", "explain", "probe_layers"]
+__all__ = [
+    "Explainer",
+    "Explanation",
+    "LayerInfo",
+    "TargetLayerError",
+    "detect_target_layer",
+    "explain",
+    "probe_layers",
+]

@@ -6,6 +6,11 @@ comparison fair:
 - Every contender gets the same model weights, target layer (the one the ``Explainer``
   resolves), batches, device and precision, and produces heatmaps at input size (except
   pure inference, the limit, which only computes the scores).
+- Precision is what the engine does: the model stays float32 and forwards run under
+  ``torch.autocast`` to bf16/fp16 (the engine's head then runs in float32). On CUDA the inputs
+  are channels_last for everyone. ``compile`` compiles the engine's backbone and adds a
+  compiled-model row next to the eager inference limit (the reference of every ratio); the
+  baselines run eager, as their users run them.
 - Inputs are random normal batches (not zeros), rotated among ``n_batches`` so that no
   contender sees the same tensor twice in a row.
 - Repetitions are interleaved: one round runs every contender once, and the order rotates
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import importlib.metadata
 import importlib.util
 import math
 import platform
@@ -41,50 +47,34 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+from gradcam_batch.engine.compiled import backbone_context, prepare_input
 from gradcam_batch.engine.explainer import VJP_STRATEGIES, Explainer
 
 INFERENCE = "inference"
+INFERENCE_COMPILED = "inference[compiled]"
 OURS = "gradcam-batch"
+END_TO_END = "gradcam-batch run"
 PYTORCH_GRAD_CAM = "pytorch-grad-cam"
 CAPTUM = "captum"
 BASELINES = (INFERENCE, PYTORCH_GRAD_CAM, CAPTUM)
 # The import module and PyPI name that provide each library baseline.
 _BASELINE_PACKAGES = {PYTORCH_GRAD_CAM: ("pytorch_grad_cam", "grad-cam"), CAPTUM: ("captum", "captum")}
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", "bf16", "fp16")
 PARITY_MIN_PEARSON = 0.999
 
 
 # -- models ---------------------------------------------------------------------------------------
 def load_model(spec: str, weights: str | None = None) -> nn.Module:
-    """Build a model from ``torchvision:NAME`` with random weights, or ``weights`` (a state dict file).
+    """A torch model from ``spec`` (``torchvision:NAME`` with random weights, ``file.py:FACTORY``, ...).
 
-    Kept small on purpose: the general model loader of ``gradcam-batch run`` replaces it.
+    The specs are those of ``gradcam_batch.engine.models.load_model``; the benchmark needs an
+    ``nn.Module`` that every contender can run, so ONNX files and compiled programs are refused.
     """
-    source, sep, name = spec.partition(":")
-    if not sep or not name:
-        raise ValueError(f"model spec {spec!r} must look like torchvision:NAME (for example torchvision:resnet50)")
-    if source != "torchvision":
-        raise ValueError(f"unknown model source {source!r} in {spec!r}; supported: torchvision:NAME")
-    try:
-        import torchvision
-    except ImportError as e:
-        raise ValueError("torchvision:NAME needs torchvision; install it with pip install torchvision") from e
-    if name not in torchvision.models.list_models():
-        raise ValueError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
-    model = torchvision.models.get_model(name, weights=None)
-    if weights is not None:
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except FileNotFoundError as e:
-            raise ValueError(f"weights file {weights!r} does not exist") from e
-        except Exception as e:  # a pickle that is not a plain state dict, or not a torch file
-            raise ValueError(f"cannot load weights from {weights!r}: {str(e).splitlines()[0]}") from e
-        if not isinstance(state, dict):
-            raise ValueError(f"weights file {weights!r} holds a {type(state).__name__}, not a state dict")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ValueError(f"weights in {weights!r} do not fit {spec}: {str(e).splitlines()[0]}") from e
+    from gradcam_batch.engine.models import load_model as load_any
+
+    model = load_any(spec, weights=weights)
+    if not isinstance(model, nn.Module) or getattr(model, "explain_unsupported", None):
+        raise ValueError(f"bench needs a torch nn.Module that the baselines can run too; {spec!r} is not one")
     return model
 
 
@@ -146,6 +136,9 @@ class BenchConfig:
     warmup: int = 2
     baselines: tuple[str, ...] = BASELINES
     vjp_strategies: tuple[str, ...] = ("vmap",)
+    compile: bool = False
+    end_to_end: bool = False
+    e2e_images: int | None = None  # JPEGs in the end-to-end dataset; default 4 batches
     n_batches: int = 4
     seed: int = 0
     check: bool = False
@@ -159,6 +152,8 @@ class BenchConfig:
             raise ValueError(f"iters must be at least 1, got {self.iters}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be non-negative, got {self.warmup}")
+        if self.e2e_images is not None and self.e2e_images < 1:
+            raise ValueError(f"e2e_images must be positive, got {self.e2e_images}")
         if self.n_batches < 1:
             raise ValueError(f"n_batches must be at least 1, got {self.n_batches}")
         if self.precision not in PRECISIONS:
@@ -166,6 +161,7 @@ class BenchConfig:
         self.top_k = parse_top_ks(self.top_k)
         self.baselines = parse_names(self.baselines, BASELINES, "baseline")
         self.vjp_strategies = parse_names(self.vjp_strategies, VJP_STRATEGIES, "vjp strategy")
+        resolve_device(self.device)
 
 
 @dataclass
@@ -238,7 +234,7 @@ class BenchReport:
             f"median of {c['iters']} interleaved rounds after {c['warmup']} warm-up",
         ]
         for i, row in enumerate(rows):
-            cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
+            cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True)]
             lines.append("  ".join(cells).rstrip())
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
@@ -295,7 +291,7 @@ def _installed(module: str) -> bool:
 
 
 # -- contenders -----------------------------------------------------------------------------------
-def _pytorch_grad_cam(model, layer, batches, classes, k) -> _Contender:
+def _pytorch_grad_cam(model, layer, batches, classes, k, ctx) -> _Contender:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -304,12 +300,13 @@ def _pytorch_grad_cam(model, layer, batches, classes, k) -> _Contender:
     targets = [[[ClassifierOutputTarget(int(c)) for c in cls[:, r].tolist()] for r in range(k)] for cls in classes]
 
     def run(i: int) -> object:
-        return [cam(input_tensor=batches[i], targets=targets[i][r]) for r in range(k)]
+        with ctx():
+            return [cam(input_tensor=batches[i], targets=targets[i][r]) for r in range(k)]
 
     return _Contender(PYTORCH_GRAD_CAM, k, run, release=cam.activations_and_grads.release)
 
 
-def _captum(model, layer, batches, classes, k) -> _Contender:
+def _captum(model, layer, batches, classes, k, ctx) -> _Contender:
     from captum.attr import LayerAttribution, LayerGradCam
 
     gc = LayerGradCam(model, model.get_submodule(layer))
@@ -317,24 +314,32 @@ def _captum(model, layer, batches, classes, k) -> _Contender:
 
     def run(i: int) -> object:
         out = []
-        for r in range(k):
-            attr = gc.attribute(batches[i], target=classes[i][:, r], relu_attributions=True)
-            out.append(LayerAttribution.interpolate(attr, size, "bilinear"))
+        with ctx():
+            for r in range(k):
+                attr = gc.attribute(batches[i], target=classes[i][:, r], relu_attributions=True)
+                out.append(LayerAttribution.interpolate(attr, size, "bilinear"))
         return out
 
     return _Contender(CAPTUM, k, run)
 
 
-def _build_contenders(cfg, model, explainers, batches, classes) -> tuple[list[_Contender], list[Result]]:
+def _build_contenders(cfg, model, explainers, batches, classes, ctx) -> tuple[list[_Contender], list[Result]]:
     contenders: list[_Contender] = []
     unavailable: list[Result] = []
     if INFERENCE in cfg.baselines:
+        # The limit runs under the same autocast as the engine's backbone. It stays eager (the
+        # reference of the ratios); with compile, the compiled model is a second row, so the
+        # table shows both what compiling buys and how close the compiled engine gets to it.
+        variants = [(INFERENCE, model)]
+        if cfg.compile:
+            variants.append((INFERENCE_COMPILED, torch.compile(model)))
+        for name, m in variants:
 
-        def infer(i: int) -> object:
-            with torch.inference_mode():
-                return model(batches[i])
+            def infer(i: int, m=m) -> object:
+                with torch.inference_mode(), ctx():
+                    return m(batches[i])
 
-        contenders.append(_Contender(INFERENCE, None, infer))
+            contenders.append(_Contender(name, None, infer))
     layer = next(iter(explainers.values())).target_layer
     for k in cfg.top_k:
         for strategy, explainer in explainers.items():
@@ -348,17 +353,18 @@ def _build_contenders(cfg, model, explainers, batches, classes) -> tuple[list[_C
                 unavailable.append(Result(b, k, "skipped", f"not installed (pip install {dist})"))
                 continue
             try:
-                contenders.append(make(model, layer, batches, classes, k))
+                contenders.append(make(model, layer, batches, classes, k, ctx))
             except Exception as e:  # a baseline that cannot even be set up is reported, not fatal
                 unavailable.append(Result(b, k, "failed", _one_line(e)))
     return contenders, unavailable
 
 
 # -- the benchmark --------------------------------------------------------------------------------
-def make_batches(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+def make_batches(cfg: BenchConfig, device: torch.device) -> list[torch.Tensor]:
+    """float32 random normal batches; channels_last on CUDA, as the engine feeds its backbone."""
     gen = torch.Generator().manual_seed(cfg.seed)
     shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
-    return [torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(cfg.n_batches)]
+    return [prepare_input(torch.randn(shape, generator=gen).to(device)) for _ in range(cfg.n_batches)]
 
 
 def environment(device: torch.device) -> dict:
@@ -370,13 +376,12 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    for module, _ in _BASELINE_PACKAGES.values():
+    for module, dist in _BASELINE_PACKAGES.values():
         if _installed(module):
             try:
-                mod = __import__(module)
-                env[module] = getattr(mod, "__version__", "installed")
-            except Exception as e:  # a broken install is reported, never fatal
-                env[module] = f"broken: {_one_line(e)}"
+                env[dist] = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:  # importable, but not installed by pip
+                env[dist] = "unknown version"
     return env
 
 
@@ -396,10 +401,12 @@ def run_bench(
     model: nn.Module | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
-    """Run the benchmark described by ``cfg``; ``model`` overrides ``cfg.model`` when given."""
+    """Run the benchmark described by ``cfg``; ``model`` overrides ``cfg.model`` when given.
+
+    The model is moved to the device and put in eval mode. Bad settings raise ``ValueError``.
+    """
     cfg.validate()
     device = resolve_device(cfg.device)
-    dtype = PRECISIONS[cfg.precision]
     if model is None:
         model = load_model(cfg.model, cfg.weights)
     model = model.to(device).eval()
@@ -414,22 +421,30 @@ def run_bench(
         x = torch.randn(shape, generator=gen).to(device)
         parity = check_parity(model, x, top_k=max(cfg.top_k), baselines=cfg.baselines)
 
-    model = model.to(dtype)
-    batches = make_batches(cfg, device, dtype)
-    explainers = {s: Explainer(model, vjp_strategy=s) for s in cfg.vjp_strategies}
+    # Precision as the engine runs it: an fp32 model, the backbone (here: every contender's
+    # forward) under autocast to bf16/fp16.
+    def ctx():
+        return backbone_context(device, cfg.precision)
+
+    batches = make_batches(cfg, device)
+    explainers = {
+        s: Explainer(model, vjp_strategy=s, precision=cfg.precision, compile=cfg.compile) for s in cfg.vjp_strategies
+    }
     kmax = max(cfg.top_k)
     classes = []
-    with torch.inference_mode():
+    # no_grad, not inference_mode: captum feeds the targets into autograd-tracked indexing.
+    with torch.no_grad(), ctx():
         for x in batches:
             scores = model(x)
             if kmax > scores.shape[1]:
                 raise ValueError(f"top-k {kmax} exceeds the model's {scores.shape[1]} classes")
             classes.append(scores.float().topk(kmax, dim=1).indices.clone())
     for e in explainers.values():
-        e(batches[0][:1], top_k=1)  # resolves the target layer and the graph split, untimed
+        # Resolves the target layer and the graph split (and compiles) untimed, at the timed shape.
+        e(batches[0], top_k=1)
     first = next(iter(explainers.values()))
 
-    contenders, results = _build_contenders(cfg, model, explainers, batches, classes)
+    contenders, results = _build_contenders(cfg, model, explainers, batches, classes, ctx)
     timer = _Timer(device)
     times: dict[int, list[float]] = {i: [] for i in range(len(contenders))}
     failed: dict[int, str] = {}
@@ -461,6 +476,8 @@ def run_bench(
             continue
         med = statistics.median(times[i])
         results.append(Result(c.name, c.top_k, "ok", times_s=times[i], median_s=med, img_per_s=cfg.batch_size / med))
+    if cfg.end_to_end:
+        results += run_end_to_end(cfg, progress)
     _fill_ratios(results)
     order = {name: i for i, name in enumerate([INFERENCE, *(c.name for c in contenders), PYTORCH_GRAD_CAM, CAPTUM])}
     results.sort(key=lambda r: (r.top_k or 0, order.get(r.contender, len(order))))
@@ -472,6 +489,79 @@ def run_bench(
         results=results,
         parity=parity,
     )
+
+
+# -- end to end -----------------------------------------------------------------------------------
+def write_jpeg_dataset(path: str, n: int, size: int, seed: int = 0, row_group_rows: int = 256) -> str:
+    """A Parquet file of ``n`` JPEG images (``id``, ``image``), size x size, smooth random colours.
+
+    Smooth (upsampled noise) rather than white noise, so the JPEGs have realistic sizes and
+    decode cost.
+    """
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = max(2, size // 16)
+    blobs = []
+    for _ in range(n):
+        small = Image.fromarray(rng.integers(0, 256, (coarse, coarse, 3), dtype=np.uint8))
+        buf = io.BytesIO()
+        small.resize((size, size), Image.Resampling.BILINEAR).save(buf, format="JPEG", quality=90)
+        blobs.append(buf.getvalue())
+    table = pa.table({"id": [f"img-{i:07d}" for i in range(n)], "image": pa.array(blobs, pa.binary())})
+    pq.write_table(table, path, row_group_size=row_group_rows)
+    return path
+
+
+def run_end_to_end(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> list[Result]:
+    """``gradcam-batch run`` (decode -> explain -> Parquet written) on generated JPEGs, per top-k.
+
+    Runs after the interleaved rounds, once per top-k; img/s is the pipeline's own count over
+    its whole run (the first batch, and with compile the compilation, included).
+    """
+    import os
+    import tempfile
+
+    try:
+        from gradcam_batch.engine.pipeline import RunConfig, run_job
+    except ImportError as e:
+        return [Result(END_TO_END, k, "skipped", f"the run pipeline is not available ({e})") for k in cfg.top_k]
+    n = cfg.e2e_images or 4 * cfg.batch_size
+    out: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="gradcam-batch-bench-") as tmp:
+        data = write_jpeg_dataset(os.path.join(tmp, "images.parquet"), n, cfg.image_size, cfg.seed)
+        for k in cfg.top_k:
+            if progress is not None:
+                progress(f"end-to-end: {n} JPEGs, top-{k}")
+            run_cfg = RunConfig(
+                inputs=[data],
+                output=os.path.join(tmp, f"out-top{k}"),
+                model=cfg.model,
+                weights=cfg.weights,
+                top_k=k,
+                resize=cfg.image_size,
+                crop=(cfg.image_size, cfg.image_size),
+                batch_size=cfg.batch_size,
+                device=cfg.device,
+                precision=cfg.precision,
+                compile=cfg.compile,
+            )
+            try:
+                summary = run_job(run_cfg)
+            except Exception as e:  # reported in the table; the timed rounds stay valid
+                out.append(Result(END_TO_END, k, "failed", _one_line(e)))
+                continue
+            ips = float(summary["images_per_s"])
+            per_batch = cfg.batch_size / ips if ips > 0 else float("nan")
+            out.append(
+                Result(END_TO_END, k, "ok", times_s=[float(summary["seconds"])], median_s=per_batch, img_per_s=ips)
+            )
+    return out
 
 
 def _fill_ratios(results: list[Result]) -> None:

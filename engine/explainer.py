@@ -21,8 +21,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from gradcam_batch.engine.compiled import (
+    CompiledBackbone,
+    backbone_context,
+    check_compile_mode,
+    check_precision,
+    prepare_input,
+)
 from gradcam_batch.engine.layers import TargetLayerError, detect_target_layer, layer_name_of
 from gradcam_batch.engine.split import LinearHead, SplitModel, analyze_head, split_at
+from gradcam_batch.engine.tokens import RESHAPES, detect_token_layer, map_to_tokens, parse_grid, tokens_to_map
 from gradcam_batch.kernels import DEFAULT_EPS, fused_cam
 
 METHODS = ("gradcam", "cam")
@@ -50,9 +58,7 @@ def default_score_fn(output: object) -> torch.Tensor:
     if isinstance(output, torch.Tensor) and output.dim() == 2:
         return output
     desc = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-    raise TypeError(
-        f"the model returns {desc}, not (B, N) scores; pass score_fn= to map its output to (B, N) scores"
-    )
+    raise TypeError(f"the model returns {desc}, not (B, N) scores; pass score_fn= to map its output to (B, N) scores")
 
 
 @contextlib.contextmanager
@@ -90,9 +96,7 @@ class _TargetHook:
             )
         if not isinstance(output, torch.Tensor) or output.dim() != 4:
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise TargetLayerError(
-                f"target layer {self.name!r} outputs {shape}; Grad-CAM needs a 4-D (B, K, h, w) map"
-            )
+            raise TargetLayerError(f"target layer {self.name!r} outputs {shape}; Grad-CAM needs a 4-D (B, K, h, w) map")
         if not self.root:
             self.activation = output
             return None
@@ -100,7 +104,9 @@ class _TargetHook:
         self.activation = leaf
         assert self._grad_ctx is not None
         self._grad_ctx.enter_context(torch.enable_grad())
-        return leaf
+        # The rest of the forward gets a copy: an in-place op right after the target (ReLU(inplace=True))
+        # may neither write into a leaf that requires grad nor change A.
+        return leaf.clone()
 
     def __enter__(self) -> _TargetHook:
         self._grad_ctx = contextlib.ExitStack()
@@ -135,6 +141,11 @@ class Explainer:
         *,
         vjp_strategy: str = "vmap",
         kernel_backend: str = "auto",
+        compile: bool = False,
+        compile_mode: str | None = None,
+        precision: str = "fp32",
+        reshape: str | None = None,
+        token_grid: str | tuple[int, int] | None = None,
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -146,18 +157,55 @@ class Explainer:
         self.vjp_strategy = vjp_strategy
         self.kernel_backend = kernel_backend
         self._score_fn = score_fn or default_score_fn
-        self.target_layer: str | None = None if target_layer is None else layer_name_of(model, target_layer)
+        # Backbone options (engine/compiled.py, engine/tokens.py): compile and precision apply to
+        # the FX backbone; reshape="tokens" turns a (B, N, D) target output into a (B, D, h, w) map.
+        self.compile = bool(compile)
+        self.compile_mode = check_compile_mode(compile_mode)
+        self.precision = check_precision(precision)
+        if reshape not in RESHAPES:
+            raise ValueError(f"unknown reshape {reshape!r}; expected None or 'tokens'")
+        self.reshape = reshape
+        self.token_grid = parse_grid(token_grid)
+        self._backbone = None
+        # A model that is not an nn.Module but has gradcam_weights() (the ONNX backend) does the
+        # per-batch weight computation itself; see engine/onnx_backend.py for the protocol.
+        self._external = not isinstance(model, nn.Module)
+        self._external_closed_form = False
+        if self._external and not hasattr(model, "gradcam_weights"):
+            raise TypeError(f"model must be a torch nn.Module or an OnnxModel, got {type(model).__name__}")
+        if self._external:
+            self.target_layer: str | None = target_layer
+        else:
+            self.target_layer = None if target_layer is None else layer_name_of(model, target_layer)
         self._split: SplitModel | None = None
         self._linear: LinearHead | None = None
         self._prepared = False
 
     # -- set-up -----------------------------------------------------------------------------------
     def _prepare(self, images: torch.Tensor) -> None:
-        if self.target_layer is None:
+        if getattr(self.model, "explain_unsupported", None):  # a TorchScript / torch.export program
+            raise ValueError(self.model.explain_unsupported)
+        if self._external:
+            self.target_layer = self.model.resolve_target_layer(self.target_layer, images[:1])
+            self._prepared = True
+            return
+        if self.target_layer is None and self.reshape == "tokens":
+            self.target_layer = detect_token_layer(self.model, images[:1], self._score_fn, self.token_grid)
+        elif self.target_layer is None:
             self.target_layer = detect_target_layer(self.model, images[:1], self._score_fn)
         self._split = split_at(self.model, self.target_layer)
-        if self._split is not None and self.score_fn is None:
+        if self._split is None and self.reshape == "tokens":
+            raise ValueError("reshape='tokens' needs a model that torch.fx can trace and cut at the target layer")
+        if self._split is not None and self.score_fn is None and self.reshape is None:
             self._linear = analyze_head(self._split)
+        if self._split is not None:
+            self._backbone = self._split.backbone
+            if self.compile:
+                self._backbone = CompiledBackbone(self._split.backbone, self.compile_mode)
+        elif self.compile:
+            import warnings
+
+            warnings.warn("torch.compile skipped: the model cannot be split by torch.fx; running eager", stacklevel=3)
         if self.method == "cam" and self._linear is None:
             raise ValueError(
                 f"method='cam' needs a global-average-pool -> linear head after {self.target_layer!r}, "
@@ -168,7 +216,7 @@ class Explainer:
     @property
     def closed_form(self) -> bool:
         """True when the head is GAP -> linear and alpha needs no backward pass."""
-        return self._linear is not None
+        return self._linear is not None or self._external_closed_form
 
     # -- per batch --------------------------------------------------------------------------------
     def __call__(
@@ -190,7 +238,8 @@ class Explainer:
             raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
         if images.shape[0] == 0:
             raise ValueError("images is an empty batch")
-        with eval_mode(self.model):
+        # inference_mode(False): a caller's inference_mode would leave the head no graph to differentiate.
+        with torch.inference_mode(False), contextlib.nullcontext() if self._external else eval_mode(self.model):
             if not self._prepared:
                 self._prepare(images)
             acts, scores_all, classes_t, weights = self._weights(images, classes, top_k, counterfactual)
@@ -223,18 +272,33 @@ class Explainer:
             peaks=maps.peaks,
             weights=weights,
             target_layer=self.target_layer or "",
-            closed_form=self._linear is not None,
+            closed_form=self.closed_form,
         )
 
     def _weights(self, images, classes, top_k, counterfactual):
         """Returns (A, all scores (B, N), classes (B, C), alpha (B, C, K))."""
         sign = -1.0 if counterfactual else 1.0
+        if self._external:
+            acts, scores_all, classes_t, alpha, self._external_closed_form = self.model.gradcam_weights(
+                images, classes=classes, top_k=top_k, sign=sign, method=self.method, reshape=self.reshape
+            )
+            return acts, scores_all, classes_t, alpha
         if self._split is None:
             return self._weights_hooked(images, classes, top_k, sign)
-        with torch.inference_mode():
-            feats = self._split.backbone(images)
-        # Inference tensors cannot enter autograd; a clone outside inference mode can.
-        acts, *extra = (t.clone() if isinstance(t, torch.Tensor) else t for t in feats)
+        with torch.inference_mode(), backbone_context(images.device, self.precision):
+            feats = self._backbone(prepare_input(images))
+        # Inference tensors cannot enter autograd; a clone outside inference mode can. The head
+        # runs in fp32 whatever precision the backbone ran in.
+        low = self.precision != "fp32"
+        acts, *extra = (
+            (t.to(torch.float32, copy=True) if low and t.is_floating_point() else t.clone())
+            if isinstance(t, torch.Tensor)
+            else t
+            for t in feats
+        )
+        prefix = None
+        if self.reshape == "tokens":
+            acts, prefix = tokens_to_map(acts, self.token_grid, (images.shape[-2], images.shape[-1]))
         self._check_acts(acts)
         head = self._split.head
         score_fn = self._score_fn
@@ -252,7 +316,11 @@ class Explainer:
             return acts, scores_all.detach(), classes_t, sign * alpha
 
         def head_scores(a: torch.Tensor) -> torch.Tensor:
-            return score_fn(head(a, *extra))
+            if prefix is not None:
+                a = map_to_tokens(a, prefix)
+            # The clone keeps a head that opens with an in-place op (a conv target followed by
+            # ReLU(inplace=True)) from writing into A, the VJP's primal, which is weighted later.
+            return score_fn(head(a.clone(), *extra))
 
         if self.vjp_strategy == "batched_grad":
             with torch.enable_grad():
@@ -321,6 +389,9 @@ class Explainer:
 
 def _resolve_classes(classes: torch.Tensor | None, top_k: int, scores: torch.Tensor) -> torch.Tensor:
     b, n = scores.shape
+    if callable(classes):
+        # A selector that needs the scores (e.g. the ground truth plus the top-k) returns (B, C).
+        classes = classes(scores.detach())
     if classes is None:
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
@@ -363,6 +434,8 @@ def explain(
     output_size: tuple[int, int] | int | None = None,
     normalize: bool = True,
     out_dtype: torch.dtype = torch.float32,
+    reshape: str | None = None,
+    precision: str = "fp32",
 ) -> Explanation:
     """Grad-CAM for a batch of preprocessed images, for several classes per image at once.
 
@@ -379,8 +452,12 @@ def explain(
         output_size: (H, W) of the heatmaps; default the input's size.
         normalize: min-max normalize each heatmap to [0, 1]; a constant map becomes 0.
         out_dtype: heatmap dtype: float32 (default), float16 or uint8 (round(255 * x)).
+        reshape: ``"tokens"`` for a transformer target layer with (B, N, D) output (see engine/tokens.py).
+        precision: the backbone's autocast dtype: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``.
     """
-    explainer = Explainer(model, target_layer=target_layer, method=method, score_fn=score_fn)
+    explainer = Explainer(
+        model, target_layer=target_layer, method=method, score_fn=score_fn, reshape=reshape, precision=precision
+    )
     return explainer(
         images,
         classes=classes,

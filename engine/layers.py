@@ -80,9 +80,7 @@ def _is_nested(inner: str, outer: str) -> bool:
     return inner.startswith(outer + ".")
 
 
-def probe_layers(
-    model: nn.Module, sample: torch.Tensor, score_fn: Callable[[object], torch.Tensor]
-) -> list[LayerInfo]:
+def probe_layers(model: nn.Module, sample: torch.Tensor, score_fn: Callable[[object], torch.Tensor]) -> list[LayerInfo]:
     """Run one forward and describe every module; marks candidates and the auto-detected one.
 
     The caller puts the model in the mode it wants (the engine uses eval) beforehand.
@@ -125,16 +123,16 @@ def probe_layers(
             tensors[name] = output
 
     spatial = [
-        n
-        for n, _ in order
-        if n in tensors and tensors[n].dim() == 4 and tensors[n].shape[2] * tensors[n].shape[3] > 1
+        n for n, _ in order if n in tensors and tensors[n].dim() == 4 and tensors[n].shape[2] * tensors[n].shape[3] > 1
     ]
     depends: dict[str, bool] = {}
     if spatial and scores.requires_grad:
-        grads = torch.autograd.grad(
-            scores.sum(), [tensors[n] for n in spatial], allow_unused=True, retain_graph=False
-        )
-        for n, g in zip(spatial, grads):
+        # enable_grad again: under a caller's no_grad, scores.sum() would have no graph.
+        with torch.enable_grad():
+            grads = torch.autograd.grad(
+                scores.sum(), [tensors[n] for n in spatial], allow_unused=True, retain_graph=False
+            )
+        for n, g in zip(spatial, grads, strict=True):
             depends[n] = g is not None
     for n in spatial:
         infos[n].candidate = depends.get(n, False)
@@ -178,9 +176,7 @@ def _choose(order, tensors, infos, spatial, modules) -> str | None:
     return None
 
 
-def detect_target_layer(
-    model: nn.Module, sample: torch.Tensor, score_fn: Callable[[object], torch.Tensor]
-) -> str:
+def detect_target_layer(model: nn.Module, sample: torch.Tensor, score_fn: Callable[[object], torch.Tensor]) -> str:
     """The auto-detected target layer's name, or a clear error listing what was seen."""
     infos = probe_layers(model, sample, score_fn)
     for info in infos:

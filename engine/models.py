@@ -10,8 +10,12 @@ Accepted specs (``load_model(spec, weights=..., num_classes=..., device=...)``):
   (``FACTORY(num_classes=N)`` when ``num_classes`` is given); ``weights=`` as above.
 - ``package.module:FACTORY`` — the same for an importable module.
 - ``model.onnx`` — an ONNX file, run with ONNX Runtime (see ``gradcam_batch.engine.onnx_backend``).
-- ``model.pt2`` — a ``torch.export`` program (``torch.export.save``), unlifted to an ``nn.Module``.
+- ``model.pt2`` — a ``torch.export`` program (``torch.export.save``), unflattened back into its
+  module hierarchy (``torch.export.unflatten``), so target layers keep their names (``layer4.1``).
+  It is explained through forward hooks (no FX split, hence no ``compile``/``precision``).
 - any other existing file (``.pt``, ``.pth``, ``.ts``, ...) — a TorchScript archive (``torch.jit.save``).
+  It loads and runs, but cannot be explained: TorchScript runs its submodules without Python
+  hooks, so there is no target activation to capture; ``Explainer`` says so in one line.
 
 What comes back is something ``Explainer`` accepts:
 
@@ -30,6 +34,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -91,8 +96,8 @@ def load_model(
 
             return OnnxModel(path, device=device, providers=providers)
         if suffix == ".pt2":
-            return _finish(_load_exported(path), device)
-        return _finish(_load_torchscript(path), device)
+            return _load_exported(path).to(device)
+        return CompiledProgram(_load_torchscript(path), "TorchScript archive").to(device)
 
     if spec.startswith("torchvision:"):
         model = _torchvision_model(spec[len("torchvision:") :], num_classes)
@@ -107,6 +112,34 @@ def load_model(
     if weights is not None:
         _load_state_dict(model, weights)
     return _finish(model, device)
+
+
+class CompiledProgram(nn.Module):
+    """A torch.export program or a TorchScript archive, runnable as a classifier.
+
+    Both are whole-graph programs: their submodules are never *called* (a forward hook on
+    ``layer4`` never fires), so the engine cannot cut them at a target layer. They run (for
+    scores), and ``Explainer`` refuses them with ``explain_unsupported``: one clear line that says
+    what to pass instead.
+    """
+
+    def __init__(self, program: nn.Module, kind: str):
+        super().__init__()
+        self.program = program
+        self.kind = kind
+        self.explain_unsupported = (
+            f"a {kind} cannot be cut at a target layer (its modules are not called one by one); "
+            "explain the Python model (path/to/file.py:FACTORY --weights FILE), or export it with "
+            "torch.export (.pt2) or to ONNX"
+        )
+
+    def train(self, mode: bool = True) -> CompiledProgram:
+        # Train/eval semantics were fixed when the program was exported; exported modules refuse eval().
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor):
+        return self.program(x)
 
 
 def _finish(model: nn.Module, device: torch.device) -> nn.Module:
@@ -169,7 +202,8 @@ def _call_factory(module, factory_name: str, spec: str, num_classes: int | None)
     try:
         model = factory(**kwargs)
     except Exception as exc:
-        raise ModelSpecError(f"{spec}: calling {factory_name}({_fmt(kwargs)}) failed: {type(exc).__name__}: {exc}") from None
+        call = f"{factory_name}({_fmt(kwargs)})"
+        raise ModelSpecError(f"{spec}: calling {call} failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{spec}: {factory_name}() returned {type(model).__name__}, not a torch nn.Module")
     return model
@@ -214,7 +248,9 @@ def _load_state_dict(model: nn.Module, weights: str | os.PathLike) -> None:
 
 def _load_torchscript(path: Path) -> nn.Module:
     try:
-        return torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+            return torch.jit.load(str(path), map_location="cpu")
     except Exception:
         raise ModelSpecError(
             f"{path.name} is not a TorchScript archive; a state dict needs an architecture: "
@@ -228,7 +264,12 @@ def _load_exported(path: Path) -> nn.Module:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelSpecError(f"cannot load {path.name} as a torch.export program: {first}") from None
-    return program.module()
+    try:
+        # unflatten restores the module hierarchy as modules that are *called*, so forward hooks
+        # fire: target-layer detection and the engine's hook path work as for the original model.
+        return torch.export.unflatten(program)
+    except Exception:
+        return CompiledProgram(program.module(), "torch.export program")
 
 
-__all__ = ["SPEC_HELP", "ModelSpecError", "load_model"]
+__all__ = ["SPEC_HELP", "CompiledProgram", "ModelSpecError", "load_model"]

@@ -17,6 +17,7 @@ Grad-CAM's weights have the closed form alpha = W[c] / (h * w) (the CAM equivale
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -164,12 +165,36 @@ def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
+def _is_batch_size(node: fx.Node) -> bool:
+    """``x.size(0)`` or ``x.shape[0]``: how ``x.view(x.size(0), -1)`` spells a flatten."""
+    if node.op == "call_method" and node.target == "size":
+        return node.args[1:] == (0,) or node.kwargs.get("dim") == 0
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+        src = node.args[0]
+        return (
+            isinstance(src, fx.Node) and src.op == "call_function" and src.target is getattr and src.args[1] == "shape"
+        )
+    return False
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    if _is_batch_size(node):
+        return True
+    # x.shape, when every use of it is a batch-size query
+    return (
+        node.op == "call_function"
+        and node.target is getattr
+        and node.args[1] == "shape"
+        and all(_is_batch_size(u) for u in node.users)
+    )
+
+
 def analyze_head(split: SplitModel) -> LinearHead | None:
     """Return the linear layer of a GAP -> (flatten) -> linear head, or None."""
     if split.n_extra:
         return None
     modules = dict(split.head.named_modules())
-    nodes = [n for n in split.head.graph.nodes if n.op not in ("placeholder", "output")]
+    nodes = [n for n in split.head.graph.nodes if n.op not in ("placeholder", "output") and not _is_shape_query(n)]
     out = next(n for n in split.head.graph.nodes if n.op == "output")
     placeholder = next(n for n in split.head.graph.nodes if n.op == "placeholder")
     if not nodes or not isinstance(out.args[0], fx.Node):
@@ -178,13 +203,13 @@ def analyze_head(split: SplitModel) -> LinearHead | None:
     chain: list[fx.Node] = []
     cur = placeholder
     while True:
-        users = list(cur.users)
+        users = [u for u in cur.users if not _is_shape_query(u)]
         if len(users) != 1:
             return None
         nxt = users[0]
         if nxt is out:
             break
-        if nxt.all_input_nodes != [cur]:
+        if [n for n in nxt.all_input_nodes if not _is_shape_query(n)] != [cur]:
             return None
         chain.append(nxt)
         cur = nxt

@@ -109,7 +109,14 @@ class ShapesCNN(nn.Module):
 
 
 def train_shapes_cnn(
-    data: ShapesData, *, epochs: int = 4, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, width: int = 16, stages: int = 2
+    data: ShapesData,
+    *,
+    epochs: int = 4,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    width: int = 16,
+    stages: int = 2,
 ) -> ShapesCNN:
     """Train a ShapesCNN on ``data`` (deterministic for a seed on the CPU). Returns it in eval mode."""
     gen = torch.Generator().manual_seed(seed)
@@ -130,7 +137,9 @@ def train_shapes_cnn(
     return model.eval()
 
 
-def pointing_game(peaks: torch.Tensor, boxes: np.ndarray | torch.Tensor, scale: tuple[float, float] = (1.0, 1.0)) -> float:
+def pointing_game(
+    peaks: torch.Tensor, boxes: np.ndarray | torch.Tensor, scale: tuple[float, float] = (1.0, 1.0)
+) -> float:
     """Fraction of maps whose peak (y, x) lies inside the box (x0, y0, x1, y1).
 
     ``scale`` maps peak coordinates to box coordinates (heatmap size -> image size).

@@ -1,7 +1,7 @@
 """Pure-torch reference of the fused CAM post-processing.
 
 It is written for clarity, computes in float32 (float64 when the inputs are float64),
-and is the CPU path in production. The Triton kernel in ``fused_cam.py`` must match it:
+and is the CPU path in production. The Triton kernel in ``cam_kernel.py`` must match it:
 within 1 LSB for uint8 heatmaps and 1e-5 absolute for float32 ones.
 
 Steps, per (image b, class c):

@@ -1,0 +1,74 @@
+"""``gradcam-batch layers``: list the candidate target layers of a model and mark the auto-detected one."""
+
+from __future__ import annotations
+
+import re
+
+import click
+import torch
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
+    if not m or int(m.group(1)) < 1 or (m.group(2) is not None and int(m.group(2)) < 1):
+        raise click.BadParameter(f"expected N or HxW (e.g. 224 or 240x320), got {text!r}")
+    h = int(m.group(1))
+    return h, int(m.group(2) or h)
+
+
+@click.command()
+@click.option(
+    "--model",
+    "model_spec",
+    required=True,
+    help="torchvision:NAME, path/to/file.py:FACTORY, package.module:FACTORY, or a .onnx/.pt2/TorchScript file.",
+)
+@click.option("--weights", type=click.Path(dir_okay=False), help="State dict for torchvision:/factory specs.")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Classifier size for torchvision:/factory specs.")
+@click.option("--input-size", default="224", show_default=True, help="Probe input size: N or HxW.")
+@click.option("--all", "show_all", is_flag=True, help="List every module (tensor for ONNX), not only candidates.")
+def layers(model_spec: str, weights: str | None, num_classes: int | None, input_size: str, show_all: bool) -> None:
+    """List candidate target layers (name, type, output shape); '*' marks the auto-detected one.
+
+    A candidate outputs a 4-D (B, K, h, w) map with h*w > 1 that the scores depend on. For ONNX
+    models the names are tensor names, to pass as --target-layer.
+    """
+    from gradcam_batch.engine.explainer import default_score_fn, eval_mode
+    from gradcam_batch.engine.layers import probe_layers
+    from gradcam_batch.engine.models import load_model
+
+    h, w = _parse_size(input_size)
+    try:
+        model = load_model(model_spec, weights=weights, num_classes=num_classes)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    sample = torch.zeros(1, 3, h, w)
+    try:
+        if isinstance(model, torch.nn.Module):
+            with eval_mode(model):
+                infos = probe_layers(model, sample, default_score_fn)
+        else:
+            infos = model.probe_layers(sample)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise click.ClickException(f"probe forward at input size {h}x{w} failed: {first}") from None
+
+    rows = [i for i in infos if show_all or i.candidate or i.chosen]
+    if not rows:
+        click.echo(f"no candidate target layer at input size {h}x{w} (try --all or another --input-size)")
+        return
+    name_w = max(len("name"), *(len(i.name) for i in rows))
+    type_w = max(len("type"), *(len(i.type) for i in rows))
+    click.echo(f"  {'name':<{name_w}}  {'type':<{type_w}}  output shape")
+    for info in rows:
+        mark = "*" if info.chosen else " "
+        shape = "-" if info.shape is None else "x".join(str(d) for d in info.shape)
+        click.echo(f"{mark} {info.name:<{name_w}}  {info.type:<{type_w}}  {shape}")
+    chosen = next((i.name for i in infos if i.chosen), None)
+    if chosen is None:
+        click.echo("auto-detection found no layer: pass --target-layer")
+    else:
+        click.echo(f"auto-detected: {chosen}")
+
+
+__all__ = ["layers"]

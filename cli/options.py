@@ -1,0 +1,152 @@
+"""Option bundles and value parsers shared by the commands (written once, used as decorators)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+
+def parse_size(text: str, *, what: str, allow: tuple[str, ...] = ("none",)) -> int | tuple[int, int] | str | None:
+    """'N' -> N, 'HxW' -> (H, W), 'none' -> None, other allowed words as themselves."""
+    t = str(text).strip().lower()
+    if t in allow:
+        return None if t == "none" else t
+    try:
+        if "x" in t:
+            h, w = (int(v) for v in t.split("x"))
+            if h < 1 or w < 1:
+                raise ValueError
+            return (h, w)
+        n = int(t)
+        if n < 1:
+            raise ValueError
+        return n
+    except ValueError:
+        words = "".join(f", {a}" for a in allow)
+        raise click.BadParameter(f"{text!r} is not a size: expected N, HxW{words}", param_hint=what) from None
+
+
+def parse_floats3(text: str, *, what: str) -> tuple[float, float, float]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3:
+        raise click.BadParameter(f"{text!r}: expected three comma-separated numbers (R,G,B)", param_hint=what)
+    return vals  # type: ignore[return-value]
+
+
+def parse_int_list(text: str | None, *, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        vals = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: expected comma-separated class indices, e.g. 3,17,42", param_hint=what
+        ) from None
+    if not vals:
+        raise click.BadParameter("no class index given", param_hint=what)
+    return vals
+
+
+def split_names(values: tuple[str, ...]) -> list[str]:
+    """Repeated options and comma-separated lists, flattened: ('a,b', 'c') -> ['a', 'b', 'c']."""
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+
+
+def compute_options(f: Callable) -> Callable:
+    """--batch-size, --device, --precision, --compile/--no-compile."""
+    for deco in reversed(
+        [
+            click.option(
+                "--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per batch."
+            ),
+            click.option(
+                "--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N."
+            ),
+            click.option(
+                "--precision",
+                type=click.Choice(["fp32", "bf16", "fp16"]),
+                default="fp32",
+                show_default=True,
+                help="Autocast dtype of the backbone (the head and the maps stay fp32).",
+            ),
+            click.option(
+                "--compile/--no-compile",
+                default=False,
+                show_default=True,
+                help="torch.compile the backbone (falls back to eager with a warning when it fails).",
+            ),
+        ]
+    ):
+        f = deco(f)
+    return f
+
+
+def model_options(f: Callable) -> Callable:
+    """--model, --weights, --num-classes, --providers, --reshape, --token-grid, --target-layer, --method,
+    --counterfactual."""
+    for deco in reversed(
+        [
+            click.option(
+                "--model",
+                "model_spec",
+                metavar="SPEC",
+                help="torchvision:NAME, path/to/file.py:FACTORY, package.module:FACTORY, or a TorchScript, "
+                ".pt2 or .onnx file.",
+            ),
+            click.option(
+                "--weights", type=click.Path(), help="State dict for torchvision:/factory specs (weights_only=True)."
+            ),
+            click.option("--num-classes", type=click.IntRange(min=1), help="Classifier size, when not the default."),
+            click.option(
+                "--providers",
+                multiple=True,
+                help="ONNX Runtime execution providers, in order (repeat or comma-separate); default: TensorRT, "
+                "CUDA, CPU, whichever are available.",
+            ),
+            click.option(
+                "--reshape",
+                type=click.Choice(["tokens"]),
+                default=None,
+                help="tokens: the target layer outputs (B, N, D) transformer tokens; reshape them to the patch grid.",
+            ),
+            click.option(
+                "--token-grid", metavar="HxW", help="Patch grid for --reshape tokens (default: inferred from N)."
+            ),
+            click.option(
+                "--target-layer", metavar="NAME", help="Module name (see `gradcam-batch layers`); auto-detected."
+            ),
+            click.option(
+                "--method",
+                type=click.Choice(["gradcam", "cam"]),
+                default="gradcam",
+                show_default=True,
+                help="gradcam, or cam (Zhou et al.; global-average-pool -> linear heads only, no backward pass).",
+            ),
+            click.option(
+                "--counterfactual", is_flag=True, help="Negate the gradients: regions whose removal raises the score."
+            ),
+        ]
+    ):
+        f = deco(f)
+    return f
+
+
+class BadInvocation(click.ClickException):
+    """A user error detected before anything ran: one line, exit code 2, nothing written."""
+
+    exit_code = 2
+
+
+__all__ = [
+    "BadInvocation",
+    "compute_options",
+    "model_options",
+    "parse_floats3",
+    "parse_int_list",
+    "parse_size",
+    "split_names",
+]

@@ -1,0 +1,170 @@
+"""The sink: output schema, row building, HeatmapWriter files and manifest commits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gradcam_batch.engine.sink import (
+    HeatmapWriter,
+    Manifest,
+    ResultBatch,
+    build_table,
+    clean_uncommitted,
+    next_part_index,
+    output_schema,
+)
+
+
+def _schema(heat=(4, 6), dtype="uint8", label=True):
+    return output_schema(
+        id_type=pa.string(),
+        passthrough=[pa.field("path", pa.string())],
+        label_type=pa.int64() if label else None,
+        cam_shape=(2, 3),
+        heatmap_shape=heat,
+        heatmap_dtype=dtype,
+    )
+
+
+def _batch(ok, classes, scores, keep=None, unit_key="u", heat=(4, 6), seed=0, prefix="r"):
+    rng = np.random.default_rng(seed)
+    ok = np.asarray(ok, bool)
+    n = len(ok)
+    classes = np.asarray(classes, np.int64)
+    m, c = classes.shape
+    return ResultBatch(
+        unit_key=unit_key,
+        rows=pa.table(
+            {
+                "id": [f"{prefix}{i}" for i in range(n)],
+                "path": [f"p{i}" for i in range(n)],
+                "label": pa.array([i % 3 for i in range(n)], pa.int64()),
+            }
+        ),
+        ok=ok,
+        errors=[None if o else f"bad {i}" for i, o in enumerate(ok)],
+        classes=classes,
+        keep=np.ones((m, c), bool) if keep is None else np.asarray(keep, bool),
+        scores=np.asarray(scores, np.float32),
+        probabilities=np.full((m, c), 0.25, np.float32),
+        cams=rng.random((m, c, 2, 3)).astype(np.float16),
+        heatmaps=None if heat is None else rng.integers(0, 256, (m, c, *heat)).astype(np.uint8),
+        cam_max=rng.random((m, c)).astype(np.float32),
+        peaks=rng.integers(0, 4, (m, c, 2)),
+        notes=[None] * m,
+    )
+
+
+def test_schema_names_and_types():
+    s = _schema()
+    assert s.names == [
+        "id",
+        "path",
+        "class_index",
+        "class_rank",
+        "label",
+        "score",
+        "probability",
+        "cam",
+        "heatmap",
+        "peak_y",
+        "peak_x",
+        "cam_max",
+        "status",
+        "error",
+    ]
+    assert s.field("cam").type == pa.fixed_shape_tensor(pa.float16(), [2, 3])
+    assert s.field("heatmap").type == pa.fixed_shape_tensor(pa.uint8(), [4, 6])
+    assert _schema(dtype="float16").field("heatmap").type.value_type == pa.float16()
+    no_heat = _schema(heat=None, label=False)
+    assert "heatmap" not in no_heat.names and "label" not in no_heat.names
+
+
+def test_build_table_orders_rows_ranks_and_errors():
+    # Three images, the middle one failed to decode; two slots each, the second image's slot 1 dropped.
+    batch = _batch(ok=[1, 0, 1], classes=[[3, 1], [0, 2]], scores=[[0.5, 2.0], [1.0, 9.0]], keep=[[1, 1], [1, 0]])
+    t = build_table(batch, _schema())
+    assert t["id"].to_pylist() == ["r0", "r0", "r1", "r2"]
+    assert t["path"].to_pylist() == ["p0", "p0", "p1", "p2"]
+    assert t["class_index"].to_pylist() == [1, 3, None, 0]  # rank order: higher score first
+    assert t["class_rank"].to_pylist() == [0, 1, None, 0]
+    assert t["score"].to_pylist() == [2.0, 0.5, None, 1.0]
+    assert t["status"].to_pylist() == ["ok", "ok", "error", "ok"]
+    assert t["error"].to_pylist() == [None, None, "bad 1", None]
+    assert t["heatmap"].null_count == 1 and t["cam"].null_count == 1 and t["peak_y"].null_count == 1
+    # The heatmap of output row 0 is slot 1 of image 0.
+    storage = t["heatmap"].combine_chunks().storage
+    np.testing.assert_array_equal(np.asarray(storage[0].values).reshape(4, 6), batch.heatmaps[0, 1])
+    np.testing.assert_array_equal(np.asarray(storage[3].values).reshape(4, 6), batch.heatmaps[1, 0])
+    cams = t["cam"].combine_chunks().storage
+    np.testing.assert_array_equal(np.asarray(cams[1].values).reshape(2, 3), batch.cams[0, 0])
+    assert t["peak_x"].to_pylist()[3] == batch.peaks[1, 0, 1]
+
+
+def test_build_table_all_errors():
+    batch = _batch(ok=[0, 0], classes=np.zeros((0, 2)), scores=np.zeros((0, 2)))
+    t = build_table(batch, _schema())
+    assert t.num_rows == 2 and t["status"].to_pylist() == ["error", "error"]
+    assert t["class_index"].null_count == 2
+
+
+def test_writer_splits_files_at_unit_boundaries_and_commits(tmp_path):
+    schema = _schema()
+    man = Manifest.new(tmp_path, fingerprint="f", config={}, versions={})
+    man.save()
+    commits = []
+    w = HeatmapWriter(tmp_path, schema, man, rows_per_file=5, queue_depth=2, on_commit=commits.append)
+    # Unit a: 2 batches of 2 images x 2 classes (8 rows); unit b: 1 batch; unit c: 1 batch.
+    w.put(_batch([1, 1], [[0, 1], [1, 2]], [[1, 0], [1, 0]], unit_key=None, prefix="a"))
+    w.put(_batch([1, 1], [[0, 1], [1, 2]], [[1, 0], [1, 0]], unit_key="a", prefix="a2"))
+    w.put(_batch([1], [[0, 1]], [[1, 0]], unit_key="b", prefix="b"))
+    w.put(_batch([0, 1], [[0, 1]], [[1, 0]], unit_key="c", prefix="c"))
+    w.close()
+    assert commits == ["part-00000.parquet", "part-00001.parquet"]
+    assert not list(tmp_path.glob("*.tmp"))
+    saved = json.loads((tmp_path / "manifest.json").read_text())
+    assert [f["units"] for f in saved["files"]] == [["a"], ["b", "c"]]
+    assert saved["completed_units"] == ["a", "b", "c"]
+    assert saved["totals"] == {"rows_in": 7, "images_ok": 6, "errors": 1, "rows_out": 13, "files": 2}
+    t0 = pq.read_table(tmp_path / "part-00000.parquet")
+    assert t0.num_rows == 8 and t0.schema.field("heatmap").type == schema.field("heatmap").type
+    md = pq.ParquetFile(tmp_path / "part-00000.parquet").metadata
+    assert md.row_group(0).column(0).compression == "ZSTD"
+    assert next_part_index(Manifest.load(tmp_path)) == 2
+
+
+def test_writer_abort_leaves_no_partial_file(tmp_path):
+    man = Manifest.new(tmp_path, fingerprint="f", config={}, versions={})
+    w = HeatmapWriter(tmp_path, _schema(), man, rows_per_file=100)
+    w.put(_batch([1], [[0, 1]], [[1, 0]], unit_key="a"))
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_error_surfaces_in_the_producer(tmp_path):
+    man = Manifest.new(tmp_path, fingerprint="f", config={}, versions={})
+    w = HeatmapWriter(tmp_path, _schema(heat=(5, 5)), man, rows_per_file=100)  # heatmaps are 4x6: mismatch
+    w.put(_batch([1], [[0, 1]], [[1, 0]], unit_key="a"))
+    with pytest.raises(RuntimeError, match="Parquet writer failed"):
+        w.close()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_clean_uncommitted(tmp_path):
+    man = Manifest.new(tmp_path, fingerprint="f", config={}, versions={})
+    (tmp_path / "part-00000.parquet").write_bytes(b"x")
+    man.commit_file("part-00000.parquet", rows=1, images=1, errors=0, units=["u"])
+    (tmp_path / "part-00001.parquet").write_bytes(b"uncommitted")
+    (tmp_path / ".part-00002.parquet.tmp").write_bytes(b"partial")
+    (tmp_path / "user-notes.txt").write_text("not ours")
+    removed = clean_uncommitted(tmp_path, Manifest.load(tmp_path))
+    assert sorted(removed) == [".part-00002.parquet.tmp", "part-00001.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "part-00000.parquet", "user-notes.txt"]
+    (tmp_path / "part-00000.parquet").unlink()
+    with pytest.raises(ValueError, match="lists part-00000.parquet, which is missing"):
+        clean_uncommitted(tmp_path, Manifest.load(tmp_path))
