@@ -72,6 +72,7 @@ from gradcam_batch.engine.sink import (
     ResultBatch,
     build_table,
     clean_uncommitted,
+    fsync_path,
     next_part_index,
     output_schema,
     own_files,
@@ -82,6 +83,7 @@ from gradcam_batch.engine.source import (
     ParquetSource,
     Preprocess,
     Unit,
+    assemble_images,
     detect_image_column,
     image_kind,
 )
@@ -322,18 +324,8 @@ class ExplainBatches:
 
         values = batch.column(spec.image_column).to_pylist()
         results = list(self.pool.map(self.source._decode_one, zip(values, file_of, strict=True)))
-        ok = np.array([r[0] is not None for r in results], dtype=bool)
-        h, w = spec.prep.out_size
-        images = np.empty((int(ok.sum()), h, w, 3), dtype=np.uint8)
-        jpegs: list[tuple[int, bytes]] = []  # with device_jpeg: decoded by Job._launch on the device
-        j = 0
-        for arr, _ in results:
-            if isinstance(arr, bytes):
-                jpegs.append((j, arr))
-                j += 1
-            elif arr is not None:
-                images[j] = arr
-                j += 1
+        # with device_jpeg, the JPEGs are decoded by Job._launch on the device
+        images, ok, jpegs = assemble_images(results, spec.prep.out_size)
         db = DecodedBatch(
             unit=_NO_UNIT,
             unit_done=False,
@@ -678,31 +670,18 @@ def _file_stats(path: Path) -> dict:
     return {"rows": t.num_rows, "images": int(rank0 + errors), "errors": int(errors)}
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # not every filesystem supports it
-    finally:
-        os.close(fd)
-
-
 def _commit_group(manifest: Manifest, out_dir: Path, staging: Path, units: list[str]) -> dict:
     """Move a finished group's files into place and list them, and its units, in one manifest write."""
     written = sorted(p for p in staging.iterdir() if p.is_file() and p.name.endswith(".parquet"))
     part = next_part_index(manifest)
     entries = []
     for p in written:
-        _fsync(p)
+        fsync_path(p)
         name = f"part-{part:05d}.parquet"
         os.replace(p, out_dir / name)
         entries.append({"name": name, **_file_stats(out_dir / name), "units": []})
         part += 1
-    _fsync(out_dir)
+    fsync_path(out_dir)
     if not entries:
         raise RuntimeError(f"Ray wrote no files for {len(units)} units")
     # The units go with the group's last file: the group is committed as a whole or not at all.

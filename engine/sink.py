@@ -200,7 +200,8 @@ def build_table(batch: ResultBatch, schema: pa.Schema) -> pa.Table:
 # -- manifest -----------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory; a no-op where the filesystem does not support it."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -221,7 +222,7 @@ def atomic_write_json(path: Path, data: dict) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 class Manifest:
@@ -466,7 +467,7 @@ class HeatmapWriter:
         name = f"part-{self._part:05d}.parquet"
         os.replace(self._tmp, self.out_dir / name)
         self._tmp = None
-        _fsync_dir(self.out_dir)
+        fsync_path(self.out_dir)
         self.manifest.commit_file(
             name, rows=self._file_rows, images=self._file_images, errors=self._file_errors, units=self._file_units
         )

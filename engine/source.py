@@ -476,6 +476,29 @@ class DecodedBatch:
         return len(self.ok)
 
 
+def assemble_images(
+    results: Sequence[tuple[object, str | None]], out_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, bytes]]]:
+    """Stack decode results ``(array | jpeg bytes | None, error)`` into one batch.
+
+    Returns the decoded images (n_ok, H, W, 3) uint8, the per-row ok flags, and the JPEGs left
+    for the device decoder as (slot in images, bytes).
+    """
+    h, w = out_size
+    ok = np.array([r[0] is not None for r in results], dtype=bool)
+    images = np.empty((int(ok.sum()), h, w, 3), dtype=np.uint8)
+    jpegs: list[tuple[int, bytes]] = []
+    j = 0
+    for arr, _ in results:
+        if isinstance(arr, bytes):
+            jpegs.append((j, arr))
+            j += 1
+        elif arr is not None:
+            images[j] = arr
+            j += 1
+    return images, ok, jpegs
+
+
 class ParquetSource:
     """Streams the given units as ``DecodedBatch`` objects.
 
@@ -569,17 +592,7 @@ class ParquetSource:
                         part = table.slice(b0 - rg_start, b1 - b0)
                         values = part.column(self.image_column).to_pylist()
                         results = list(pool.map(self._decode_one, [(v, f) for v in values]))
-                        ok = np.array([r[0] is not None for r in results], dtype=bool)
-                        images = np.empty((int(ok.sum()), h, w, 3), dtype=np.uint8)
-                        jpegs: list[tuple[int, bytes]] = []
-                        j = 0
-                        for arr, _ in results:
-                            if isinstance(arr, bytes):
-                                jpegs.append((j, arr))
-                                j += 1
-                            elif arr is not None:
-                                images[j] = arr
-                                j += 1
+                        images, ok, jpegs = assemble_images(results, (h, w))
                         yield DecodedBatch(
                             unit=unit,
                             unit_done=b1 == unit.stop,
@@ -595,6 +608,7 @@ class ParquetSource:
 
 __all__ = [
     "IMAGENET_MEAN",
+    "assemble_images",
     "IMAGENET_STD",
     "DecodeError",
     "DecodedBatch",
