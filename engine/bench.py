@@ -7,8 +7,9 @@ comparison fair:
   resolves), batches, device and precision, and produces heatmaps at input size (except
   pure inference, the limit, which only computes the scores).
 - Precision is what the engine does: the model stays float32 and forwards run under
-  ``torch.autocast`` to bf16/fp16 (the engine's head then runs in float32). On CUDA the inputs
-  are channels_last for everyone. ``compile`` compiles the engine's backbone and adds a
+  ``torch.autocast`` to bf16/fp16 (the engine's head then runs in float32). The inputs are
+  channels_last for everyone (on the CPU too), the memory format the engine feeds its backbone.
+  ``compile`` compiles the engine's backbone and adds a
   compiled-model row next to the eager inference limit (the reference of every ratio); the
   baselines run eager, as their users run them.
 - Inputs are random normal batches (not zeros), rotated among ``n_batches`` so that no
@@ -361,7 +362,8 @@ def _build_contenders(cfg, model, explainers, batches, classes, ctx) -> tuple[li
 
 # -- the benchmark --------------------------------------------------------------------------------
 def make_batches(cfg: BenchConfig, device: torch.device) -> list[torch.Tensor]:
-    """float32 random normal batches; channels_last on CUDA, as the engine feeds its backbone."""
+    """float32 random normal batches, channels_last as the engine feeds its backbone; every
+    contender, pure inference included, gets these same tensors."""
     gen = torch.Generator().manual_seed(cfg.seed)
     shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
     return [prepare_input(torch.randn(shape, generator=gen).to(device)) for _ in range(cfg.n_batches)]
