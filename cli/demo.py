@@ -119,6 +119,6 @@ def demo(output, batch_size, top_k, device, overlays, limit) -> None:
         f"top-1 accuracy {correct.mean():.3f}; pointing game (top-1 heatmap peak inside the box) "
         f"{hits.mean():.3f} over {len(hits)} images"
     )
-    click.echo(f"output: {out_dir} ({len(files)} Parquet files + manifest.json)")
+    click.echo(f"output: {out_dir} ({len(files)} Parquet file{'' if len(files) == 1 else 's'} + manifest.json)")
     if written:
         click.echo(f"overlays: {len(written)} PNGs in {written[0].parent}")

@@ -718,15 +718,20 @@ def run_job(config: RunConfig) -> dict:
     return prepare(config).run()
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def summary_line(summary: dict) -> str:
     """One line: totals, errors, throughput, where."""
     t = summary["totals"]
-    resumed = f", {summary['resumed_units']} units already done" if summary.get("resumed_units") else ""
+    resumed = f", {_count(summary['resumed_units'], 'unit')} already done" if summary.get("resumed_units") else ""
     return (
-        f"explained {summary['images']} images ({summary['rows_out']} rows, {summary['errors']} errors) in "
+        f"explained {_count(summary['images'], 'image')} ({_count(summary['rows_out'], 'row')}, "
+        f"{_count(summary['errors'], 'error')}) in "
         f"{summary['seconds']:.1f} s: {summary['images_per_s']:.1f} img/s on {summary['device']}{resumed}; "
-        f"output {summary['output']}: {t['rows_in']} images, {t['rows_out']} rows, {t['errors']} errors "
-        f"in {t['files']} files"
+        f"output {summary['output']}: {_count(t['rows_in'], 'image')}, {_count(t['rows_out'], 'row')}, "
+        f"{_count(t['errors'], 'error')} in {_count(t['files'], 'file')}"
     )
 
 
