@@ -116,6 +116,22 @@ class RunConfig:
     extra: dict = field(default_factory=dict)  # recorded in the manifest (e.g. the demo's notes)
 
 
+def check_column_roles(schema: pa.Schema, *, image_column: str, keep: Sequence[str], label_column: str | None) -> None:
+    """The image column holds images, kept columns do not shadow output columns, labels are integers."""
+    if image_kind(schema.field(image_column).type) is None:
+        raise RunSetupError(
+            f"column {image_column!r} has type {schema.field(image_column).type}; images must be "
+            "binary, struct<bytes, path> or string paths"
+        )
+    clash = [k for k in keep if k in ("id", *RESULT_COLUMNS)]
+    if clash:
+        raise RunSetupError(f"kept column {clash[0]!r} has the name of an output column; it cannot be kept")
+    if label_column is not None:
+        ltype = schema.field(label_column).type
+        if not pa.types.is_integer(ltype):
+            raise RunSetupError(f"label column {label_column!r} has type {ltype}; it must hold integer class indices")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -239,21 +255,8 @@ class Job:
                         f"column {col!r} is {first.field(col).type} in {self.files[0].uri} "
                         f"but {f.schema.field(col).type} in {f.uri}"
                     )
-        if image_kind(first.field(self.image_column).type) is None:
-            raise RunSetupError(
-                f"column {self.image_column!r} has type {first.field(self.image_column).type}; images must be "
-                "binary, struct<bytes, path> or string paths"
-            )
-        clash = [k for k in keep if k in ("id", *RESULT_COLUMNS)]
-        if clash:
-            raise RunSetupError(f"kept column {clash[0]!r} has the name of an output column; it cannot be kept")
+        check_column_roles(first, image_column=self.image_column, keep=keep, label_column=c.label_column)
         self.keep_columns = keep
-        if c.label_column is not None:
-            ltype = first.field(c.label_column).type
-            if not pa.types.is_integer(ltype):
-                raise RunSetupError(
-                    f"label column {c.label_column!r} has type {ltype}; it must hold integer class indices"
-                )
         self.slots = (len(self.classes) if self.classes else (self.top_k or 0)) + (1 if c.label_column else 0)
         per_unit = max(1, c.rows_per_file // max(1, self.slots))
         if per_unit >= 64:

@@ -64,10 +64,17 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from gradcam_batch.engine.pipeline import Job, RunConfig, RunSetupError, prepare, resolve_device, versions
+from gradcam_batch.engine.pipeline import (
+    Job,
+    RunConfig,
+    RunSetupError,
+    check_column_roles,
+    prepare,
+    resolve_device,
+    versions,
+)
 from gradcam_batch.engine.sink import (
     HEATMAP_DTYPES,
-    RESULT_COLUMNS,
     Manifest,
     ResultBatch,
     build_table,
@@ -459,22 +466,13 @@ def spec_from_schema(config: RunConfig, schema: pa.Schema) -> BatchSpec:
     ]:
         if name is not None and name not in schema.names:
             raise ValueError(f"{role} column {name!r} not found; the dataset's columns are: {', '.join(schema.names)}")
+    check_column_roles(schema, image_column=image_column, keep=keep, label_column=c.label_column)
     kind = image_kind(schema.field(image_column).type)
-    if kind is None:
-        raise ValueError(
-            f"column {image_column!r} has type {schema.field(image_column).type}; images must be binary, "
-            "struct<bytes, path> or string paths"
-        )
-    clash = [k for k in keep if k in ("id", *RESULT_COLUMNS)]
-    if clash:
-        raise ValueError(f"kept column {clash[0]!r} has the name of an output column; it cannot be kept")
     if ROW_HASH_COLUMN in schema.names and PATH_COLUMN in keep:
         raise ValueError(
             "'path' holds the file path that read_parquet(include_paths=True) added (it overwrites an input "
             "column of that name); it cannot be kept"
         )
-    if c.label_column is not None and not pa.types.is_integer(schema.field(c.label_column).type):
-        raise ValueError(f"label column {c.label_column!r} must hold integer class indices")
     slots = (len(classes) if classes else (top_k or 0)) + (1 if c.label_column else 0)
 
     probe_spec = BatchSpec(
