@@ -30,6 +30,8 @@ The bilinear sampling follows ``F.interpolate(mode="bilinear", align_corners=Fal
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import triton
@@ -100,7 +102,9 @@ def _cam_fwd_kernel(
     # -- phase 1: the low-resolution cam ------------------------------------------------------
     ks = tl.arange(0, BLOCK_K)
     cmax = tl.zeros([], dtype=tl.float32) - float("inf")
-    for p0 in range(0, hw, BLOCK_HW):
+    # Loop bounds are written as expressions of the arguments, never through a variable: see
+    # _scalar_args for why the interpreter needs that.
+    for p0 in range(0, h * w, BLOCK_HW):
         p = p0 + tl.arange(0, BLOCK_HW)
         pmask = p < hw
         acc = tl.zeros([BLOCK_K, BLOCK_HW], dtype=tl.float32)
@@ -198,12 +202,15 @@ def _cam_fwd_kernel(
             i_hi = tl.max(tl.where(ymask, i1, 0), axis=0)
             up = tl.zeros([BLOCK_Y, BLOCK_X], dtype=tl.float32)
             # Adds l0 * row(i0), then l1 * row(i1); the other cam rows of the tile add exact zeros.
-            for i in range(i_lo, i_hi + 1):
+            # A while loop: its bounds are computed here, and the interpreter cannot range() over those.
+            i = i_lo
+            while i <= i_hi:
                 left = tl.load(cam_base + i * w + j0, mask=xmask, other=0.0)
                 right = tl.load(cam_base + i * w + j1, mask=xmask, other=0.0)
                 row = m0 * left + m1 * right
                 up += tl.where(i0 == i, l0, 0.0)[:, None] * row[None, :]
                 up += tl.where(i1 == i, l1, 0.0)[:, None] * row[None, :]
+                i += 1
             val = (up - shift) * inv
             if QUANTIZE:
                 val = tl.minimum(tl.maximum(tl.floor(val * 255.0 + 0.5), 0.0), 255.0)
@@ -251,12 +258,15 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     # The compiled variants assume 16-byte aligned pointers (what allocations give); a view that
-    # starts mid-allocation is copied rather than compiling a variant nobody checked.
-    return t if t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+    # starts mid-allocation is copied rather than compiling a variant nobody checked. The copy is
+    # dense and keeps the view's memory format, so its strides differ from the view's.
+    return t if t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.preserve_format)
 
 
 def _layout(acts: torch.Tensor) -> tuple[torch.Tensor, bool, int]:
     """(acts, channels_last, stride_a): NCHW or NHWC as they are, anything else copied to NCHW."""
+    # Align first: the strides below must be those of the tensor the kernel reads.
+    acts = _aligned(acts)
     _, k, h, w = acts.shape
     s_k, s_y, s_x = acts.stride(1), acts.stride(2), acts.stride(3)
     if w > 1:
@@ -264,11 +274,28 @@ def _layout(acts: torch.Tensor) -> tuple[torch.Tensor, bool, int]:
     else:
         s_p, flat = (s_y if h > 1 else 1), True
     if flat and (s_p == 1 or h * w == 1):
-        return _aligned(acts), False, s_k
+        return acts, False, s_k
     if flat and (s_k == 1 or k == 1):
-        return _aligned(acts), True, s_p
-    acts = acts.contiguous()
-    return _aligned(acts), False, acts.stride(1)
+        return acts, True, s_p
+    acts = acts.contiguous()  # a new allocation, hence aligned
+    return acts, False, acts.stride(1)
+
+
+def _scalar_args(*values: int) -> tuple:
+    """The kernel's integer arguments, as the launch passes them.
+
+    Compiled, they are plain ints. Triton 3.6's interpreter turns a plain int into a 1-element array,
+    and ``range()`` over it fails with numpy 2.4 or newer (``int()`` needs a 0-dimensional array
+    there); a ``tl.constexpr`` reaches the kernel as the int it holds. The interpreter also turns
+    every assigned value into an array, so the kernel writes its loop bounds as expressions of the
+    arguments, and loops over bounds it computes with ``while``.
+    """
+    return tuple(tl.constexpr(v) for v in values) if interpreter_active() else values
+
+
+def _device_guard(device: torch.device):
+    # Triton launches on the current CUDA device: make it the tensors' device (cuda:1 stays on cuda:1).
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def fused_cam_triton(
@@ -330,31 +357,25 @@ def fused_cam_triton(
 
     blocks = block_sizes(out_w)
     grid = (c, b)
-    _cam_fwd_kernel[grid](
-        acts,
-        weights,
-        cams,
-        heat_arg,
-        cam_max,
-        peaks,
-        c,
-        k,
-        h,
-        w,
-        out_h,
-        out_w,
-        acts.stride(0),
-        stride_a,
-        _float32_ratio(h, out_h),
-        _float32_ratio(w, out_w),
-        float(eps),
-        int(relu),
-        int(normalize),
-        int(write_heat),
-        SEG=SEG_BLOCK,
-        QUANTIZE=out_dtype == torch.uint8,
-        CHANNELS_LAST=channels_last,
-        num_warps=NUM_WARPS,
-        **blocks,
-    )
+    sizes = _scalar_args(c, k, h, w, out_h, out_w, acts.stride(0), stride_a)
+    switches = _scalar_args(int(relu), int(normalize), int(write_heat))
+    with _device_guard(dev):
+        _cam_fwd_kernel[grid](
+            acts,
+            weights,
+            cams,
+            heat_arg,
+            cam_max,
+            peaks,
+            *sizes,
+            _float32_ratio(h, out_h),
+            _float32_ratio(w, out_w),
+            float(eps),
+            *switches,
+            SEG=SEG_BLOCK,
+            QUANTIZE=out_dtype == torch.uint8,
+            CHANNELS_LAST=channels_last,
+            num_warps=NUM_WARPS,
+            **blocks,
+        )
     return CamMaps(cams, heat, cam_max, peaks)

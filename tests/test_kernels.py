@@ -154,6 +154,38 @@ def test_channels_last_fp32_and_strided_views():
     check_against_reference(base[:, :9].transpose(2, 3), weights, (40, 30))
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_misaligned_views_are_read_with_the_copys_strides(channels_last):
+    """A misaligned view is copied before its strides are read: a stale stride would mix channels."""
+    base, _ = make_inputs(2, 1, 19, 5, 7, channels_last=channels_last, seed=14)
+    _, weights = make_inputs(2, 3, 9, 5, 7, seed=15)
+    # Channels 1..9: starts 4 bytes (channels-last) or 140 bytes (NCHW) into the allocation.
+    shifted = base[:, 1:10]
+    # Every other channel from channel 1: misaligned and strided in both layouts.
+    strided = base[:, 1::2]
+    for view in (shifted, strided):
+        assert view.data_ptr() % 16 != 0
+        # The channels-last slice keeps adjacent channels (the kernel's NHWC path), the others do not.
+        assert (view.stride(1) == 1) == (channels_last and view is shifted)
+        assert check_against_reference(view, weights, (23, 31)) > 0
+
+
+def test_launch_runs_under_the_tensors_cuda_device():
+    """The launcher makes the tensors' device current, so a tensor on cuda:1 is not launched on cuda:0."""
+    guard = fc._device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(fc._device_guard(torch.device("cpu")), torch.cuda.device)
+
+
+@pytest.mark.gpu
+def test_second_gpu_matches_reference():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    acts, weights = make_inputs(2, 3, 9, 7, 7, seed=16)
+    with torch.cuda.device(0):
+        assert check_against_reference(acts.to("cuda:1"), weights.to("cuda:1"), (45, 61)) > 0
+
+
 @pytest.mark.parametrize(("relu", "normalize"), [(False, True), (True, False), (False, False)])
 def test_relu_and_normalize_switches(relu, normalize):
     acts, weights = make_inputs(1, 3, 5, 4, 6, seed=7)
