@@ -75,8 +75,8 @@ def _export_onnx(model: torch.nn.Module, size: int, path: Path) -> None:
 
 
 def run(args) -> list[dict]:
-    from gradcam_batch.engine.explainer import Explainer
-    from gradcam_batch.engine.models import load_model
+    from gradcam_batch.engine.explain.explainer import Explainer
+    from gradcam_batch.engine.models.loader import load_model
 
     device = torch.device(args.device)
     top_ks = [int(k) for k in args.top_k.split(",")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gradcam_batch import __version__
+from gradcam_batch.version import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -64,7 +64,7 @@ def bench(
     Every contender gets the same model, target layer, batches, device and precision; rounds
     are interleaved and the median after warm-up is reported.
     """
-    from gradcam_batch.engine.bench import BenchConfig, load_model, run_bench
+    from gradcam_batch.engine.bench.harness import BenchConfig, load_model, run_bench
 
     cfg = BenchConfig(
         model=model_spec,

@@ -1,7 +1,7 @@
 """``gradcam-batch demo``: the whole ``run`` job on the embedded sample, then a localization check.
 
 The package ships a sample Parquet file of synthetic shapes (each with its label and bounding
-box) and a small CNN trained on such images (``engine/demo_assets.py`` makes both). The demo
+box) and a small CNN trained on such images (``engine/demo/assets.py`` makes both). The demo
 explains the sample end to end through the same pipeline as ``gradcam-batch run``, then reads the
 output back and reports the pointing game: how often the peak of the top-1 heatmap falls inside
 the labelled box. A few overlays (heatmap over image) are written for a person to look at.
@@ -56,8 +56,8 @@ def demo(output, batch_size, top_k, device, overlays, limit) -> None:
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from gradcam_batch.engine import demo_assets
-    from gradcam_batch.engine.pipeline import RunConfig, RunSetupError, run_job
+    from gradcam_batch.engine.demo import assets as demo_assets
+    from gradcam_batch.engine.job.local import RunConfig, RunFailed, RunSetupError, run_job
 
     out_dir = Path(output) if output else Path(tempfile.gettempdir()) / "gradcam-batch-demo"
     prep = demo_assets.PREPROCESS
@@ -83,6 +83,8 @@ def demo(output, batch_size, top_k, device, overlays, limit) -> None:
         summary = run_job(config)
     except RunSetupError as exc:
         raise click.ClickException(str(exc)) from None
+    except RunFailed as exc:
+        raise click.ClickException(f"the demo run stopped: {exc}; {exc.advice}") from None
 
     files = sorted(out_dir.glob("part-*.parquet"))
     table = pq.read_table(files)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import click
-import torch
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -25,23 +24,36 @@ def _parse_size(text: str) -> tuple[int, int]:
 )
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict for torchvision:/factory specs.")
 @click.option("--num-classes", type=click.IntRange(min=1), help="Classifier size for torchvision:/factory specs.")
-@click.option("--input-size", default="224", show_default=True, help="Probe input size: N or HxW.")
+@click.option(
+    "--input-size",
+    help="Probe input size: N or HxW. [default: an ONNX model's static input size, else 224]",
+)
 @click.option("--all", "show_all", is_flag=True, help="List every module (tensor for ONNX), not only candidates.")
-def layers(model_spec: str, weights: str | None, num_classes: int | None, input_size: str, show_all: bool) -> None:
+def layers(
+    model_spec: str, weights: str | None, num_classes: int | None, input_size: str | None, show_all: bool
+) -> None:
     """List candidate target layers (name, type, output shape); '*' marks the auto-detected one.
 
     A candidate outputs a 4-D (B, K, h, w) map with h*w > 1 that the scores depend on. For ONNX
     models the names are tensor names, to pass as --target-layer.
     """
-    from gradcam_batch.engine.explainer import default_score_fn, eval_mode
-    from gradcam_batch.engine.layers import probe_layers
-    from gradcam_batch.engine.models import load_model
+    import torch
 
-    h, w = _parse_size(input_size)
+    from gradcam_batch.engine.explain.explainer import default_score_fn, eval_mode
+    from gradcam_batch.engine.explain.layers import probe_layers
+    from gradcam_batch.engine.models.loader import load_model
+
+    size = _parse_size(input_size) if input_size is not None else None
     try:
         model = load_model(model_spec, weights=weights, num_classes=num_classes)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    static = getattr(model, "input_size", None)  # an ONNX model exported at a fixed size
+    if size is not None and static is not None and tuple(size) != tuple(static):
+        raise click.ClickException(
+            f"the model takes {static[0]}x{static[1]} inputs only; drop --input-size or pass {static[0]}x{static[1]}"
+        )
+    h, w = size or static or (224, 224)
     sample = torch.zeros(1, 3, h, w)
     try:
         if isinstance(model, torch.nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -77,12 +78,26 @@ def _is_default(ctx: click.Context, name: str) -> bool:
 @click.option("--fail-on-error", is_flag=True, help="Exit with status 1 when any image could not be explained.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar. [default: when stderr is a terminal]")
 @click.option("--summary-json", type=click.Path(dir_okay=False), help="Also write the summary as JSON here.")
+@click.option(
+    "--max-image-pixels",
+    default="178956970",
+    show_default=True,
+    help="Images with more pixels (a JPEG: after decoding at reduced scale) become error rows; "
+    "the default is Pillow's own limit.",
+)
+@click.option(
+    "--decode-memory-mb",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Full-size pixels the decode threads may hold at once; huge images decode one at a time. 0: no bound.",
+)
+@click.option("--num-cpus-per-worker", type=click.FloatRange(min=0), help="With --ray: CPUs per actor. [default: 1]")
+@click.option(
+    "--num-cpus-per-read", type=click.FloatRange(min=0), help="With --ray: CPUs per read-and-decode task. [default: 1]"
+)
 @click.pass_context
-def run(ctx: click.Context, inputs, output, model_spec, weights, num_classes, providers, reshape, token_grid,
-        target_layer, method, counterfactual,
-        top_k, classes_text, label_column, image_column, id_column, keep_columns, resize, crop, mean, std, batch_size,
-        device, precision, compile, workers, device_jpeg, heatmap_size, heatmap_dtype, rows_per_file, resume, limit,
-        fail_on_error, progress, summary_json, use_ray, ray_address, num_gpus_per_worker) -> None:  # fmt: skip
+def run(ctx: click.Context, inputs, **opts) -> None:
     """Explain every image of Parquet INPUT files (files, directories, globs or URIs) into OUTPUT.
 
     One output row per explained (image, class): id, kept columns, class_index, class_rank, label,
@@ -96,78 +111,40 @@ def run(ctx: click.Context, inputs, output, model_spec, weights, num_classes, pr
       gradcam-batch run data/ -o out/ --model torchvision:resnet50 --weights r50.pt \\
           --top-k 3 --label-column label --keep-columns path
     """
-    from gradcam_batch.engine.pipeline import RunConfig, RunSetupError, prepare, summary_line
+    from gradcam_batch.engine.job.config import RunFailed, RunSetupError
+    from gradcam_batch.engine.job.local import prepare, summary_line
 
-    demo = not inputs and not model_spec
-    if demo:
-        from gradcam_batch.engine import demo_assets
+    ray_opts = {k: opts.pop(k) for k in _RAY_OPTIONS}
+    use_ray = ray_opts.pop("use_ray")
+    fail_on_error, summary_json = opts.pop("fail_on_error"), opts.pop("summary_json")
+    if not inputs and not opts["model_spec"]:
+        _demo_defaults(ctx, opts)
+        from gradcam_batch.engine.demo import assets as demo_assets
 
         inputs = (str(demo_assets.SAMPLE),)
-        model_spec, weights = demo_assets.MODEL_SPEC, str(demo_assets.CHECKPOINT)
-        prep = demo_assets.PREPROCESS
-        if _is_default(ctx, "resize"):
-            resize = str(prep["resize"])
-        if _is_default(ctx, "crop"):
-            crop = "{}x{}".format(*prep["crop"])
-        if _is_default(ctx, "mean"):
-            mean = ",".join(str(v) for v in prep["mean"])
-        if _is_default(ctx, "std"):
-            std = ",".join(str(v) for v in prep["std"])
-        if label_column is None and top_k is None and classes_text is None:
-            label_column = "label"
     elif not inputs:
         raise BadInvocation("no INPUT given (Parquet files, directories or globs)")
-    elif not model_spec:
+    elif not opts["model_spec"]:
         raise BadInvocation("--model is required with an INPUT (e.g. --model torchvision:resnet50)")
+    if not use_ray and any(v is not None for v in ray_opts.values()):
+        raise BadInvocation("--ray-address, --num-gpus-per-worker and --num-cpus-per-* need --ray")
+    config = run_config(inputs, opts)
+    # The pixel cap is the policy now; Pillow's warning for images near its own limit is noise.
+    from PIL import Image
 
-    config = RunConfig(
-        inputs=list(inputs),
-        output=output,
-        model=model_spec,
-        weights=weights,
-        num_classes=num_classes,
-        target_layer=target_layer,
-        method=method,
-        counterfactual=counterfactual,
-        top_k=top_k,
-        classes=parse_int_list(classes_text, what="--classes"),
-        label_column=label_column,
-        image_column=image_column,
-        id_column=id_column,
-        keep_columns=split_names(keep_columns),
-        resize=parse_size(resize, what="--resize"),
-        crop=_square(parse_size(crop, what="--crop")),
-        mean=parse_floats3(mean, what="--mean"),
-        std=parse_floats3(std, what="--std"),
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        compile=compile,
-        reshape=reshape,
-        token_grid=token_grid,
-        providers=split_names(providers) or None,
-        workers=workers,
-        device_jpeg=device_jpeg,
-        heatmap_size=_square(parse_size(heatmap_size, what="--heatmap-size", allow=("none", "input"))),
-        heatmap_dtype=heatmap_dtype,
-        rows_per_file=rows_per_file,
-        overwrite=not resume,
-        limit=limit,
-        progress=sys.stderr.isatty() if progress is None else progress,
-    )
-    if not use_ray and (ray_address or num_gpus_per_worker is not None):
-        raise BadInvocation("--ray-address and --num-gpus-per-worker need --ray")
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
-        job = _prepare_ray(config, ray_address, workers, num_gpus_per_worker) if use_ray else prepare(config)
+        job = _prepare_ray(config, opts["workers"], **ray_opts) if use_ray else prepare(config)
     except RunSetupError as exc:
         raise BadInvocation(str(exc)) from None
     if job.manifest is not None and job.manifest.data.get("status") == "complete":
-        click.echo(f"{output} is complete already; nothing to do (--overwrite recomputes it)", err=True)
+        click.echo(f"{opts['output']} is complete already; nothing to do (--overwrite recomputes it)", err=True)
     try:
         summary = job.run()
-    except (OSError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise click.ClickException(f"the run stopped: {first}; rerun the same command to resume") from None
+    except RunSetupError as exc:  # the output directory is in use, or changed since the plan
+        raise BadInvocation(str(exc)) from None
+    except RunFailed as exc:
+        raise click.ClickException(f"the run stopped: {exc}; {exc.advice}") from None
     click.echo(summary_line(summary))
     if summary_json:
         Path(summary_json).write_text(json.dumps(summary, indent=2) + "\n")
@@ -177,11 +154,82 @@ def run(ctx: click.Context, inputs, output, model_spec, weights, num_classes, pr
         )
 
 
-def _prepare_ray(config, address, workers, num_gpus_per_worker):
-    """``--ray``: the same job on Ray Data (``engine/ray_job.py``); Ray is imported only here."""
-    from gradcam_batch.engine.ray_job import RayOptions, prepare_ray
+_RAY_OPTIONS = ("use_ray", "ray_address", "num_gpus_per_worker", "num_cpus_per_worker", "num_cpus_per_read")
 
-    options = RayOptions(address=address, workers=workers, num_gpus_per_worker=num_gpus_per_worker)
+
+def _demo_defaults(ctx: click.Context, opts: dict) -> None:
+    """No INPUT and no --model: the embedded sample and checkpoint, with their preprocessing."""
+    from gradcam_batch.engine.demo import assets as demo_assets
+
+    opts["model_spec"], opts["weights"] = demo_assets.MODEL_SPEC, str(demo_assets.CHECKPOINT)
+    prep = demo_assets.PREPROCESS
+    defaults = {
+        "resize": str(prep["resize"]),
+        "crop": "{}x{}".format(*prep["crop"]),
+        "mean": ",".join(str(v) for v in prep["mean"]),
+        "std": ",".join(str(v) for v in prep["std"]),
+    }
+    for name, value in defaults.items():
+        if _is_default(ctx, name):
+            opts[name] = value
+    if opts["label_column"] is None and opts["top_k"] is None and opts["classes_text"] is None:
+        opts["label_column"] = "label"
+
+
+def run_config(inputs, opts: dict):
+    """The ``RunConfig`` of the parsed options: options named as fields pass as they are, the rest are parsed."""
+    import dataclasses
+
+    from gradcam_batch.engine.job.config import RunConfig
+
+    progress = opts.pop("progress")
+    parsed = {
+        "model": opts.pop("model_spec"),
+        "classes": parse_int_list(opts.pop("classes_text"), what="--classes"),
+        "keep_columns": split_names(opts.pop("keep_columns")),
+        "resize": parse_size(opts.pop("resize"), what="--resize"),
+        "crop": _square(parse_size(opts.pop("crop"), what="--crop")),
+        "mean": parse_floats3(opts.pop("mean"), what="--mean"),
+        "std": parse_floats3(opts.pop("std"), what="--std"),
+        "providers": split_names(opts.pop("providers")) or None,
+        "heatmap_size": _square(parse_size(opts.pop("heatmap_size"), what="--heatmap-size", allow=("none", "input"))),
+        "max_image_pixels": _pixels(opts.pop("max_image_pixels")),
+        "decode_memory_mb": opts.pop("decode_memory_mb") or None,
+        "overwrite": not opts.pop("resume"),
+        "progress": sys.stderr.isatty() if progress is None else progress,
+    }
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = set(opts) - names
+    if unknown:  # a new option must be parsed above or named as its RunConfig field
+        raise RuntimeError(f"options without a RunConfig field: {sorted(unknown)}")
+    return RunConfig(inputs=list(inputs), **opts, **parsed)
+
+
+def _pixels(text: str) -> int:
+    try:
+        n = int(float(text)) if "e" in str(text).lower() else int(str(text).replace("_", ""))
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise click.BadParameter(f"{text!r}: expected a positive pixel count", param_hint="--max-image-pixels")
+    return n
+
+
+def _prepare_ray(config, workers, *, ray_address, num_gpus_per_worker, num_cpus_per_worker, num_cpus_per_read):
+    """``--ray``: the same job on Ray Data (``engine/job/ray_runner.py``); Ray is imported only here."""
+    import dataclasses
+
+    from gradcam_batch.engine.job.ray_runner import RayOptions, prepare_ray
+
+    options = RayOptions(
+        address=ray_address,
+        workers=workers,
+        num_gpus_per_worker=num_gpus_per_worker,
+        num_cpus_per_worker=num_cpus_per_worker,
+        num_cpus_per_read=num_cpus_per_read,
+    )
+    # --workers counts actors under Ray; each actor's decode threads keep their default.
+    config = dataclasses.replace(config, workers=None)
     return prepare_ray(config, options, log=lambda line: click.echo(line, err=True))
 
 

@@ -8,10 +8,22 @@ The Python API in one call::
 
 See ``gradcam_batch.engine`` for the engine, ``gradcam_batch.kernels`` for the fused
 post-processing kernel and ``gradcam_batch.cli`` for the command line.
+
+``explain``, ``Explainer`` and ``Explanation`` are imported on first use, so that importing the
+package (as ``gradcam-batch --help`` does) does not import torch.
 """
 
-from gradcam_batch.engine.explainer import Explainer, Explanation, explain
+from gradcam_batch.version import __version__
 
-__version__ = "0.1.0"
+_LAZY = {"Explainer", "Explanation", "explain"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from gradcam_batch.engine.explain import explainer
+
+        return getattr(explainer, name)
+    raise AttributeError(f"module 'gradcam_batch' has no attribute {name!r}")
+
 
 __all__ = ["Explainer", "Explanation", "explain", "__version__"]

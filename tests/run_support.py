@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from gradcam_batch.cli import cli
-from gradcam_batch.engine.synthetic import make_shapes
+from gradcam_batch.engine.demo.synthetic import make_shapes
 
 # A small CNN with a GAP -> linear head (closed form) and one with an MLP head (VJP path).
 MODEL_FILE = textwrap.dedent(

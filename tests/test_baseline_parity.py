@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gradcam_batch import Explainer
-from gradcam_batch.engine.bench import pearson
+from gradcam_batch.engine.bench.harness import pearson
 
 torchvision = pytest.importorskip("torchvision")
 pytest.importorskip("pytorch_grad_cam")

@@ -1,4 +1,4 @@
-"""``gradcam-batch bench`` and ``gradcam_batch.engine.bench``: options, report, JSON, errors.
+"""``gradcam-batch bench`` and ``gradcam_batch.engine.bench.harness``: options, report, JSON, errors.
 
 Timings are never asserted against the clock; the tests check what the report contains and
 that its numbers are consistent with each other.
@@ -14,8 +14,8 @@ import torch
 from click.testing import CliRunner
 
 from gradcam_batch.cli import cli
-from gradcam_batch.engine import bench as bench_mod
-from gradcam_batch.engine.bench import (
+from gradcam_batch.engine.bench import harness as bench_mod
+from gradcam_batch.engine.bench.harness import (
     BenchConfig,
     Result,
     _fill_ratios,
@@ -169,7 +169,7 @@ def test_a_failing_contender_is_reported_not_fatal(monkeypatch):
 
 
 def test_end_to_end_runs_the_pipeline_on_generated_jpegs(tmp_path):
-    pytest.importorskip("gradcam_batch.engine.pipeline")
+    pytest.importorskip("gradcam_batch.engine.job.local")
     out = tmp_path / "bench.json"
     args = [*TINY, "--iters", "1", "--top-k", "1", "--baselines", "inference", "--end-to-end", "--e2e-images", "5"]
     res = _invoke([*args, "--json", str(out)])

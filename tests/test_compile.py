@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gradcam_batch.engine import compiled as compiled_mod
-from gradcam_batch.engine.compiled import CompiledBackbone, backbone_context, check_precision
-from gradcam_batch.engine.explainer import Explainer
+from gradcam_batch.engine.explain import compiled as compiled_mod
+from gradcam_batch.engine.explain.compiled import CompiledBackbone, backbone_context, check_precision
+from gradcam_batch.engine.explain.explainer import Explainer
 
 
 def _tiny(head: str = "gap") -> nn.Module:

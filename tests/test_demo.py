@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from run_support import invoke, read_output
 
-from gradcam_batch.engine import demo_assets
-from gradcam_batch.engine.synthetic import ShapesCNN
+from gradcam_batch.engine.demo import assets as demo_assets
+from gradcam_batch.engine.demo.synthetic import ShapesCNN
 
 
 def test_shipped_assets_are_small_and_reproducible():

@@ -23,7 +23,7 @@ from engine_reference import (
     seeded,
 )
 
-import gradcam_batch.engine.explainer as explainer_mod
+import gradcam_batch.engine.explain.explainer as explainer_mod
 from gradcam_batch import Explainer, explain
 
 torchvision = pytest.importorskip("torchvision")

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 torchvision = pytest.importorskip("torchvision")
 
 from gradcam_batch.cli import cli  # noqa: E402
-from gradcam_batch.engine.explainer import Explainer, default_score_fn, eval_mode  # noqa: E402
-from gradcam_batch.engine.layers import detect_target_layer, probe_layers  # noqa: E402
-from gradcam_batch.engine.models import load_model  # noqa: E402
+from gradcam_batch.engine.explain.explainer import Explainer, default_score_fn, eval_mode  # noqa: E402
+from gradcam_batch.engine.explain.layers import detect_target_layer, probe_layers  # noqa: E402
+from gradcam_batch.engine.models.loader import load_model  # noqa: E402
 
 SIZE = 64  # stride-32 backbones end in 2x2 maps: still spatial, and fast
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gradcam_batch import Explainer
-from gradcam_batch.engine.synthetic import make_shapes, pointing_game, train_shapes_cnn
+from gradcam_batch.engine.demo.synthetic import make_shapes, pointing_game, train_shapes_cnn
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gradcam_batch.engine.explainer import Explainer
-from gradcam_batch.engine.models import CompiledProgram, ModelSpecError, load_model
+from gradcam_batch.engine.explain.explainer import Explainer
+from gradcam_batch.engine.models.loader import CompiledProgram, ModelSpecError, load_model
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -192,7 +192,7 @@ def test_state_dict_file_given_as_model_points_to_weights(tmp_path):
 
 def test_onnx_file_spec(tmp_path):
     pytest.importorskip("onnxruntime")
-    from gradcam_batch.engine.onnx_backend import OnnxModel
+    from gradcam_batch.engine.models.onnx_backend import OnnxModel
 
     path = tmp_path / "tiny.onnx"
     with warnings.catch_warnings():

@@ -12,10 +12,10 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 torchvision = pytest.importorskip("torchvision")
 
-from gradcam_batch.engine.explainer import Explainer  # noqa: E402
-from gradcam_batch.engine.layers import TargetLayerError  # noqa: E402
-from gradcam_batch.engine.models import load_model  # noqa: E402
-from gradcam_batch.engine.onnx_backend import OnnxBackendError, OnnxModel  # noqa: E402
+from gradcam_batch.engine.explain.explainer import Explainer  # noqa: E402
+from gradcam_batch.engine.explain.layers import TargetLayerError  # noqa: E402
+from gradcam_batch.engine.models.loader import load_model  # noqa: E402
+from gradcam_batch.engine.models.onnx_backend import OnnxBackendError, OnnxModel  # noqa: E402
 
 SIZE = 64
 
@@ -219,7 +219,7 @@ def test_io_binding_path_matches_plain_feeds(exported):
 
 
 def test_default_providers_order():
-    from gradcam_batch.engine.onnx_backend import default_providers
+    from gradcam_batch.engine.models.onnx_backend import default_providers
 
     every = ["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]
     assert default_providers(torch.device("cuda"), every) == [
@@ -263,7 +263,7 @@ def _ort_vs_interpreter(nodes, inits, x: torch.Tensor, out_shape, opset: int):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from gradcam_batch.engine.onnx_backend import OnnxHead, _Node
+    from gradcam_batch.engine.models.onnx_backend import OnnxHead, _Node
 
     graph = helper.make_graph(
         nodes,

@@ -16,6 +16,8 @@ import pyarrow as pa
 import pytest
 from run_support import base_args, bytes_table, invoke, png_bytes, read_output, shapes, write_table
 
+from gradcam_batch.engine.job.sink import Manifest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -61,7 +63,6 @@ def test_uncommitted_files_are_deleted_and_redone(tmp_path):
     man_path = out / "manifest.json"
     man = json.loads(man_path.read_text())
     last = man["files"].pop()
-    man["completed_units"] = [u for u in man["completed_units"] if u not in last["units"]]
     man["status"] = "running"
     man_path.write_text(json.dumps(man))
     (out / ".part-00003.parquet.tmp").write_bytes(b"PAR1 half a file")
@@ -92,10 +93,9 @@ def _run_until_first_commit(cmd: list[str], out: Path, committed_files: int) -> 
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            man = out / "manifest.json"
-            if man.exists():
+            if (out / "manifest.json").exists():
                 try:
-                    if len(json.loads(man.read_text())["files"]) >= committed_files:
+                    if len(Manifest.load(out).files) >= committed_files:
                         break
                 except ValueError:
                     pass
@@ -111,8 +111,8 @@ def test_sigkill_then_rerun_explains_every_row_exactly_once(tmp_path):
     cmd = _slow_job(tmp_path)
     out = tmp_path / "out"
     _run_until_first_commit(cmd, out, committed_files=1)
-    man = json.loads((out / "manifest.json").read_text())
-    assert man["status"] == "running" and 1 <= len(man["files"]) < 6  # really killed mid-run
+    man = Manifest.load(out)  # manifest.json plus the commits logged since it was written
+    assert man.data["status"] == "running" and 1 <= len(man.files) < 6  # really killed mid-run
 
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -120,7 +120,9 @@ def test_sigkill_then_rerun_explains_every_row_exactly_once(tmp_path):
     assert _ids(out) == Counter({f"slow.parquet:{i}": 1 for i in range(60)})
     man = json.loads((out / "manifest.json").read_text())
     assert man["status"] == "complete" and man["totals"]["rows_in"] == 60
-    assert sorted(man["completed_units"]) == sorted(f"slow.parquet:{s}-{s + 10}" for s in range(0, 60, 10))
+    assert sorted(Manifest.load(out).completed_units()) == sorted(
+        f"slow.parquet:{s}-{s + 10}" for s in range(0, 60, 10)
+    )
     assert not list(out.glob("*.tmp"))
 
 

@@ -215,7 +215,7 @@ def test_missing_model_or_input_is_a_usage_error(tmp_path):
 
 
 def test_weights_load_into_a_factory_model(tmp_path):
-    from gradcam_batch.engine.models import load_model
+    from gradcam_batch.engine.models.loader import load_model
 
     model = load_model(f"{model_file(tmp_path)}:make")
     with torch.no_grad():

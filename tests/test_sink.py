@@ -1,4 +1,4 @@
-"""The sink: output schema, row building, HeatmapWriter files and manifest commits."""
+"""The sink and the output schema: row building, HeatmapWriter files, manifest commits and the lock."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gradcam_batch.engine.sink import (
+from gradcam_batch.engine.job.config import OutputBusy
+from gradcam_batch.engine.job.schema import ResultBatch, build_table, output_schema
+from gradcam_batch.engine.job.sink import (
+    COMMIT_LOG,
     HeatmapWriter,
     Manifest,
-    ResultBatch,
-    build_table,
+    OutputLock,
+    WriteItem,
     clean_uncommitted,
     next_part_index,
-    output_schema,
 )
 
 
@@ -31,14 +33,13 @@ def _schema(heat=(4, 6), dtype="uint8", label=True):
     )
 
 
-def _batch(ok, classes, scores, keep=None, unit_key="u", heat=(4, 6), seed=0, prefix="r"):
+def _batch(ok, classes, scores, keep=None, heat=(4, 6), seed=0, prefix="r", cam_max=None):
     rng = np.random.default_rng(seed)
     ok = np.asarray(ok, bool)
     n = len(ok)
     classes = np.asarray(classes, np.int64)
     m, c = classes.shape
     return ResultBatch(
-        unit_key=unit_key,
         rows=pa.table(
             {
                 "id": [f"{prefix}{i}" for i in range(n)],
@@ -54,10 +55,15 @@ def _batch(ok, classes, scores, keep=None, unit_key="u", heat=(4, 6), seed=0, pr
         probabilities=np.full((m, c), 0.25, np.float32),
         cams=rng.random((m, c, 2, 3)).astype(np.float16),
         heatmaps=None if heat is None else rng.integers(0, 256, (m, c, *heat)).astype(np.uint8),
-        cam_max=rng.random((m, c)).astype(np.float32),
+        cam_max=rng.random((m, c)).astype(np.float32) + 0.1 if cam_max is None else np.asarray(cam_max, np.float32),
         peaks=rng.integers(0, 4, (m, c, 2)),
         notes=[None] * m,
     )
+
+
+def _item(batch: ResultBatch, unit_key: str | None, schema=None) -> WriteItem:
+    table, _ = build_table(batch, schema or _schema())
+    return WriteItem(table, batch.num_images, int((~batch.ok).sum()), unit_key)
 
 
 def test_schema_names_and_types():
@@ -88,7 +94,8 @@ def test_schema_names_and_types():
 def test_build_table_orders_rows_ranks_and_errors():
     # Three images, the middle one failed to decode; two slots each, the second image's slot 1 dropped.
     batch = _batch(ok=[1, 0, 1], classes=[[3, 1], [0, 2]], scores=[[0.5, 2.0], [1.0, 9.0]], keep=[[1, 1], [1, 0]])
-    t = build_table(batch, _schema())
+    t, source = build_table(batch, _schema())
+    assert source.tolist() == [0, 0, 1, 2]
     assert t["id"].to_pylist() == ["r0", "r0", "r1", "r2"]
     assert t["path"].to_pylist() == ["p0", "p0", "p1", "p2"]
     assert t["class_index"].to_pylist() == [1, 3, None, 0]  # rank order: higher score first
@@ -108,7 +115,7 @@ def test_build_table_orders_rows_ranks_and_errors():
 
 def test_build_table_all_errors():
     batch = _batch(ok=[0, 0], classes=np.zeros((0, 2)), scores=np.zeros((0, 2)))
-    t = build_table(batch, _schema())
+    t, _ = build_table(batch, _schema())
     assert t.num_rows == 2 and t["status"].to_pylist() == ["error", "error"]
     assert t["class_index"].null_count == 2
 
@@ -120,17 +127,23 @@ def test_writer_splits_files_at_unit_boundaries_and_commits(tmp_path):
     commits = []
     w = HeatmapWriter(tmp_path, schema, man, rows_per_file=5, queue_depth=2, on_commit=commits.append)
     # Unit a: 2 batches of 2 images x 2 classes (8 rows); unit b: 1 batch; unit c: 1 batch.
-    w.put(_batch([1, 1], [[0, 1], [1, 2]], [[1, 0], [1, 0]], unit_key=None, prefix="a"))
-    w.put(_batch([1, 1], [[0, 1], [1, 2]], [[1, 0], [1, 0]], unit_key="a", prefix="a2"))
-    w.put(_batch([1], [[0, 1]], [[1, 0]], unit_key="b", prefix="b"))
-    w.put(_batch([0, 1], [[0, 1]], [[1, 0]], unit_key="c", prefix="c"))
+    w.put(_item(_batch([1, 1], [[0, 1], [1, 2]], [[1, 0], [1, 0]], prefix="a"), None))
+    w.put(_item(_batch([1, 1], [[0, 1], [1, 2]], [[1, 0], [1, 0]], prefix="a2"), "a"))
+    w.put(_item(_batch([1], [[0, 1]], [[1, 0]], prefix="b"), "b"))
+    w.put(_item(_batch([0, 1], [[0, 1]], [[1, 0]], prefix="c"), "c"))
     w.close()
     assert commits == ["part-00000.parquet", "part-00001.parquet"]
     assert not list(tmp_path.glob("*.tmp"))
+    # The commits are in the log; a reload folds them in, and save() compacts them into manifest.json.
+    loaded = Manifest.load(tmp_path)
+    assert [f["units"] for f in loaded.files] == [["a"], ["b", "c"]]
+    assert loaded.completed_units() == {"a", "b", "c"}
+    assert loaded.data["totals"] == {"rows_in": 7, "images_ok": 6, "errors": 1, "rows_out": 13, "files": 2}
+    loaded.save()
     saved = json.loads((tmp_path / "manifest.json").read_text())
     assert [f["units"] for f in saved["files"]] == [["a"], ["b", "c"]]
-    assert saved["completed_units"] == ["a", "b", "c"]
     assert saved["totals"] == {"rows_in": 7, "images_ok": 6, "errors": 1, "rows_out": 13, "files": 2}
+    assert (tmp_path / COMMIT_LOG).read_bytes() == b""
     t0 = pq.read_table(tmp_path / "part-00000.parquet")
     assert t0.num_rows == 8 and t0.schema.field("heatmap").type == schema.field("heatmap").type
     md = pq.ParquetFile(tmp_path / "part-00000.parquet").metadata
@@ -141,7 +154,7 @@ def test_writer_splits_files_at_unit_boundaries_and_commits(tmp_path):
 def test_writer_abort_leaves_no_partial_file(tmp_path):
     man = Manifest.new(tmp_path, fingerprint="f", config={}, versions={})
     w = HeatmapWriter(tmp_path, _schema(), man, rows_per_file=100)
-    w.put(_batch([1], [[0, 1]], [[1, 0]], unit_key="a"))
+    w.put(_item(_batch([1], [[0, 1]], [[1, 0]]), "a"))
     w.abort()
     assert list(tmp_path.iterdir()) == []
 
@@ -149,7 +162,7 @@ def test_writer_abort_leaves_no_partial_file(tmp_path):
 def test_writer_error_surfaces_in_the_producer(tmp_path):
     man = Manifest.new(tmp_path, fingerprint="f", config={}, versions={})
     w = HeatmapWriter(tmp_path, _schema(heat=(5, 5)), man, rows_per_file=100)  # heatmaps are 4x6: mismatch
-    w.put(_batch([1], [[0, 1]], [[1, 0]], unit_key="a"))
+    w.put(_item(_batch([1], [[0, 1]], [[1, 0]]), "a"))
     with pytest.raises(RuntimeError, match="Parquet writer failed"):
         w.close()
     assert not list(tmp_path.glob("*.tmp"))
@@ -157,6 +170,7 @@ def test_writer_error_surfaces_in_the_producer(tmp_path):
 
 def test_clean_uncommitted(tmp_path):
     man = Manifest.new(tmp_path, fingerprint="f", config={}, versions={})
+    man.save()
     (tmp_path / "part-00000.parquet").write_bytes(b"x")
     man.commit_file("part-00000.parquet", rows=1, images=1, errors=0, units=["u"])
     (tmp_path / "part-00001.parquet").write_bytes(b"uncommitted")
@@ -164,7 +178,83 @@ def test_clean_uncommitted(tmp_path):
     (tmp_path / "user-notes.txt").write_text("not ours")
     removed = clean_uncommitted(tmp_path, Manifest.load(tmp_path))
     assert sorted(removed) == [".part-00002.parquet.tmp", "part-00001.parquet"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "part-00000.parquet", "user-notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        COMMIT_LOG,
+        "manifest.json",
+        "part-00000.parquet",
+        "user-notes.txt",
+    ]
     (tmp_path / "part-00000.parquet").unlink()
     with pytest.raises(ValueError, match="lists part-00000.parquet, which is missing"):
         clean_uncommitted(tmp_path, Manifest.load(tmp_path))
+
+
+def test_class_rank_is_wide_and_empty_maps_have_no_peak():
+    # 150 classes explained per image: ranks past 127 (an int8 would overflow).
+    c = 150
+    classes = np.arange(c)[None, :]
+    scores = -np.arange(c, dtype=np.float32)[None, :]
+    cam_max = np.ones((1, c), np.float32)
+    cam_max[0, 5] = 0.0  # an all-zero map
+    t, _ = build_table(_batch([1], classes, scores, cam_max=cam_max, heat=None), _schema(heat=None))
+    assert t.schema.field("class_rank").type == pa.int32()
+    assert t["class_rank"].to_pylist() == list(range(c))
+    assert t["peak_y"][5].as_py() is None and t["peak_x"][5].as_py() is None
+    assert t["peak_y"].null_count == 1 and t["cam_max"][5].as_py() == 0.0
+
+
+def test_commit_log_is_append_only_and_survives_a_torn_line(tmp_path):
+    man = Manifest.new(tmp_path, fingerprint="f", config={"x": "y" * 1000}, versions={})
+    man.save()
+    size0 = man.bytes_written
+    for i in range(3):
+        (tmp_path / f"part-{i:05d}.parquet").write_bytes(b"x")
+        man.commit_file(f"part-{i:05d}.parquet", rows=2, images=1, errors=0, units=[f"u{i}"])
+    # Each commit appended one short line; manifest.json was not rewritten.
+    per_commit = (man.bytes_written - size0) / 3
+    assert per_commit < 200 and json.loads((tmp_path / "manifest.json").read_text())["files"] == []
+    with open(tmp_path / COMMIT_LOG, "ab") as fh:  # a crash in the middle of a fourth append
+        fh.write(b'{"seq":4,"name":"part-00003.parq')
+    loaded = Manifest.load(tmp_path)
+    assert [f["name"] for f in loaded.files] == [f"part-{i:05d}.parquet" for i in range(3)]
+    assert loaded.data["totals"]["rows_out"] == 6
+
+
+def test_save_then_crash_before_truncating_folds_nothing_twice(tmp_path):
+    man = Manifest.new(tmp_path, fingerprint="f", config={}, versions={})
+    man.save()
+    man.commit_file("part-00000.parquet", rows=1, images=1, errors=0, units=["a"])
+    log = (tmp_path / COMMIT_LOG).read_bytes()
+    man.save()  # folds the commit into manifest.json and empties the log...
+    (tmp_path / COMMIT_LOG).write_bytes(log)  # ...as if the process died before the truncation
+    loaded = Manifest.load(tmp_path)
+    assert [f["units"] for f in loaded.files] == [["a"]]
+
+
+def test_format_1_manifests_still_load(tmp_path):
+    (tmp_path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "gradcam-batch/1",
+                "status": "complete",
+                "fingerprint": "f",
+                "files": [{"name": "part-00000.parquet", "rows": 2, "images": 1, "errors": 0, "units": ["u"]}],
+                "completed_units": ["u"],
+            }
+        )
+    )
+    loaded = Manifest.load(tmp_path)
+    assert loaded.completed_units() == {"u"} and loaded.data["totals"]["files"] == 1
+
+
+def test_output_lock_is_exclusive_and_names_the_holder(tmp_path):
+    import os
+    import socket
+
+    with OutputLock(tmp_path):
+        with pytest.raises(OutputBusy) as err:
+            OutputLock(tmp_path).acquire()  # flock locks are per open file: a second open conflicts
+        assert f"pid {os.getpid()} on {socket.gethostname()}" in str(err.value)
+        assert str(tmp_path) in str(err.value) and "in use by another gradcam-batch run" in str(err.value)
+    with OutputLock(tmp_path):  # released: free again
+        pass

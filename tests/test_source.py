@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from run_support import bytes_table, png_bytes, write_table
 
-from gradcam_batch.engine.source import (
+from gradcam_batch.engine.job.source import (
     DecodeError,
     ParquetSource,
     Preprocess,
@@ -108,6 +108,35 @@ def test_preprocess_resize_shorter_side_then_center_crop():
         Preprocess(resize=64, crop=None)
 
 
+def test_preprocess_int_crop_means_square_and_int_resize_stays_shorter_side():
+    prep = Preprocess(resize=256, crop=224)
+    assert prep.crop == (224, 224) and prep.out_size == (224, 224) and prep.resize == 256
+    assert prep == Preprocess(resize=256, crop=(224, 224))  # same config, same fingerprint
+    assert Preprocess(resize=[20, 30], crop=None).resize == (20, 30)
+    assert Preprocess(resize=None, crop=[8, 9]).crop == (8, 9)
+    rect = png_bytes(np.zeros((300, 400, 3), np.uint8))
+    assert decode_image(rect, Preprocess(resize=64, crop=48)).shape == (48, 48, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "what"),
+    [
+        ({"crop": 0}, "crop"),
+        ({"crop": -224}, "crop"),
+        ({"crop": (224, 0)}, "crop"),
+        ({"crop": (224,)}, "crop"),
+        ({"crop": 22.5}, "crop"),
+        ({"crop": True}, "crop"),
+        ({"resize": 0}, "resize"),
+        ({"resize": (0, 10), "crop": None}, "resize"),
+        ({"resize": "256"}, "resize"),
+    ],
+)
+def test_preprocess_rejects_sizes_that_are_not_positive(kwargs, what):
+    with pytest.raises(ValueError, match=f"{what} must be a positive integer N or a pair"):
+        Preprocess(**kwargs)
+
+
 def test_to_rgb_modes():
     rgb = np.random.default_rng(0).integers(0, 255, (6, 7, 3), dtype=np.uint8)
     img = Image.fromarray(rgb)
@@ -121,6 +150,18 @@ def test_to_rgb_modes():
     assert out[0, 0].tolist() == [0, 0, 0] and out[1, 1].tolist() == rgb[1, 1].tolist()
     g16 = Image.fromarray(np.array([[0, 65535]], dtype=np.uint16))
     assert np.asarray(to_rgb(g16))[0, :, 0].tolist() == [0, 255]
+
+
+def test_exif_orientation_is_applied():
+    arr = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # the camera was turned: show the pixels rotated 90 degrees clockwise
+    data = png_bytes(img, exif=exif.tobytes())
+    out = decode_image(data, Preprocess(resize=None, crop=(30, 20)))  # exactly the rotated size
+    np.testing.assert_array_equal(out, np.rot90(arr, k=-1))
+    plain = decode_image(png_bytes(arr), Preprocess(resize=None, crop=(20, 30)))
+    np.testing.assert_array_equal(plain, arr)
 
 
 def test_decode_errors():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradcam_batch.engine.explainer import Explainer, explain
-from gradcam_batch.engine.layers import TargetLayerError
-from gradcam_batch.engine.tokens import infer_grid, map_to_tokens, parse_grid, tokens_to_map
+from gradcam_batch.engine.explain.explainer import Explainer, explain
+from gradcam_batch.engine.explain.layers import TargetLayerError
+from gradcam_batch.engine.explain.tokens import infer_grid, map_to_tokens, parse_grid, tokens_to_map
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models.vision_transformer import VisionTransformer  # noqa: E402

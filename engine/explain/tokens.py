@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from gradcam_batch.engine.layers import TargetLayerError
+from gradcam_batch.engine.explain.layers import TargetLayerError
 
 RESHAPES = (None, "tokens")
 

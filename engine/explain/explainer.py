@@ -21,16 +21,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from gradcam_batch.engine.compiled import (
+from gradcam_batch.engine.explain.compiled import (
     CompiledBackbone,
     backbone_context,
     check_compile_mode,
     check_precision,
     prepare_input,
 )
-from gradcam_batch.engine.layers import TargetLayerError, detect_target_layer, layer_name_of
-from gradcam_batch.engine.split import LinearHead, SplitModel, analyze_head, split_at
-from gradcam_batch.engine.tokens import RESHAPES, detect_token_layer, map_to_tokens, parse_grid, tokens_to_map
+from gradcam_batch.engine.explain.layers import TargetLayerError, detect_target_layer, layer_name_of
+from gradcam_batch.engine.explain.split import LinearHead, SplitModel, analyze_head, split_at
+from gradcam_batch.engine.explain.tokens import RESHAPES, detect_token_layer, map_to_tokens, parse_grid, tokens_to_map
 from gradcam_batch.kernels import DEFAULT_EPS, fused_cam
 
 METHODS = ("gradcam", "cam")
@@ -157,7 +157,7 @@ class Explainer:
         self.vjp_strategy = vjp_strategy
         self.kernel_backend = kernel_backend
         self._score_fn = score_fn or default_score_fn
-        # Backbone options (engine/compiled.py, engine/tokens.py): compile and precision apply to
+        # Backbone options (engine/explain/compiled.py, engine/explain/tokens.py): compile and precision apply to
         # the FX backbone; reshape="tokens" turns a (B, N, D) target output into a (B, D, h, w) map.
         self.compile = bool(compile)
         self.compile_mode = check_compile_mode(compile_mode)
@@ -168,7 +168,7 @@ class Explainer:
         self.token_grid = parse_grid(token_grid)
         self._backbone = None
         # A model that is not an nn.Module but has gradcam_weights() (the ONNX backend) does the
-        # per-batch weight computation itself; see engine/onnx_backend.py for the protocol.
+        # per-batch weight computation itself; see engine/models/onnx_backend.py for the protocol.
         self._external = not isinstance(model, nn.Module)
         self._external_closed_form = False
         if self._external and not hasattr(model, "gradcam_weights"):
@@ -452,7 +452,7 @@ def explain(
         output_size: (H, W) of the heatmaps; default the input's size.
         normalize: min-max normalize each heatmap to [0, 1]; a constant map becomes 0.
         out_dtype: heatmap dtype: float32 (default), float16 or uint8 (round(255 * x)).
-        reshape: ``"tokens"`` for a transformer target layer with (B, N, D) output (see engine/tokens.py).
+        reshape: ``"tokens"`` for a transformer target layer with (B, N, D) output (see engine/explain/tokens.py).
         precision: the backbone's autocast dtype: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``.
     """
     explainer = Explainer(

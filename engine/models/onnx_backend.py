@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gradcam_batch.engine.layers import LayerInfo, TargetLayerError
+from gradcam_batch.engine.explain.layers import LayerInfo, TargetLayerError
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _POOL_OPS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool", "ReduceMean"}
@@ -124,6 +124,9 @@ class OnnxModel:
         self.input_name = inputs[0].name
         dims = inputs[0].type.tensor_type.shape.dim
         self.fixed_batch = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else None
+        # (H, W) when the model was exported with a static spatial size, else None.
+        hw = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in list(dims)[2:4]]
+        self.input_size = (hw[0], hw[1]) if len(dims) == 4 and None not in hw else None
         outputs = [o.name for o in graph.output]
         if output is None:
             output = outputs[0]
@@ -396,7 +399,7 @@ class OnnxModel:
 
     # -- the Explainer protocol -------------------------------------------------------------------
     def gradcam_weights(self, images, *, classes, top_k, sign, method, reshape=None):
-        from gradcam_batch.engine.explainer import _one_hots, _resolve_classes
+        from gradcam_batch.engine.explain.explainer import _one_hots, _resolve_classes
 
         if reshape is not None:
             raise OnnxBackendError("reshape= is not supported for ONNX models; pick a 4-D target tensor")

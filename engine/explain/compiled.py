@@ -1,7 +1,7 @@
 """The backbone's fast path: torch.compile, low-precision autocast and channels_last.
 
 The engine cuts the model at the target layer into two ``fx.GraphModule`` parts
-(``engine/split.py``). The backbone (input -> A) needs no gradient, so it is the part worth
+(``engine/explain/split.py``). The backbone (input -> A) needs no gradient, so it is the part worth
 compiling, and compiling it on its own keeps A reachable: A is the backbone's output, not an
 intermediate that the compiler may fuse away. The head stays eager and is differentiated as before.
 

@@ -7,23 +7,39 @@
   ``struct<bytes, path>`` image, or a string column of paths / URIs.
 - ``plan_units`` cuts the files into *units*: fixed row ranges that never cross a row group.
   A unit is what the resume logic records as done.
-- ``ParquetSource`` streams the pending units a row group at a time, projecting only the
-  needed columns, and decodes + resizes + crops the images in a thread pool (Pillow releases
-  the GIL while decoding and resampling) into (n, H, W, 3) uint8 arrays.
+- ``ParquetSource`` streams the pending units a row group at a time (or one unit, for a Ray
+  task), projecting only the needed columns, and decodes + resizes + crops the images in a
+  thread pool (Pillow releases the GIL while decoding and resampling) into (n, H, W, 3) uint8
+  arrays.
+- Failure policy: a transient ``OSError`` while reading (an image file, a row group) is retried
+  with exponential backoff; an image that still cannot be read, or cannot be decoded, or is
+  larger than ``max_image_pixels``, becomes an error row. A row group that cannot be read raises
+  ``InputReadError``: a unit never turns into error rows silently.
+- Memory: ``PixelBudget`` bounds the bytes of full-size decoded pixels that the decode threads
+  hold at once, so a file of huge images is decoded a few (or one) at a time.
 
 Normalization (mean/std) is *not* done here: it runs on the device, on uint8 input, which
 moves 4x fewer bytes from host to device than float32 would.
+
+One module, past 500 lines, because discovery, units, decode and streaming share the failure
+policy above and the ``InputFile``/``Unit`` types. The README's ``gradcam-batch run`` section is
+the user's guide to inputs and error rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import os
 import posixpath
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +59,36 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 # A truncated file must become an error row, not a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+# Pillow allocates a large image in blocks of this many bytes. Its default, 16 MiB, is under
+# glibc's largest dynamic mmap threshold (32 MiB): once one block is freed, later blocks come from
+# the malloc arena of the decode thread that asked, and each thread's arena keeps the pages of the
+# largest image it decoded, so the decode budget bounds nothing. Blocks over 32 MiB are always
+# mmap'd and go back to the system when the image is freed. Small images (one block of their own
+# size) are not affected; PILLOW_BLOCK_SIZE, when set, wins.
+PILLOW_BLOCK_SIZE = 64 << 20
+if "PILLOW_BLOCK_SIZE" not in os.environ and Image.core.get_block_size() < PILLOW_BLOCK_SIZE:
+    Image.core.set_block_size(PILLOW_BLOCK_SIZE)
+
+# The largest image (width x height, after JPEG draft) that is decoded; larger ones become error
+# rows. The default is Pillow's own DecompressionBombError threshold (2 x Image.MAX_IMAGE_PIXELS),
+# written out so that it does not move with Pillow's version or with a caller that changes
+# Image.MAX_IMAGE_PIXELS: lowering it is the user's choice, raising it above Pillow's threshold
+# has no effect (Pillow refuses such images when it opens them). Memory is bounded separately,
+# by the decode budget, not by this cap.
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+# Bytes of full-size decoded pixels that the decode threads may hold at once (as counted by
+# ``decode_memory_estimate``, 8 bytes a pixel for RGB). 1 GiB lets eight threads decode 12 Mpx
+# PNGs side by side (96 MB each), two images over ~67 Mpx never overlap, and one over ~134 Mpx
+# decodes alone; at the default cap, that one holds at most ~0.7 GiB (Pillow's 4 bytes a pixel).
+DEFAULT_DECODE_MEMORY = 1 << 30
+# A transient OSError while reading is tried again, READ_ATTEMPTS tries in all, waiting
+# READ_RETRY_DELAY_S, then twice as long each time, at most READ_RETRY_MAX_DELAY_S.
+READ_ATTEMPTS = 3
+READ_RETRY_DELAY_S = 0.05
+READ_RETRY_MAX_DELAY_S = 2.0
+
+_T = TypeVar("_T")
+
 
 class SourceError(ValueError):
     """The inputs cannot be read as asked (missing file, not Parquet, missing column, ...)."""
@@ -50,6 +96,51 @@ class SourceError(ValueError):
 
 class DecodeError(Exception):
     """One image could not be read or decoded; the message becomes the row's ``error``."""
+
+
+class InputReadError(OSError):
+    """Rows of an input file could not be read (after retries); the original error is the cause.
+
+    Raised, never turned into error rows: the unit stays pending and a rerun resumes it.
+    """
+
+
+# -- I/O retries ----------------------------------------------------------------------------------
+
+
+def is_permanent_os_error(exc: OSError) -> bool:
+    """True for errors that another try cannot fix: missing, not a file, no permission."""
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return True
+    # pyarrow reports a directory as a plain OSError.
+    text = str(exc).lower()
+    return "is a directory" in text or "not a file" in text
+
+
+def call_with_retries(
+    fn: Callable[[], _T],
+    *,
+    attempts: int = READ_ATTEMPTS,
+    delay: float = READ_RETRY_DELAY_S,
+    max_delay: float = READ_RETRY_MAX_DELAY_S,
+    sleep: Callable[[float], object] = time.sleep,
+) -> _T:
+    """``fn()``, tried up to ``attempts`` times while it raises a transient ``OSError``.
+
+    Waits ``delay``, ``2 * delay``, ... (at most ``max_delay``) between tries. A permanent error
+    (``is_permanent_os_error``) and the last try's error are raised as they are, so a transient
+    error that escapes has always been tried ``attempts`` times.
+    """
+    if attempts < 1:
+        raise ValueError("attempts must be at least 1")
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except OSError as exc:
+            if attempt == attempts or is_permanent_os_error(exc):
+                raise
+            sleep(min(max_delay, delay * 2 ** (attempt - 1)))
+    raise AssertionError("unreachable")
 
 
 # -- discovery --------------------------------------------------------------------------------
@@ -307,16 +398,24 @@ class Preprocess:
     """Resize, then center-crop; the result is always ``out_size``.
 
     ``resize``: an int resizes the shorter side to it (aspect kept), (H, W) resizes exactly,
-    None keeps the size. ``crop``: (H, W) center crop, or None. One of the two must fix the
-    output size, so that images batch together.
+    None keeps the size. ``crop``: N or (H, W) center crop (N means NxN, as on the command
+    line; stored as (N, N)), or None. One of the two must fix the output size, so that images
+    batch together. Sizes must be positive integers (``ValueError`` otherwise).
     """
 
     resize: int | tuple[int, int] | None = 256
-    crop: tuple[int, int] | None = (224, 224)
+    crop: int | tuple[int, int] | None = (224, 224)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self):
+        # Frozen: normalize through object.__setattr__. An int crop becomes (N, N); an int resize
+        # stays an int (it means the shorter side, not NxN).
+        if self.resize is not None:
+            object.__setattr__(self, "resize", _size(self.resize, "resize"))
+        if self.crop is not None:
+            crop = _size(self.crop, "crop")
+            object.__setattr__(self, "crop", (crop, crop) if isinstance(crop, int) else crop)
         if self.crop is None and not isinstance(self.resize, tuple):
             raise ValueError("without a crop, the resize must be HxW so that every image has the same size")
         if len(self.mean) != 3 or len(self.std) != 3:
@@ -359,6 +458,19 @@ class Preprocess:
         return arr
 
 
+def _size(value, what: str) -> int | tuple[int, int]:
+    """A positive int, or a pair of positive ints as a tuple; ``ValueError`` naming ``what``."""
+
+    def positive(v) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+
+    if positive(value):
+        return int(value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(positive(v) for v in value):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"{what} must be a positive integer N or a pair (H, W) of positive integers, got {value!r}")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB. Alpha is composited over black; 16-bit and float greys are scaled."""
     if img.mode == "RGB":
@@ -375,22 +487,116 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, prep: Preprocess) -> np.ndarray:
-    """Encoded bytes -> (H, W, 3) uint8 after resize and crop; ``DecodeError`` with the reason."""
+# -- decode memory ------------------------------------------------------------------------------
+
+
+class PixelBudget:
+    """Bytes of full-size decoded pixels that the decode threads may hold at once.
+
+    ``hold(n)`` waits until ``n`` more bytes fit, holds them for the ``with`` block, then gives
+    them back. Requests are served first come, first served, so a stream of small images cannot
+    starve a large one; a request larger than the whole budget is served once nothing else is
+    held: it runs alone, and never deadlocks. ``peak`` is the most bytes ever held at once.
+    """
+
+    def __init__(self, total: int):
+        if total < 1:
+            raise ValueError("the decode memory budget must be positive")
+        self.total = int(total)
+        self.held = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+        self._line: deque[object] = deque()  # tickets of the waiting requests, oldest first
+
+    @property
+    def waiting(self) -> int:
+        """Requests not yet served."""
+        with self._cond:
+            return len(self._line)
+
+    def acquire(self, n: int) -> None:
+        if n < 0:
+            raise ValueError("cannot hold a negative number of bytes")
+        with self._cond:
+            ticket = object()
+            self._line.append(ticket)
+            try:
+                self._cond.wait_for(lambda: self._line[0] is ticket and (self.held == 0 or self.held + n <= self.total))
+            finally:
+                self._line.remove(ticket)
+                self._cond.notify_all()  # the next in line may fit as well (or the line moved)
+            self.held += n
+            self.peak = max(self.peak, self.held)
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.held -= n
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def hold(self, n: int) -> Iterator[None]:
+        self.acquire(n)
+        try:
+            yield
+        finally:
+            self.release(n)
+
+
+def decode_memory_estimate(mode: str, width: int, height: int) -> int:
+    """Bytes a decode of a ``width`` x ``height`` image in Pillow ``mode`` holds at its peak.
+
+    Pillow stores RGB (and every 3-4 band mode) in 4 bytes a pixel. An RGB image may hold one
+    full-size copy besides (an EXIF rotation): 8 bytes a pixel. Any other mode is also converted
+    to RGB, and alpha is composited over black through a few full-size RGBA images: 16 bytes a
+    pixel. An estimate: what matters is that it grows with the pixel count and is not below it.
+    """
+    return width * height * (8 if mode == "RGB" else 16)
+
+
+def check_image_size(width: int, height: int, max_image_pixels: int | None) -> None:
+    """``DecodeError`` when the image has more than ``max_image_pixels`` pixels (None: no cap)."""
+    if max_image_pixels is not None and width * height > max_image_pixels:
+        raise DecodeError(
+            f"image too large: {width} x {height} = {width * height} pixels exceeds "
+            f"--max-image-pixels {max_image_pixels}"
+        )
+
+
+def decode_image(
+    data: bytes,
+    prep: Preprocess,
+    *,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    budget: PixelBudget | None = None,
+) -> np.ndarray:
+    """Encoded bytes -> (H, W, 3) uint8 after resize and crop; ``DecodeError`` with the reason.
+
+    The size is checked from the header, before any pixel is decoded: an image with more than
+    ``max_image_pixels`` pixels (None: only Pillow's own limit) is refused. A JPEG is compared at
+    the size libjpeg will decode it to after ``draft``, which can be 1/8 of the stored size. With
+    a ``budget``, the full-size pixels are decoded only once the budget holds their bytes, and
+    given back once the image is resized.
+    """
     if len(data) == 0:
         raise DecodeError("empty image (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
         if img.format == "JPEG" and prep.resize is not None:
             # Let libjpeg decode at a reduced scale (still >= the target) instead of full size.
             w, h = img.size
             target = prep._resize_target(w, h)
             if target is not None:
                 img.draft("RGB", target)
-        img.load()
-        img = ImageOps.exif_transpose(img) or img
-        img = to_rgb(img)
-        return prep(img)
+        check_image_size(*img.size, max_image_pixels)
+        cost = decode_memory_estimate(img.mode, *img.size)
+        with budget.hold(cost) if budget is not None else contextlib.nullcontext():
+            img.load()
+            # In place: without an orientation tag, exif_transpose would return a full-size copy.
+            ImageOps.exif_transpose(img, in_place=True)
+            img = to_rgb(img)
+            out = prep(img)
+            del img  # the full-size pixels go before the budget is given back
+        return out
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -401,8 +607,30 @@ def decode_image(data: bytes, prep: Preprocess) -> np.ndarray:
         raise DecodeError(f"cannot decode image: {_first_line(exc)}") from None
 
 
+def jpeg_fits_device(data: bytes, max_image_pixels: int | None) -> bool:
+    """Whether a JPEG may go to the device decoder, which decodes at full size (no draft).
+
+    One whose header size is over the cap goes to Pillow instead, which decodes it drafted (and
+    makes it an error row if even that is over the cap). A header Pillow cannot read goes to the
+    device, whose Pillow fallback reports the reason.
+    """
+    if max_image_pixels is None:
+        return True
+    try:
+        w, h = Image.open(io.BytesIO(data)).size
+    except Image.DecompressionBombError:
+        return False
+    except Exception:
+        return True
+    return w * h <= max_image_pixels
+
+
 def decode_jpegs_on_device(
-    jpegs: Sequence[bytes], prep: Preprocess, device: torch.device
+    jpegs: Sequence[bytes],
+    prep: Preprocess,
+    device: torch.device,
+    *,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[list[torch.Tensor | None], list[str | None]]:
     """Decode JPEGs with torchvision on ``device`` (nvJPEG on CUDA), then resize and crop there.
 
@@ -428,7 +656,7 @@ def decode_jpegs_on_device(
     for raw, img in zip(jpegs, decoded, strict=True):
         if img is None:
             try:
-                out.append(torch.from_numpy(decode_image(raw, prep)).to(device))
+                out.append(torch.from_numpy(decode_image(raw, prep, max_image_pixels=max_image_pixels)).to(device))
                 errors.append(None)
             except DecodeError as exc:
                 out.append(None)
@@ -502,8 +730,15 @@ def assemble_images(
 class ParquetSource:
     """Streams the given units as ``DecodedBatch`` objects.
 
-    Reads one row group at a time (only the needed columns), then decodes its rows in a thread
-    pool of ``workers`` threads. Memory is one row group plus the batches the consumer holds.
+    ``batches(units)`` reads each row group once, the rows its pending units span (only the
+    needed columns); ``read_unit(unit)`` reads one unit's rows, for a task that owns one unit.
+    Rows are decoded in a thread pool of ``workers`` threads. Memory is the rows read plus the
+    batches the consumer holds, plus at most ``decode_memory`` bytes of full-size decoded pixels.
+
+    ``max_image_pixels``: larger images (after JPEG draft) become error rows; None leaves only
+    Pillow's limit. ``decode_memory``: the ``PixelBudget`` of the decode threads, in bytes; None
+    for no bound. ``read_attempts``, ``retry_delay``: tries and first backoff for a transient
+    ``OSError`` (see ``call_with_retries``).
     """
 
     def __init__(
@@ -516,7 +751,17 @@ class ParquetSource:
         batch_size: int = 64,
         workers: int | None = None,
         device_jpeg: bool = False,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        decode_memory: int | None = DEFAULT_DECODE_MEMORY,
+        read_attempts: int = READ_ATTEMPTS,
+        retry_delay: float = READ_RETRY_DELAY_S,
     ):
+        if max_image_pixels is not None and max_image_pixels < 1:
+            raise ValueError("max_image_pixels must be positive (or None for Pillow's limit)")
+        if read_attempts < 1:
+            raise ValueError("read_attempts must be at least 1")
+        if retry_delay < 0:
+            raise ValueError("retry_delay must not be negative")
         self.files = list(files)
         # Also pass the image column itself on (useful for path columns).
         self.keep_image = image_column in columns
@@ -526,12 +771,21 @@ class ParquetSource:
         self.device_jpeg = device_jpeg
         self.batch_size = batch_size
         self.workers = workers or min(8, os.cpu_count() or 1)
+        self.max_image_pixels = max_image_pixels
+        self.budget = PixelBudget(decode_memory) if decode_memory is not None else None
+        self.read_attempts = read_attempts
+        self.retry_delay = retry_delay
         self.kind = image_kind(self.files[0].schema.field(image_column).type)
         if self.kind is None:
             t = self.files[0].schema.field(image_column).type
             raise SourceError(
                 f"column {image_column!r} has type {t}; images must be binary, struct<bytes, path> or string paths"
             )
+
+    # -- one image --
+
+    def _retry(self, fn: Callable[[], _T]) -> _T:
+        return call_with_retries(fn, attempts=self.read_attempts, delay=self.retry_delay)
 
     def _encoded(self, value, f: InputFile) -> bytes:
         if value is None:
@@ -549,9 +803,9 @@ class ParquetSource:
 
     def _load(self, value, f: InputFile) -> np.ndarray | bytes:
         data = self._encoded(value, f)
-        if self.device_jpeg and data[:3] == _JPEG_MAGIC:
+        if self.device_jpeg and data[:3] == _JPEG_MAGIC and jpeg_fits_device(data, self.max_image_pixels):
             return bytes(data)  # decoded later, on the compute device
-        return decode_image(data, self.prep)
+        return decode_image(data, self.prep, max_image_pixels=self.max_image_pixels, budget=self.budget)
 
     def _read_path(self, path: str, f: InputFile) -> bytes:
         try:
@@ -561,10 +815,23 @@ class ParquetSource:
                 fs, p = f.filesystem, path if os.path.isabs(path) else os.path.join(f.base_dir, path)
             else:
                 fs, p = f.filesystem, path if path.startswith("/") else posixpath.join(f.base_dir, path)
+        except Exception as exc:
+            raise DecodeError(f"cannot read image file {path}: {_first_line(exc)}") from None
+
+        def read() -> bytes:
             with fs.open_input_stream(p) as fh:
                 return fh.read()
+
+        try:
+            return self._retry(read)
         except FileNotFoundError:
             raise DecodeError(f"image file not found: {path}") from None
+        except OSError as exc:
+            if is_permanent_os_error(exc):
+                raise DecodeError(f"cannot read image file {path}: {_first_line(exc)}") from None
+            raise DecodeError(
+                f"I/O error reading image file {path} after {self.read_attempts} attempts: {_first_line(exc)}"
+            ) from None
         except Exception as exc:
             raise DecodeError(f"cannot read image file {path}: {_first_line(exc)}") from None
 
@@ -575,54 +842,123 @@ class ParquetSource:
         except DecodeError as exc:
             return None, str(exc)
 
+    # -- rows --
+
+    def _read_rows(self, f: InputFile, row_group: int, start: int, stop: int) -> pa.Table:
+        """Rows [start, stop) of the file (inside ``row_group``), the needed columns only.
+
+        A whole row group is read in one call; a part of one is streamed and the stream stops
+        after ``stop``, so rows past the part are never decoded and only the part is kept.
+        Transient errors are retried; then ``InputReadError``.
+        """
+        columns = [self.image_column, *self.columns]
+        rg_start = sum(f.row_group_rows[:row_group])
+        lo, hi = start - rg_start, stop - rg_start
+        if not 0 <= lo < hi <= f.row_group_rows[row_group]:
+            raise ValueError(f"rows {start}-{stop} are not inside row group {row_group} of {f.uri}")
+
+        def read() -> pa.Table:
+            with f.filesystem.open_input_file(f.path) as fh:
+                pf = pq.ParquetFile(fh)
+                if lo == 0 and hi == f.row_group_rows[row_group]:
+                    return pf.read_row_group(row_group, columns=columns)
+                parts: list[pa.RecordBatch] = []
+                at = 0  # row within the row group of the next batch
+                with contextlib.closing(
+                    pf.iter_batches(batch_size=hi - lo, row_groups=[row_group], columns=columns)
+                ) as it:
+                    for rb in it:
+                        first, last = max(lo, at), min(hi, at + rb.num_rows)
+                        if last > first:
+                            parts.append(rb.slice(first - at, last - first))
+                        at += rb.num_rows
+                        if at >= hi:
+                            break
+                return pa.Table.from_batches(parts)
+
+        try:
+            return self._retry(read)
+        except OSError as exc:
+            tries = "" if is_permanent_os_error(exc) else f" after {self.read_attempts} attempts"
+            raise InputReadError(
+                f"cannot read rows {start}-{stop} (row group {row_group}) of {f.uri}{tries}: {_first_line(exc)}"
+            ) from exc
+
+    def _decode_unit(self, unit: Unit, table: pa.Table, table_start: int, pool) -> Iterator[DecodedBatch]:
+        """The unit's rows of ``table`` (whose first row is file row ``table_start``), in batches."""
+        f = self.files[unit.file_index]
+        for b0 in range(unit.start, unit.stop, self.batch_size):
+            b1 = min(b0 + self.batch_size, unit.stop)
+            part = table.slice(b0 - table_start, b1 - b0)
+            values = part.column(self.image_column).to_pylist()
+            results = list(pool.map(self._decode_one, [(v, f) for v in values]))
+            images, ok, jpegs = assemble_images(results, self.prep.out_size)
+            yield DecodedBatch(
+                unit=unit,
+                unit_done=b1 == unit.stop,
+                rows=part if self.keep_image else part.drop_columns([self.image_column]),
+                row_index=np.arange(b0, b1, dtype=np.int64),
+                images=images,
+                ok=ok,
+                errors=[r[1] for r in results],
+                jpegs=jpegs,
+            )
+
+    def _pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(self.workers, thread_name_prefix="gradcam-decode")
+
     def batches(self, units: Sequence[Unit]) -> Iterator[DecodedBatch]:
+        """The units' rows, decoded, in batches of at most ``batch_size`` rows of one unit.
+
+        Units are grouped by row group (in the order of their first appearance), and each row
+        group is read once: the span from its first pending row to its last.
+        """
         by_group: dict[tuple[int, int], list[Unit]] = {}
         for u in units:
             by_group.setdefault((u.file_index, u.row_group), []).append(u)
-        h, w = self.prep.out_size
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="gradcam-decode") as pool:
+        with self._pool() as pool:
             for (fi, rg), group in by_group.items():
-                f = self.files[fi]
-                rg_start = sum(f.row_group_rows[:rg])
-                with f.filesystem.open_input_file(f.path) as fh:
-                    table = pq.ParquetFile(fh).read_row_group(rg, columns=[self.image_column, *self.columns])
+                lo, hi = min(u.start for u in group), max(u.stop for u in group)
+                table = self._read_rows(self.files[fi], rg, lo, hi)
                 for unit in group:
-                    for b0 in range(unit.start, unit.stop, self.batch_size):
-                        b1 = min(b0 + self.batch_size, unit.stop)
-                        part = table.slice(b0 - rg_start, b1 - b0)
-                        values = part.column(self.image_column).to_pylist()
-                        results = list(pool.map(self._decode_one, [(v, f) for v in values]))
-                        images, ok, jpegs = assemble_images(results, (h, w))
-                        yield DecodedBatch(
-                            unit=unit,
-                            unit_done=b1 == unit.stop,
-                            rows=part if self.keep_image else part.drop_columns([self.image_column]),
-                            row_index=np.arange(b0, b1, dtype=np.int64),
-                            images=images,
-                            ok=ok,
-                            errors=[r[1] for r in results],
-                            jpegs=jpegs,
-                        )
+                    yield from self._decode_unit(unit, table, lo, pool)
                 del table
+
+    def read_unit(self, unit: Unit) -> Iterator[DecodedBatch]:
+        """One unit's rows, decoded: what ``batches([unit])`` yields, reading only that unit's rows."""
+        with self._pool() as pool:
+            table = self._read_rows(self.files[unit.file_index], unit.row_group, unit.start, unit.stop)
+            yield from self._decode_unit(unit, table, unit.start, pool)
 
 
 __all__ = [
+    "DEFAULT_DECODE_MEMORY",
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "IMAGENET_MEAN",
-    "assemble_images",
     "IMAGENET_STD",
+    "READ_ATTEMPTS",
+    "READ_RETRY_DELAY_S",
     "DecodeError",
     "DecodedBatch",
     "InputFile",
+    "InputReadError",
     "ParquetSource",
+    "PixelBudget",
     "Preprocess",
     "SourceError",
     "Unit",
+    "assemble_images",
+    "call_with_retries",
     "check_columns",
+    "check_image_size",
     "decode_image",
+    "decode_memory_estimate",
     "decode_jpegs_on_device",
     "detect_image_column",
     "discover_inputs",
     "image_kind",
+    "is_permanent_os_error",
+    "jpeg_fits_device",
     "plan_units",
     "to_rgb",
 ]

@@ -9,7 +9,7 @@ Accepted specs (``load_model(spec, weights=..., num_classes=..., device=...)``):
 - ``path/to/file.py:FACTORY`` — imports the file and calls ``FACTORY()``
   (``FACTORY(num_classes=N)`` when ``num_classes`` is given); ``weights=`` as above.
 - ``package.module:FACTORY`` — the same for an importable module.
-- ``model.onnx`` — an ONNX file, run with ONNX Runtime (see ``gradcam_batch.engine.onnx_backend``).
+- ``model.onnx`` — an ONNX file, run with ONNX Runtime (see ``gradcam_batch.engine.models.onnx_backend``).
 - ``model.pt2`` — a ``torch.export`` program (``torch.export.save``), unflattened back into its
   module hierarchy (``torch.export.unflatten``), so target layers keep their names (``layer4.1``).
   It is explained through forward hooks (no FX split, hence no ``compile``/``precision``).
@@ -92,7 +92,7 @@ def load_model(
         if not path.is_file():
             raise ModelSpecError(f"model file not found: {spec}")
         if suffix == ".onnx":
-            from gradcam_batch.engine.onnx_backend import OnnxModel
+            from gradcam_batch.engine.models.onnx_backend import OnnxModel
 
             return OnnxModel(path, device=device, providers=providers)
         if suffix == ".pt2":

@@ -48,16 +48,18 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from gradcam_batch.engine.compiled import backbone_context, prepare_input
-from gradcam_batch.engine.explainer import VJP_STRATEGIES, Explainer
+from gradcam_batch.engine.bench import (  # noqa: E402  (names the CLI reads without importing torch)
+    BASELINES,
+    CAPTUM,
+    END_TO_END,
+    INFERENCE,
+    INFERENCE_COMPILED,
+    OURS,
+    PYTORCH_GRAD_CAM,
+)
+from gradcam_batch.engine.explain.compiled import backbone_context, prepare_input
+from gradcam_batch.engine.explain.explainer import VJP_STRATEGIES, Explainer
 
-INFERENCE = "inference"
-INFERENCE_COMPILED = "inference[compiled]"
-OURS = "gradcam-batch"
-END_TO_END = "gradcam-batch run"
-PYTORCH_GRAD_CAM = "pytorch-grad-cam"
-CAPTUM = "captum"
-BASELINES = (INFERENCE, PYTORCH_GRAD_CAM, CAPTUM)
 # The import module and PyPI name that provide each library baseline.
 _BASELINE_PACKAGES = {PYTORCH_GRAD_CAM: ("pytorch_grad_cam", "grad-cam"), CAPTUM: ("captum", "captum")}
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -68,10 +70,10 @@ PARITY_MIN_PEARSON = 0.999
 def load_model(spec: str, weights: str | None = None) -> nn.Module:
     """A torch model from ``spec`` (``torchvision:NAME`` with random weights, ``file.py:FACTORY``, ...).
 
-    The specs are those of ``gradcam_batch.engine.models.load_model``; the benchmark needs an
+    The specs are those of ``gradcam_batch.engine.models.loader.load_model``; the benchmark needs an
     ``nn.Module`` that every contender can run, so ONNX files and compiled programs are refused.
     """
-    from gradcam_batch.engine.models import load_model as load_any
+    from gradcam_batch.engine.models.loader import load_model as load_any
 
     model = load_any(spec, weights=weights)
     if not isinstance(model, nn.Module) or getattr(model, "explain_unsupported", None):
@@ -530,7 +532,7 @@ def run_end_to_end(cfg: BenchConfig, progress: Callable[[str], None] | None = No
     import tempfile
 
     try:
-        from gradcam_batch.engine.pipeline import RunConfig, run_job
+        from gradcam_batch.engine.job.local import RunConfig, run_job
     except ImportError as e:
         return [Result(END_TO_END, k, "skipped", f"the run pipeline is not available ({e})") for k in cfg.top_k]
     n = cfg.e2e_images or 4 * cfg.batch_size

@@ -1,11 +1,11 @@
 """The embedded demo: a small Parquet sample of synthetic shapes and a CNN trained on them.
 
-Both files live in ``engine/data/`` and ship inside the package, so ``gradcam-batch demo`` (and
+Both files live in ``engine/demo/data/`` and ship inside the package, so ``gradcam-batch demo`` (and
 ``gradcam-batch run`` with no input and no model) work after a plain install. They are made by
 
-    python -m gradcam_batch.engine.demo_assets
+    python -m gradcam_batch.engine.demo.assets
 
-deterministically from ``engine/synthetic.py``: the CNN trains on 1,500 images of seed 1; the
+deterministically from ``engine/demo/synthetic.py``: the CNN trains on 1,500 images of seed 1; the
 sample is 256 *other* images (seed 7), PNG-encoded, with their label and box, so the pointing
 game on the sample measures held-out localization.
 """
@@ -21,12 +21,12 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from gradcam_batch.engine.synthetic import CLASS_NAMES, make_shapes, pointing_game, train_shapes_cnn
+from gradcam_batch.engine.demo.synthetic import CLASS_NAMES, make_shapes, pointing_game, train_shapes_cnn
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SAMPLE = DATA_DIR / "shapes_sample.parquet"
 CHECKPOINT = DATA_DIR / "shapes_cnn.pt"
-MODEL_SPEC = "gradcam_batch.engine.synthetic:ShapesCNN"
+MODEL_SPEC = "gradcam_batch.engine.demo.synthetic:ShapesCNN"
 IMAGE_SIZE = 48
 # ShapesCNN sees x / 127.5 - 1, which is (x / 255 - 0.5) / 0.5.
 PREPROCESS = {"resize": IMAGE_SIZE, "crop": (IMAGE_SIZE, IMAGE_SIZE), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
@@ -70,7 +70,7 @@ def build(out_dir: Path = DATA_DIR) -> dict:
 
     held = make_shapes(SAMPLE_SPEC["n"], size=IMAGE_SIZE, seed=SAMPLE_SPEC["seed"])
     x, y = held.tensors()
-    from gradcam_batch.engine.explainer import explain
+    from gradcam_batch.engine.explain.explainer import explain
 
     with torch.no_grad():
         acc = float((model(x).argmax(1) == y).double().mean())

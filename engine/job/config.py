@@ -1,0 +1,134 @@
+"""What a run is asked to do (``RunConfig``), and the errors and environment facts every runner shares.
+
+``RunConfig`` is the raw request, field for field what ``gradcam-batch run`` takes. It is checked
+and resolved once, into a ``RunPlan`` (``engine/job/plan.py``); nothing else reads it field by field.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import torch
+
+from gradcam_batch.engine.job.source import DEFAULT_MAX_IMAGE_PIXELS, IMAGENET_MEAN, IMAGENET_STD
+
+
+class RunSetupError(ValueError):
+    """The run cannot start as configured; nothing has been written. The CLI exits with 2."""
+
+
+class OutputBusy(RunSetupError):
+    """Another run holds the output directory's lock."""
+
+
+class RunFailed(RuntimeError):
+    """A run stopped after it started; what it committed is kept.
+
+    ``transient`` says whether rerunning the same command can get past the failure (an I/O
+    error, a full disk, a lost Ray node): only then is "rerun to resume" the right advice.
+    """
+
+    def __init__(self, message: str, *, transient: bool):
+        super().__init__(message)
+        self.transient = transient
+
+    @property
+    def advice(self) -> str:
+        if self.transient:
+            return "rerun the same command to resume"
+        return "a rerun fails the same way: change what the message names (the committed output is kept)"
+
+
+@dataclass
+class RunConfig:
+    """Everything ``gradcam-batch run`` takes; see ``gradcam-batch run --help`` for each field."""
+
+    inputs: Sequence[str]
+    output: str
+    model: str
+    weights: str | None = None
+    num_classes: int | None = None
+    target_layer: str | None = None
+    method: str = "gradcam"
+    counterfactual: bool = False
+    top_k: int | None = None  # None: 1, unless classes or a label column say what to explain
+    classes: Sequence[int] | None = None
+    label_column: str | None = None
+    image_column: str | None = None
+    id_column: str | None = None
+    keep_columns: Sequence[str] = ()
+    resize: int | tuple[int, int] | None = 256
+    crop: int | tuple[int, int] | None = (224, 224)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    batch_size: int = 64
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
+    reshape: str | None = None  # "tokens" for (B, N, D) transformer outputs
+    token_grid: str | None = None  # "HxW" patch grid for reshape="tokens"; inferred when None
+    providers: Sequence[str] | None = None  # ONNX Runtime execution providers; None: best available
+    workers: int | None = None  # decode threads (per process)
+    heatmap_size: tuple[int, int] | int | None | str = "input"  # "input": the preprocessed image size
+    heatmap_dtype: str = "uint8"
+    rows_per_file: int = 10_000
+    overwrite: bool = False
+    limit: int | None = None
+    progress: bool = False
+    queue_depth: int = 4
+    device_jpeg: bool = False  # decode JPEGs with torchvision on the device (nvJPEG on CUDA)
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # larger images become error rows; None: Pillow's limit
+    decode_memory_mb: int | None = 1024  # full-size pixels the decode threads may hold at once; None: no bound
+    extra: dict = field(default_factory=dict)  # recorded in the manifest (e.g. the demo's notes)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RunSetupError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunSetupError(f"device {name!r} asked for, but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RunSetupError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices")
+    elif dev.type != "cpu":
+        raise RunSetupError(f"unsupported device {name!r}; expected auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def versions(device: torch.device | None = None) -> dict:
+    from gradcam_batch.version import __version__
+
+    gpu = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None
+    return {
+        "gradcam_batch": __version__,
+        "torch": torch.__version__,
+        "pyarrow": pa.__version__,
+        "python": platform.python_version(),
+        "device": str(device) if device is not None else None,
+        "gpu": gpu,
+    }
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "OutputBusy",
+    "RunConfig",
+    "RunFailed",
+    "RunSetupError",
+    "first_line",
+    "resolve_device",
+    "versions",
+]

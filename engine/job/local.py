@@ -1,0 +1,284 @@
+"""The local runner behind ``gradcam-batch run``: one process, one device, three threads.
+
+``run_job(RunConfig(...))`` is ``prepare(config).run()``. ``prepare`` builds the ``RunPlan``
+(``engine/job/plan.py``: every check, nothing written) and the batch step on the run's device;
+``LocalRun.run`` streams the pending units::
+
+    reader thread  ->  queue(depth)  ->  compute (this thread)  ->  queue(depth)  ->  writer thread
+    (ParquetSource: row groups,          (BatchExplainer.launch for batch i+1,       (HeatmapWriter:
+     decode in a thread pool)             then .finish for batch i)                   zstd Parquet, commits)
+
+The output directory is locked for the whole run (``OutputLock``). A failure after the start is
+a ``RunFailed`` that says whether rerunning can get past it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from gradcam_batch.engine.job.config import (
+    RunConfig,
+    RunFailed,
+    RunSetupError,
+    first_line,
+    resolve_device,
+    versions,
+)
+from gradcam_batch.engine.job.plan import ModelHandle, RunPlan, build_plan
+from gradcam_batch.engine.job.sink import (
+    HeatmapWriter,
+    Manifest,
+    OutputLock,
+    WriteItem,
+    clean_uncommitted,
+    next_part_index,
+    own_files,
+)
+from gradcam_batch.engine.job.source import InputFile, ParquetSource, SourceError
+from gradcam_batch.engine.job.step import BatchExplainer
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a rerun can get past ``exc``: I/O errors, a full disk, an interrupt."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (OSError, KeyboardInterrupt, MemoryError)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def open_output(plan: RunPlan) -> tuple[Manifest, list[str]]:
+    """The manifest of ``plan.out_dir`` (which the caller has locked): resumed, or new and not yet saved.
+
+    Uncommitted files of an earlier run are deleted; returns the manifest and their names. Both
+    runners call this, so the output of one can be resumed by the other.
+    """
+    out, c = plan.out_dir, plan.config
+    manifest = None if c.overwrite else Manifest.load(out)
+    if manifest is not None and manifest.data.get("fingerprint") != plan.fingerprint:
+        raise RunSetupError(f"{c.output} now holds a run with other settings; pass --overwrite to replace it")
+    if manifest is not None:
+        return manifest, clean_uncommitted(out, manifest)
+    for p in own_files(out):  # an overwrite, or leftovers of a run killed before its first manifest
+        p.unlink()
+    return Manifest.new(out, fingerprint=plan.fingerprint, config=plan.manifest_config(), versions={}), []
+
+
+def start_output(manifest: Manifest, device_label: str, extra_versions: dict | None = None) -> None:
+    """Mark the output as being written, with the versions of this session."""
+    manifest.data["status"] = "running"
+    manifest.data["versions"] = {**versions(None), "runner": device_label, **(extra_versions or {})}
+    manifest.save()
+
+
+def close_output(manifest: Manifest, session: dict, seconds: float, device_label: str) -> None:
+    rate = session["images"] / seconds if seconds > 0 else 0.0
+    throughput = {"images": session["images"], "seconds": round(seconds, 3), "images_per_s": round(rate, 2)}
+    manifest.data["sessions"].append({**throughput, "device": device_label, "ended": time.time()})
+    manifest.data["throughput"] = throughput
+    manifest.data["status"] = "complete"
+    manifest.save()
+
+
+def summary(plan: RunPlan, manifest: Manifest, session: dict, seconds: float, *, pending: int, removed, device) -> dict:
+    rate = session["images"] / seconds if seconds > 0 else 0.0
+    return {
+        "output": str(plan.out_dir),
+        "status": "complete",
+        "images": session["images"],
+        "errors": session["errors"],
+        "rows_out": session["rows_out"],
+        "seconds": round(seconds, 3),
+        "images_per_s": round(rate, 2),
+        "resumed_units": len(plan.units) - pending,
+        "removed_partial_files": removed,
+        "totals": dict(manifest.data["totals"]),
+        "target_layer": plan.target_layer,
+        "device": device,
+    }
+
+
+class LocalRun:
+    """A planned run on this process's device; ``run()`` executes it. Made by ``prepare``."""
+
+    def __init__(self, config: RunConfig):
+        self.device = resolve_device(config.device)
+        # The plan's probe and the batch step share one model, loaded once on the run's device.
+        handle = ModelHandle(config, self.device)
+        self.plan = build_plan(config, device=self.device, model=handle)
+        try:
+            self.step = BatchExplainer(self.plan, self.device, model=handle.get())
+        except (ValueError, TypeError) as exc:
+            raise RunSetupError(first_line(exc)) from None
+        out = self.plan.out_dir
+        self.manifest = Manifest.load(out) if not config.overwrite and out.exists() else None
+
+    @property
+    def config(self) -> RunConfig:
+        return self.plan.config
+
+    def run(self) -> dict:
+        """Explain every pending unit; returns the summary (also recorded in the manifest)."""
+        plan = self.plan
+        t_start = time.perf_counter()
+        plan.out_dir.mkdir(parents=True, exist_ok=True)
+        with OutputLock(plan.out_dir):
+            try:
+                manifest, removed = open_output(plan)
+            except (ValueError, OSError) as exc:
+                raise RunFailed(first_line(exc), transient=isinstance(exc, OSError)) from exc
+            self.manifest = manifest
+            done = manifest.completed_units()
+            pending = [u for u in plan.units if u.key not in done]
+            session = {"images": 0, "errors": 0, "rows_out": 0}
+            if pending or manifest.data["status"] != "complete":
+                start_output(manifest, str(self.device))
+                if pending:
+                    try:
+                        self._stream(pending, manifest, session)
+                    except KeyboardInterrupt:
+                        raise
+                    except BaseException as exc:
+                        raise RunFailed(first_line(exc), transient=is_transient(exc)) from exc
+                close_output(manifest, session, time.perf_counter() - t_start, str(self.device))
+            seconds = time.perf_counter() - t_start
+            return summary(
+                plan, manifest, session, seconds, pending=len(pending), removed=removed, device=str(self.device)
+            )
+
+    def _stream(self, pending, manifest: Manifest, session: dict) -> None:
+        plan, c = self.plan, self.plan.config
+        source = ParquetSource(
+            plan.files,
+            plan.image_column,
+            plan.row_columns,
+            plan.prep,
+            batch_size=c.batch_size,
+            workers=c.workers,
+            device_jpeg=c.device_jpeg,
+            max_image_pixels=c.max_image_pixels,
+            decode_memory=c.decode_memory_mb << 20 if c.decode_memory_mb else None,
+        )
+        writer = HeatmapWriter(
+            plan.out_dir,
+            plan.schema,
+            manifest,
+            rows_per_file=c.rows_per_file,
+            queue_depth=c.queue_depth,
+            first_part=next_part_index(manifest),
+        )
+        inbox: queue.Queue = queue.Queue(maxsize=c.queue_depth)
+        stop = threading.Event()
+        done_marker = object()
+        reader_error: list[BaseException] = []
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    inbox.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def read() -> None:
+            try:
+                for db in source.batches(pending):
+                    if not put(db):
+                        return
+            except BaseException as exc:  # handed to the compute loop
+                reader_error.append(exc)
+            finally:
+                put(done_marker)
+
+        bar = None
+        if c.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(u.rows for u in pending), unit="img", dynamic_ncols=True, smoothing=0.1)
+
+        def finish(launched) -> None:
+            out = self.step.finish(launched)
+            db = launched.batch
+            writer.put(WriteItem(out.table, out.images, out.errors, db.unit.key if db.unit_done else None))
+            session["images"] += out.images
+            session["errors"] += out.errors
+            session["rows_out"] += out.table.num_rows
+            if bar is not None:
+                bar.update(out.images)
+                if session["errors"]:
+                    bar.set_postfix(errors=session["errors"], refresh=False)
+
+        reader = threading.Thread(target=read, name="gradcam-reader", daemon=True)
+        reader.start()
+        in_flight = None  # the previous batch, whose results are still coming back from the device
+        try:
+            while True:
+                item = inbox.get()
+                if item is done_marker:
+                    break
+                launched = self.step.launch(item)
+                if in_flight is not None:
+                    finish(in_flight)
+                in_flight = launched
+            if in_flight is not None:
+                finish(in_flight)
+            if reader_error:
+                raise reader_error[0]
+            writer.close()
+        except BaseException:
+            stop.set()
+            writer.abort()
+            raise
+        finally:
+            stop.set()
+            if bar is not None:
+                bar.close()
+            reader.join(timeout=10)
+
+
+def prepare(config: RunConfig) -> LocalRun:
+    """Validate ``config`` (raises ``RunSetupError``, writes nothing) and load the model."""
+    return LocalRun(config)
+
+
+def run_job(config: RunConfig) -> dict:
+    """Run a whole explanation job; returns the summary dict (see ``LocalRun.run``)."""
+    return prepare(config).run()
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def summary_line(summary: dict) -> str:
+    """One line: totals, errors, throughput, where."""
+    t = summary["totals"]
+    resumed = f", {_count(summary['resumed_units'], 'unit')} already done" if summary.get("resumed_units") else ""
+    return (
+        f"explained {_count(summary['images'], 'image')} ({_count(summary['rows_out'], 'row')}, "
+        f"{_count(summary['errors'], 'error')}) in "
+        f"{summary['seconds']:.1f} s: {summary['images_per_s']:.1f} img/s on {summary['device']}{resumed}; "
+        f"output {summary['output']}: {_count(t['rows_in'], 'image')}, {_count(t['rows_out'], 'row')}, "
+        f"{_count(t['errors'], 'error')} in {_count(t['files'], 'file')}"
+    )
+
+
+__all__ = [
+    "InputFile",
+    "LocalRun",
+    "RunConfig",
+    "RunFailed",
+    "RunSetupError",
+    "SourceError",
+    "close_output",
+    "open_output",
+    "start_output",
+    "prepare",
+    "run_job",
+    "summary_line",
+]

@@ -1,0 +1,486 @@
+"""``RunPlan``: the validated, immutable description of a run, built once from a ``RunConfig``.
+
+``build_plan(config)`` makes every check that can be made before a byte is written, in this
+order, and raises ``RunSetupError`` with one line for the first that fails:
+
+1. the numbers (batch size, top-k, limit, ...) and the class selection;
+2. the preprocessing;
+3. the inputs, their columns and the column roles (every file, same types), the output directory
+   (never inside an input directory), the planned units;
+4. the model: it is loaded and one blank image goes through the ``Explainer``, which finds the
+   target layer, the class count and the cam size; classes and top-k are checked against them;
+5. the output schema and the fingerprint, and, when the output directory holds a run, that it is
+   the same run (resume) or ``overwrite`` is set.
+
+Building a plan writes nothing. Every runner (local, Ray) takes a plan; the batch step
+(``engine/job/step.py``) reads only the plan. A plan pickles (the Ray actors receive it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.util
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import torch
+
+from gradcam_batch.engine.job.config import RunConfig, RunSetupError, first_line, resolve_device
+from gradcam_batch.engine.job.schema import HEATMAP_DTYPES, RESULT_COLUMNS, output_schema
+from gradcam_batch.engine.job.sink import Manifest, own_files
+from gradcam_batch.engine.job.source import (
+    InputFile,
+    Preprocess,
+    Unit,
+    check_columns,
+    detect_image_column,
+    discover_inputs,
+    image_kind,
+    plan_units,
+)
+
+MAX_UNIT_ROWS = 4096
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ClassSelection:
+    """Which classes each image is explained for: C slots, one output row per kept slot.
+
+    - ``top_k=K``: the K highest scores; ``classes=(...)``: those classes for every image;
+    - ``label``: the ground-truth label as one more slot. When the label is already among the
+      top-K (or the listed classes) that duplicate is dropped, so an image has K rows when its
+      label is among its top-K and K+1 rows otherwise. A null or out-of-range label drops the
+      label slot and is noted in ``error`` (the row stays ``status="ok"``); with a label
+      selection alone it makes the image an error row.
+    """
+
+    top_k: int | None
+    classes: tuple[int, ...] | None
+    label: bool
+
+    @property
+    def slots(self) -> int:
+        return (len(self.classes) if self.classes else (self.top_k or 0)) + (1 if self.label else 0)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A validated run. Fields derived from the config are resolved (auto-detected layer, image column...)."""
+
+    config: RunConfig
+    files: tuple[InputFile, ...]  # () for a user's Ray Dataset
+    out_dir: Path | None  # None for a user's Ray Dataset
+    image_column: str
+    image_kind: str  # "bytes", "struct" or "path"
+    keep_columns: tuple[str, ...]
+    selection: ClassSelection
+    prep: Preprocess
+    heatmap_shape: tuple[int, int] | None
+    target_layer: str
+    model_classes: int
+    cam_shape: tuple[int, int]
+    unit_rows: int
+    units: tuple[Unit, ...]
+    schema: pa.Schema
+    fingerprint: str
+
+    @property
+    def id_column(self) -> str | None:
+        return self.config.id_column
+
+    @property
+    def label_column(self) -> str | None:
+        return self.config.label_column
+
+    @property
+    def total_rows(self) -> int:
+        return sum(u.rows for u in self.units)
+
+    @property
+    def row_columns(self) -> list[str]:
+        """The non-image input columns that the output takes: id, label, kept columns."""
+        return [k for k in dict.fromkeys((self.id_column, self.label_column, *self.keep_columns)) if k]
+
+    def manifest_config(self) -> dict:
+        cfg = dataclasses.asdict(self.config)
+        cfg.update(
+            inputs=list(self.config.inputs),
+            files=[f.uri for f in self.files],
+            image_column=self.image_column,
+            target_layer_resolved=self.target_layer,
+            model_classes=self.model_classes,
+            top_k=self.selection.top_k,
+            unit_rows=self.unit_rows,
+            output=str(self.out_dir),
+        )
+        return cfg
+
+
+# -- building ------------------------------------------------------------------------------------
+
+
+class ModelHandle:
+    """The run's model, loaded on first use (the plan's probe) and kept (for the batch step)."""
+
+    def __init__(self, config: RunConfig, device: torch.device):
+        self.config, self.device = config, device
+        self._model = None
+
+    def get(self):
+        if self._model is None:
+            from gradcam_batch.engine.models.loader import load_model
+
+            c = self.config
+            self._model = load_model(
+                c.model, weights=c.weights, num_classes=c.num_classes, device=self.device, providers=c.providers
+            )
+        return self._model
+
+
+def build_plan(
+    config: RunConfig, *, device: torch.device | str | None = None, model: ModelHandle | None = None
+) -> RunPlan:
+    """Validate ``config`` into a ``RunPlan`` (raises ``RunSetupError``; writes nothing).
+
+    ``device``: where the model is probed (default: the run's device). ``model``: a handle that
+    keeps the loaded model for the caller (the local runner runs the model its plan probed).
+    """
+    try:
+        return _build(config, device, model)
+    except RunSetupError:
+        raise
+    except (ValueError, TypeError) as exc:  # SourceError, ModelSpecError, TargetLayerError, ...
+        raise RunSetupError(first_line(exc)) from None
+
+
+def plan_for_schema(config: RunConfig, schema: pa.Schema) -> RunPlan:
+    """A plan for rows that come from elsewhere (a user's Ray Dataset): no files, units or output."""
+    try:
+        c = config
+        selection, prep = _check_numbers(c)
+        image_column = c.image_column or detect_image_column(schema)
+        keep = tuple(dict.fromkeys(c.keep_columns))
+        for role, name in [("image", image_column), ("id", c.id_column), ("label", c.label_column)] + [
+            ("kept", k) for k in keep
+        ]:
+            if name is not None and name not in schema.names:
+                raise RunSetupError(
+                    f"{role} column {name!r} not found; the dataset's columns are: {', '.join(schema.names)}"
+                )
+        check_column_roles(schema, image_column=image_column, keep=keep, label_column=c.label_column)
+        probe = _probe(c, selection, prep, ModelHandle(c, torch.device("cpu")))
+        return _assemble(c, (), None, schema, image_column, keep, selection, prep, probe, 1, ())
+    except RunSetupError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise RunSetupError(first_line(exc)) from None
+
+
+def _check_numbers(c: RunConfig) -> tuple[ClassSelection, Preprocess]:
+    for name, value in (
+        ("batch size", c.batch_size),
+        ("rows per file", c.rows_per_file),
+        ("queue depth", c.queue_depth),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise RunSetupError(f"{name} must be a positive integer, got {value!r}")
+    if c.workers is not None and (not isinstance(c.workers, int) or c.workers < 1):
+        raise RunSetupError(f"workers must be a positive integer, got {c.workers!r}")
+    if c.top_k is not None and (not isinstance(c.top_k, int) or c.top_k < 1):
+        raise RunSetupError(f"top-k must be a positive integer, got {c.top_k!r}")
+    if c.top_k is not None and c.classes:
+        raise RunSetupError("give either top-k or a class list, not both")
+    if c.limit is not None and c.limit < 0:
+        raise RunSetupError(f"limit must be >= 0, got {c.limit}")
+    if c.max_image_pixels is not None and (not isinstance(c.max_image_pixels, int) or c.max_image_pixels < 1):
+        raise RunSetupError(f"max image pixels must be a positive integer, got {c.max_image_pixels!r}")
+    if c.decode_memory_mb is not None and (not isinstance(c.decode_memory_mb, int) or c.decode_memory_mb < 1):
+        raise RunSetupError(f"decode memory must be a positive number of MB, got {c.decode_memory_mb!r}")
+    if c.heatmap_dtype not in HEATMAP_DTYPES:
+        raise RunSetupError(f"heatmap dtype must be one of {', '.join(HEATMAP_DTYPES)}, got {c.heatmap_dtype!r}")
+    if c.method not in ("gradcam", "cam"):
+        raise RunSetupError(f"unknown method {c.method!r}; expected gradcam or cam")
+    if c.precision not in ("fp32", "bf16", "fp16"):
+        raise RunSetupError(f"unknown precision {c.precision!r}; expected fp32, bf16 or fp16")
+    if c.reshape not in (None, "tokens"):
+        raise RunSetupError(f"unknown reshape {c.reshape!r}; expected tokens")
+    if c.token_grid is not None and c.reshape != "tokens":
+        raise RunSetupError("a token grid applies with reshape='tokens' only")
+    if c.device_jpeg:
+        try:
+            import torchvision.io  # noqa: F401
+        except ImportError:
+            raise RunSetupError("--device-jpeg needs torchvision (pip install torchvision)") from None
+    classes = tuple(dict.fromkeys(int(k) for k in c.classes)) if c.classes else None
+    if classes and min(classes) < 0:
+        raise RunSetupError(f"class indices must be >= 0, got {min(classes)}")
+    top_k = c.top_k if c.top_k is not None else (None if (classes or c.label_column) else 1)
+    selection = ClassSelection(top_k=top_k, classes=classes, label=c.label_column is not None)
+    try:
+        prep = Preprocess(resize=c.resize, crop=c.crop, mean=tuple(c.mean), std=tuple(c.std))
+    except (ValueError, TypeError) as exc:
+        raise RunSetupError(first_line(exc)) from None
+    return selection, prep
+
+
+def check_column_roles(schema: pa.Schema, *, image_column: str, keep: Sequence[str], label_column: str | None) -> None:
+    """The image column holds images, kept columns do not shadow output columns, labels are integers."""
+    if image_kind(schema.field(image_column).type) is None:
+        raise RunSetupError(
+            f"column {image_column!r} has type {schema.field(image_column).type}; images must be "
+            "binary, struct<bytes, path> or string paths"
+        )
+    clash = [k for k in keep if k in ("id", *RESULT_COLUMNS) or k.startswith("__")]
+    if clash:
+        raise RunSetupError(f"kept column {clash[0]!r} has the name of an output column; it cannot be kept")
+    if label_column is not None:
+        ltype = schema.field(label_column).type
+        if not pa.types.is_integer(ltype):
+            raise RunSetupError(f"label column {label_column!r} has type {ltype}; it must hold integer class indices")
+
+
+def _within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _build(c: RunConfig, device, model) -> RunPlan:
+    selection, prep = _check_numbers(c)
+
+    files, input_dirs = discover_inputs(c.inputs)
+    out_dir = Path(c.output).expanduser().resolve()
+    for d in input_dirs:
+        if _within(out_dir, Path(d).resolve()):
+            raise RunSetupError(f"the output directory {c.output} is inside the input directory {d}; choose another")
+    for f in files:
+        if f.is_local and out_dir == Path(f.path).resolve().parent:
+            raise RunSetupError(f"the output directory {c.output} holds the input {f.uri}; choose another")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunSetupError(f"the output {c.output} exists and is not a directory")
+    first = files[0].schema
+    image_column = c.image_column or detect_image_column(first)
+    keep = tuple(dict.fromkeys(c.keep_columns))
+    check_columns(
+        files,
+        {"image column": image_column, "id column": c.id_column, "label column": c.label_column}
+        | {f"kept column {k!r}": k for k in keep},
+    )
+    for col in (image_column, c.id_column, c.label_column, *keep):
+        if col is None:
+            continue
+        for f in files[1:]:
+            if f.schema.field(col).type != first.field(col).type:
+                theirs, ours = f.schema.field(col).type, first.field(col).type
+                raise RunSetupError(f"column {col!r} is {ours} in {files[0].uri} but {theirs} in {f.uri}")
+    check_column_roles(first, image_column=image_column, keep=keep, label_column=c.label_column)
+    per_unit = max(1, c.rows_per_file // max(1, selection.slots))
+    if per_unit >= 64:
+        per_unit -= per_unit % 64  # whole batches of the common batch sizes
+    unit_rows = min(MAX_UNIT_ROWS, per_unit)
+    units = tuple(plan_units(files, unit_rows, c.limit))
+    if not units or sum(u.rows for u in units) == 0:
+        raise RunSetupError("no input rows to explain" + (" (--limit 0)" if c.limit == 0 else ""))
+
+    if model is None:
+        model = ModelHandle(c, resolve_device(c.device) if device is None else torch.device(device))
+    probe = _probe(c, selection, prep, model)
+    plan = _assemble(c, tuple(files), out_dir, first, image_column, keep, selection, prep, probe, unit_rows, units)
+    check_output(plan)
+    return plan
+
+
+@dataclass(frozen=True)
+class _Probe:
+    target_layer: str
+    model_classes: int
+    cam_shape: tuple[int, int]
+
+
+def _probe(c: RunConfig, selection: ClassSelection, prep: Preprocess, handle: ModelHandle) -> _Probe:
+    """One blank image through the Explainer: finds the layer, the class count and the cam size."""
+    from gradcam_batch.engine.explain.explainer import Explainer
+
+    device = handle.device
+    explainer = Explainer(
+        handle.get(),
+        target_layer=c.target_layer,
+        method=c.method,
+        compile=False,
+        precision=c.precision,
+        reshape=c.reshape,
+        token_grid=c.token_grid,
+    )
+    h, w = prep.out_size
+    x = torch.zeros((1, 3, h, w), device=device)
+    seen: list[int] = []
+
+    def first_class(scores: torch.Tensor) -> torch.Tensor:
+        seen.append(scores.shape[1])
+        return torch.zeros((scores.shape[0], 1), dtype=torch.long, device=scores.device)
+
+    try:
+        exp = explainer(x, classes=first_class, counterfactual=c.counterfactual, heatmaps=False)
+    except (ValueError, TypeError):
+        raise
+    except Exception as exc:
+        raise RunSetupError(
+            f"the model fails on a (1, 3, {h}, {w}) input: {type(exc).__name__}: {first_line(exc)}"
+        ) from None
+    n = seen[0]
+    if selection.classes and max(selection.classes) >= n:
+        raise RunSetupError(f"class {max(selection.classes)} is out of range: the model has {n} classes (0..{n - 1})")
+    if selection.top_k is not None and selection.top_k > n:
+        raise RunSetupError(f"top-k {selection.top_k} exceeds the number of classes of the model ({n})")
+    return _Probe(exp.target_layer, n, (int(exp.cams.shape[-2]), int(exp.cams.shape[-1])))
+
+
+def _assemble(c, files, out_dir, schema, image_column, keep, selection, prep, probe, unit_rows, units) -> RunPlan:
+    hs = c.heatmap_size
+    if hs == "input":
+        heatmap_shape = prep.out_size
+    elif hs is None:
+        heatmap_shape = None
+    elif isinstance(hs, int):
+        heatmap_shape = (hs, hs)
+    else:
+        heatmap_shape = (int(hs[0]), int(hs[1]))
+    if heatmap_shape is not None and min(heatmap_shape) < 1:
+        raise RunSetupError(f"heatmap size must be positive, got {heatmap_shape}")
+    out_schema = output_schema(
+        id_type=schema.field(c.id_column).type if c.id_column else pa.string(),
+        passthrough=[schema.field(k) for k in keep],
+        label_type=schema.field(c.label_column).type if c.label_column else None,
+        cam_shape=probe.cam_shape,
+        heatmap_shape=heatmap_shape,
+        heatmap_dtype=c.heatmap_dtype,
+    )
+    plan = RunPlan(
+        config=c,
+        files=files,
+        out_dir=out_dir,
+        image_column=image_column,
+        image_kind=image_kind(schema.field(image_column).type),
+        keep_columns=keep,
+        selection=selection,
+        prep=prep,
+        heatmap_shape=heatmap_shape,
+        target_layer=probe.target_layer,
+        model_classes=probe.model_classes,
+        cam_shape=probe.cam_shape,
+        unit_rows=unit_rows,
+        units=units,
+        schema=out_schema,
+        fingerprint="",
+    )
+    return dataclasses.replace(plan, fingerprint=fingerprint(plan) if files else "")
+
+
+# -- fingerprint -------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file, streamed in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_files(spec: str) -> list[str]:
+    """The local files whose content defines a model spec (the model file, or the factory's source)."""
+    p = Path(spec)
+    if p.is_file():
+        return [str(p)]
+    if ":" in spec and not spec.startswith("torchvision:"):
+        target = spec.rpartition(":")[0]
+        if target.endswith(".py"):
+            return [target] if Path(target).is_file() else []
+        with_spec = None
+        with contextlib.suppress(ImportError, ValueError):
+            with_spec = importlib.util.find_spec(target)
+        if with_spec is not None and with_spec.origin and Path(with_spec.origin).is_file():
+            return [with_spec.origin]
+    return []
+
+
+def _input_stamp(f: InputFile) -> list:
+    """An input file by size and modification time (what ``pyarrow.fs`` gives for local files and URIs)."""
+    try:
+        info = f.filesystem.get_file_info(f.path)
+    except OSError:
+        return [f.uri, f.num_rows]
+    mtime = info.mtime_ns if info.type == pafs.FileType.File else None
+    return [f.uri, f.num_rows, info.size, mtime]
+
+
+def fingerprint(plan: RunPlan) -> str:
+    """What decides the output's content: a resumed run must match it exactly.
+
+    Weights and model files count by content (sha256), inputs by size and modification time.
+    Options that change only rounding or speed (device, batch size, compile, workers, decode
+    memory) are left out, so that a run can be resumed on another machine or runner.
+    """
+    c = plan.config
+    key = {
+        "files": [_input_stamp(f) for f in plan.files],
+        "image_column": plan.image_column,
+        "id_column": c.id_column,
+        "label_column": c.label_column,
+        "keep_columns": list(plan.keep_columns),
+        "model": c.model,
+        "model_files": [sha256_file(p) for p in _model_files(c.model)],
+        "weights": sha256_file(c.weights) if c.weights and Path(c.weights).is_file() else c.weights,
+        "num_classes": c.num_classes,
+        "providers": list(c.providers) if c.providers else None,
+        "target_layer": plan.target_layer,
+        "method": c.method,
+        "counterfactual": c.counterfactual,
+        "selection": dataclasses.asdict(plan.selection),
+        "prep": [plan.prep.resize, plan.prep.crop, list(plan.prep.mean), list(plan.prep.std)],
+        "heatmap": [plan.heatmap_shape, c.heatmap_dtype],
+        "precision": c.precision,
+        "reshape": [c.reshape, c.token_grid],
+        "device_jpeg": c.device_jpeg,
+        "max_image_pixels": c.max_image_pixels,
+        "unit_rows": plan.unit_rows,
+        "limit": c.limit,
+        "schema": plan.schema.to_string(show_schema_metadata=False),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_output(plan: RunPlan) -> None:
+    """The output directory is empty, absent, or holds this same run (or ``overwrite`` is set). Reads only."""
+    out, c = plan.out_dir, plan.config
+    if out is None or not out.exists() or c.overwrite:
+        return
+    manifest = Manifest.load(out)
+    if manifest is None:
+        others = [p.name for p in out.iterdir() if p not in own_files(out) and p.name != ".lock"]
+        if others:
+            raise RunSetupError(
+                f"the output directory {c.output} is not empty and holds no gradcam-batch run; choose another"
+            )
+    elif manifest.data.get("fingerprint") != plan.fingerprint:
+        raise RunSetupError(
+            f"{c.output} holds a run with other settings, model or inputs; pass --overwrite to replace it, "
+            "or choose another output directory"
+        )
+
+
+__all__ = [
+    "ClassSelection",
+    "ModelHandle",
+    "RunPlan",
+    "build_plan",
+    "check_column_roles",
+    "fingerprint",
+    "plan_for_schema",
+]

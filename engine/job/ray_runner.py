@@ -1,0 +1,660 @@
+"""The Ray Data runner: the job of ``gradcam-batch run`` on several GPUs or several machines.
+
+It is driven by the plan's units (``RunPlan.units``: row ranges of the input files)::
+
+    ray.data.from_items(pending unit indices)
+      -> map_batches(read_and_decode, num_cpus=R)          # Ray tasks: pyarrow reads each unit's rows,
+                                                           #   Pillow decodes them (ParquetSource)
+      -> map_batches(ExplainActor, compute=ActorPoolStrategy(size=N), num_gpus=G, num_cpus=W)
+                                                           # one BatchExplainer (the batch step) per actor
+      -> iter_batches() on the driver -> HeatmapWriter     # the sink and manifest of the local runner
+
+Each row carries its unit and its row number from the read, so its file, its default id and the
+unit it completes are known exactly. The driver writes a unit once all its rows are back, through
+the same ``HeatmapWriter`` and manifest as the local runner (``engine/job/local.py``): resume works
+per unit, and each runner resumes the other's output. The driver holds the output directory's lock.
+
+Why decode is its own stage, apart from the GPU actors (as in Ray's batch-inference examples):
+decoding is CPU work that scales with the CPUs of every node, while the actors are as many as the
+GPUs. In one stage a GPU would wait for its actor's few decode threads; separate, Ray runs as
+many read tasks as the cluster's free CPUs allow and streams uint8 pixels (a quarter of float32)
+to the actors. The cost is the pixels' trip through the object store, small beside a forward pass.
+
+``explain_dataset(ds, ...)`` is the API for a Ray Dataset already in hand: the same two stages
+over its rows, returning a lazy Dataset of output rows. Its rows have no file and row number, so
+it needs an id column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from gradcam_batch.engine.job.config import RunConfig, RunFailed, RunSetupError
+from gradcam_batch.engine.job.local import close_output, open_output, start_output, summary
+from gradcam_batch.engine.job.plan import RunPlan, build_plan, plan_for_schema
+from gradcam_batch.engine.job.sink import HeatmapWriter, OutputLock, WriteItem, next_part_index
+from gradcam_batch.engine.job.source import DecodedBatch, InputFile, ParquetSource, assemble_images
+
+# Columns that travel between the stages beside the input's own (check_column_roles keeps "__" names out).
+UNIT, ROW, ERROR, PIXELS, JPEG, FIRST = "__unit", "__row", "__error", "__pixels", "__jpeg", "__first"
+_INTERNAL = (UNIT, ROW, FIRST)
+_NO_UNIT = -1  # rows of a user's Dataset
+
+
+class RayNotInstalled(RunSetupError):
+    """``--ray`` without Ray."""
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise RayNotInstalled("Ray is not installed; install the extra: pip install 'gradcam-batch[ray]'") from None
+    return ray
+
+
+@dataclass
+class RayOptions:
+    """How the job runs on Ray (``gradcam-batch run --ray ...``).
+
+    ``address``: None starts a local Ray (all local GPUs and CPUs); ``"auto"`` joins the cluster
+    this machine belongs to; ``"HOST:PORT"`` or ``"ray://HOST:10001"`` names one. Ignored when
+    Ray is already initialized in this process.
+    ``workers``: actors in the pool (one model each). Default: the cluster's GPUs divided by
+    ``num_gpus_per_worker``, or 1 on a cluster without GPUs.
+    ``num_gpus_per_worker``: GPUs per actor. Default: 1 when the cluster has GPUs, else 0.
+    ``num_cpus_per_worker``: CPUs per actor. Default 1.
+    ``num_cpus_per_read``: CPUs per read-and-decode task (its decode threads). Default 1.
+    """
+
+    address: str | None = None
+    workers: int | None = None
+    num_gpus_per_worker: float | None = None
+    num_cpus_per_worker: float | None = None
+    num_cpus_per_read: float | None = None
+    quiet: bool = True  # keep Ray's INFO logging and worker output off the terminal
+
+
+# -- stage 1: read and decode (Ray tasks) ------------------------------------------------------------
+
+
+def _decode_threads(cpus: float | None) -> int:
+    return max(1, round(cpus or 1))
+
+
+def encode_decoded(db: DecodedBatch, unit_index: int, plan: RunPlan) -> pa.Table:
+    """A decoded batch as Arrow rows for the next stage: row columns, unit, row, error, pixels, JPEG."""
+    h, w = plan.prep.out_size
+    size = h * w * 3
+    n = db.num_rows
+    ok_pos = np.flatnonzero(db.ok)
+    pixels = np.zeros((n, size), np.uint8)
+    if len(ok_pos):
+        pixels[ok_pos] = db.images.reshape(len(ok_pos), size)
+    jpegs: list[bytes | None] = [None] * n
+    for pos, data in db.jpegs:
+        jpegs[ok_pos[pos]] = data
+    cols = {name: db.rows.column(name) for name in plan.row_columns}
+    cols[UNIT] = pa.array(np.full(n, unit_index, np.int32))
+    cols[ROW] = pa.array(db.row_index.astype(np.int64))
+    cols[ERROR] = pa.array(db.errors, pa.string())
+    cols[PIXELS] = pa.FixedSizeBinaryArray.from_buffers(pa.binary(size), n, [None, pa.py_buffer(pixels)])
+    cols[JPEG] = pa.array(jpegs, pa.binary())
+    return pa.table(cols)
+
+
+def _source(plan: RunPlan, files, cpus: float | None) -> ParquetSource:
+    c = plan.config
+    return ParquetSource(
+        files,
+        plan.image_column,
+        plan.row_columns,
+        plan.prep,
+        batch_size=c.batch_size,
+        workers=_decode_threads(cpus),
+        device_jpeg=c.device_jpeg,
+        max_image_pixels=c.max_image_pixels,
+        decode_memory=c.decode_memory_mb << 20 if c.decode_memory_mb else None,
+    )
+
+
+def read_units(batch: pa.Table, *, plan: RunPlan, cpus: float | None) -> pa.Table:
+    """Stage 1 for a planned run: unit indices in, their rows read and decoded out."""
+    source = _source(plan, plan.files, cpus)
+    tables = []
+    for index in batch.column("unit").to_pylist():
+        for db in source.batches([plan.units[index]]):
+            tables.append(encode_decoded(db, index, plan))
+    return pa.concat_tables(tables)
+
+
+def decode_rows(batch: pa.Table, *, plan: RunPlan, cpus: float | None) -> pa.Table:
+    """Stage 1 for a user's Dataset: rows with encoded images in, decoded rows out."""
+    file = _cwd_file(plan)
+    source = _source(plan, [file], cpus)
+    values = batch.column(plan.image_column).to_pylist()
+    results = [source._decode_one((v, file)) for v in values]
+    images, ok, jpegs = assemble_images(results, plan.prep.out_size)
+    db = DecodedBatch(
+        unit=None,
+        unit_done=False,
+        rows=batch.select(plan.row_columns),
+        row_index=np.full(batch.num_rows, -1, np.int64),
+        images=images,
+        ok=ok,
+        errors=[r[1] for r in results],
+        jpegs=jpegs,
+    )
+    return encode_decoded(db, _NO_UNIT, plan)
+
+
+def _cwd_file(plan: RunPlan) -> InputFile:
+    """A stand-in input file for rows without one: relative image paths resolve from the cwd."""
+    schema = pa.schema([pa.field(plan.image_column, _KIND_TYPES[plan.image_kind])])
+    return InputFile("", os.path.join(os.getcwd(), "_"), pafs.LocalFileSystem(), "", True, (), schema)
+
+
+_KIND_TYPES = {
+    "bytes": pa.binary(),
+    "path": pa.string(),
+    "struct": pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+}
+
+
+# -- stage 2: the batch step (Ray actors) -------------------------------------------------------------
+
+
+def decoded_batches(table: pa.Table, plan: RunPlan):
+    """Stage 1's rows back into ``DecodedBatch`` objects, one per unit present (input order kept)."""
+    h, w = plan.prep.out_size
+    units = table.column(UNIT).to_numpy()
+    for index in dict.fromkeys(units.tolist()):
+        part = table.filter(pa.array(units == index)) if len(set(units.tolist())) > 1 else table
+        n = part.num_rows
+        errors = part.column(ERROR).to_pylist()
+        ok = np.array([e is None for e in errors], dtype=bool)
+        pix = part.column(PIXELS).combine_chunks()
+        flat = np.frombuffer(pix.buffers()[1], np.uint8, count=(pix.offset + n) * h * w * 3)
+        images = flat[pix.offset * h * w * 3 :].reshape(n, h, w, 3)[ok]
+        jpeg_col = part.column(JPEG).to_pylist()
+        ok_pos = np.cumsum(ok) - 1
+        jpegs = [(int(ok_pos[i]), data) for i, data in enumerate(jpeg_col) if data is not None]
+        yield (
+            DecodedBatch(
+                unit=plan.units[index] if index != _NO_UNIT else None,
+                unit_done=False,
+                rows=part.select(plan.row_columns),
+                row_index=part.column(ROW).to_numpy(),
+                images=np.ascontiguousarray(images),
+                ok=ok,
+                errors=errors,
+                jpegs=jpegs,
+            ),
+            index,
+        )
+
+
+class ExplainActor:
+    """Stage 2: one ``BatchExplainer`` per actor, loaded once; decoded rows in, output rows out."""
+
+    def __init__(self, plan: RunPlan, *, tag_rows: bool = True):
+        from gradcam_batch.engine.job.config import resolve_device
+        from gradcam_batch.engine.job.step import BatchExplainer
+
+        self.plan = plan
+        self.tag_rows = tag_rows
+        self.step = BatchExplainer(plan, resolve_device(plan.config.device))
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        outs = []
+        for db, index in decoded_batches(table, self.plan):
+            out = self.step(db)
+            t = out.table
+            if self.tag_rows:
+                src = out.source_rows
+                first = np.ones(len(src), dtype=bool)
+                first[1:] = src[1:] != src[:-1]
+                t = t.append_column(UNIT, pa.array(np.full(len(src), index, np.int32)))
+                t = t.append_column(ROW, pa.array(db.row_index[src].astype(np.int64)))
+                t = t.append_column(FIRST, pa.array(first))
+            outs.append(t)
+        return pa.concat_tables(outs) if outs else _empty_output(self.plan, self.tag_rows)
+
+
+def _empty_output(plan: RunPlan, tagged: bool) -> pa.Table:
+    schema = plan.schema
+    if tagged:
+        schema = schema.append(pa.field(UNIT, pa.int32())).append(pa.field(ROW, pa.int64()))
+        schema = schema.append(pa.field(FIRST, pa.bool_()))
+    return schema.empty_table()
+
+
+# -- resources ------------------------------------------------------------------------------------------
+
+
+def _pool(ray, options: RayOptions, device: str = "auto") -> tuple[int, float]:
+    """(actors, GPUs per actor) from the options and what the cluster has."""
+    gpus_total = float(ray.cluster_resources().get("GPU", 0.0))
+    per = options.num_gpus_per_worker
+    if per is None:
+        per = 1.0 if gpus_total >= 1 and not device.startswith("cpu") else 0.0
+    if per == 0 and device.startswith("cuda"):
+        raise RunSetupError(f"--device {device} needs GPUs per worker (--num-gpus-per-worker), and GPUs in the cluster")
+    if per < 0:
+        raise RunSetupError(f"GPUs per worker must be >= 0, got {per}")
+    if per > 0 and gpus_total < per:
+        raise RunSetupError(f"{per:g} GPUs per worker asked for, but the Ray cluster has {gpus_total:g} GPUs")
+    workers = options.workers
+    if workers is None:
+        workers = max(1, int(gpus_total // per)) if per > 0 else 1
+    if workers < 1:
+        raise RunSetupError(f"workers must be a positive integer, got {workers}")
+    if per > 0 and workers * per > gpus_total + 1e-9:
+        raise RunSetupError(
+            f"{workers} workers x {per:g} GPUs need {workers * per:g} GPUs; the Ray cluster has {gpus_total:g}"
+        )
+    return workers, per
+
+
+def check_schedulable(nodes: list[dict], workers: int, actor: dict, read: dict) -> None:
+    """Stop at once when the cluster cannot hold the actors and still run one read task.
+
+    ``nodes``: each alive node's total resources (``{"CPU": 2, "GPU": 1}``); ``actor``/``read``:
+    what one actor and one read task reserve. Places the actors first-fit on the nodes with the
+    most room, then looks for a node with room for a read task: without one, Ray would wait for
+    ever with the actors holding every CPU ("Pending Demands").
+    """
+    free = [dict(n) for n in nodes]
+    for i in range(workers):
+        fits = [f for f in free if all(f.get(k, 0.0) + 1e-9 >= v for k, v in actor.items())]
+        if not fits:
+            need = ", ".join(f"{v:g} {k}" for k, v in actor.items() if v)
+            have = "; ".join(", ".join(f"{n.get(k, 0):g} {k}" for k in actor) for n in nodes)
+            raise RunSetupError(
+                f"the Ray cluster cannot place {workers} actors of {need} each (actor {i + 1} does not fit; "
+                f"nodes have: {have}); lower --workers or --num-cpus-per-worker / --num-gpus-per-worker"
+            )
+        best = max(fits, key=lambda f: f.get("CPU", 0.0))
+        for k, v in actor.items():
+            best[k] = best.get(k, 0.0) - v
+    if not any(all(f.get(k, 0.0) + 1e-9 >= v for k, v in read.items()) for f in free):
+        left = ", ".join(f"{f.get('CPU', 0.0):g}" for f in free)
+        raise RunSetupError(
+            f"the Ray cluster has no CPU left for the read tasks: {workers} actors hold the CPUs they reserve "
+            f"(CPUs left per node: {left}), and a read task needs {read.get('CPU', 0):g} CPU; lower --workers, "
+            "--num-cpus-per-worker or --num-cpus-per-read"
+        )
+
+
+def _alive_nodes(ray) -> list[dict]:
+    return [
+        {k: float(v) for k, v in n.get("Resources", {}).items() if k in ("CPU", "GPU")}
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def _spread() -> dict:
+    return {"scheduling_strategy": "SPREAD"}
+
+
+def _stages(ds, plan: RunPlan, reader, workers: int, gpus: float, options: RayOptions, *, tag_rows: bool):
+    from ray.data import ActorPoolStrategy
+
+    read_cpus = 1.0 if options.num_cpus_per_read is None else options.num_cpus_per_read
+    with warnings.catch_warnings():
+        # Deprecated in Ray 2.60 in favour of named arguments, none of which keeps the stages apart.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
+        ds = ds.map_batches(
+            reader,
+            fn_kwargs={"plan": plan, "cpus": read_cpus},
+            batch_size=1 if reader is read_units else plan.config.batch_size,
+            batch_format="pyarrow",
+            num_cpus=read_cpus,
+            # Spread the reads over the nodes. Remote args from a function also keep Ray from fusing
+            # the read into the actors' stage, which would undo the separation (see the module docstring).
+            ray_remote_args_fn=_spread,
+        )
+    actor_kwargs = {"num_gpus": gpus} if gpus else {}
+    if options.num_cpus_per_worker is not None:
+        actor_kwargs["num_cpus"] = options.num_cpus_per_worker
+    return ds.map_batches(
+        ExplainActor,
+        fn_constructor_kwargs={"plan": plan, "tag_rows": tag_rows},
+        batch_size=plan.config.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=workers),
+        **actor_kwargs,
+    )
+
+
+# -- the run ----------------------------------------------------------------------------------------------
+
+
+def _quiet_ray_data() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+    # Ray Data logs every execution at INFO and warns that its bars are off.
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.+)$")
+# Ray's errors for a lost worker, actor, node or object: a rerun can get past them.
+_TRANSIENT_RAY = (
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "NodeDiedError",
+    "ObjectLostError",
+    "ObjectFetchTimedOutError",
+    "OwnerDiedError",
+    "RayActorError",
+    "WorkerCrashedError",
+    "OutOfMemoryError",
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The original error behind a Ray error, in one line.
+
+    Ray wraps an actor's exception several times (``ActorDiedError`` -> ``RayTaskError`` -> ...),
+    each with the remote traceback in its text; the original ``Type: message`` line is the last
+    one there whose type is not one of Ray's.
+    """
+    texts, seen, todo = [], set(), [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        texts.append(str(e))
+        todo += [x for x in (e.__cause__, e.__context__, getattr(e, "cause", None)) if isinstance(x, BaseException)]
+    found = None
+    for text in texts:
+        for line in text.splitlines():
+            m = _ERROR_LINE.match(line.strip())
+            if m and not m.group(1).startswith("ray.") and m.group(1) not in ("SystemException",):
+                found = m
+    if found is not None:
+        name, message = found.group(1).rsplit(".", 1)[-1], found.group(2)
+        # The engine's own errors already read as one line; others keep their type.
+        engine_errors = ("RunSetupError", "ModelSpecError", "SourceError", "TargetLayerError")
+        return message if name in engine_errors else f"{name}: {message}"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _is_transient(exc: BaseException) -> bool:
+    from gradcam_batch.engine.job.local import is_transient
+
+    if is_transient(exc):
+        return True
+    names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
+    return bool(names & set(_TRANSIENT_RAY))
+
+
+class RayRun:
+    """A planned ``--ray`` run; ``run()`` executes it. Made by ``prepare_ray``."""
+
+    def __init__(self, config: RunConfig, options: RayOptions, log: Callable[[str], None] | None = None):
+        self.options = options
+        self.log = log
+        self.ray = ray = _import_ray()
+        if config.device != "auto" and not config.device.startswith(("cpu", "cuda")):
+            raise RunSetupError(f"unsupported device {config.device!r}; expected auto, cpu, cuda or cuda:N")
+        for name, value in (
+            ("CPUs per worker", options.num_cpus_per_worker),
+            ("CPUs per read", options.num_cpus_per_read),
+        ):
+            if value is not None and value < 0:
+                raise RunSetupError(f"{name} must be >= 0, got {value}")
+        # The driver probes the model on the CPU: it must not hold GPU memory that an actor needs,
+        # and a Ray Client driver may have no GPU at all.
+        self.plan = build_plan(config, device="cpu")
+        if len({type(f.filesystem).__name__ for f in self.plan.files}) > 1:
+            raise RunSetupError("with --ray all inputs must be on one filesystem (all local, or one URI scheme)")
+        from gradcam_batch.engine.job.sink import Manifest
+
+        out = self.plan.out_dir
+        self.manifest = Manifest.load(out) if not config.overwrite and out.exists() else None
+        self._started = False
+        if not ray.is_initialized():
+            level = logging.ERROR if options.quiet else logging.INFO
+            init = {"address": options.address, "include_dashboard": False, "logging_level": level}
+            if options.quiet:
+                init["log_to_driver"] = False
+            try:
+                ray.init(**init)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise RunSetupError(
+                    f"cannot start or reach Ray at {options.address or 'local'}: {_first_line(exc)}"
+                ) from None
+            self._started = True
+        try:
+            if options.quiet:
+                _quiet_ray_data()
+            self.workers, self.gpus = _pool(ray, options, config.device)
+            actor = {"CPU": 1.0 if options.num_cpus_per_worker is None else options.num_cpus_per_worker}
+            if self.gpus:
+                actor["GPU"] = self.gpus
+            read = {"CPU": 1.0 if options.num_cpus_per_read is None else options.num_cpus_per_read}
+            check_schedulable(_alive_nodes(ray), self.workers, actor, read)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def config(self) -> RunConfig:
+        return self.plan.config
+
+    @property
+    def device_label(self) -> str:
+        return f"ray ({self.workers} x {self.gpus:g} GPU)" if self.gpus else f"ray ({self.workers} x CPU)"
+
+    def close(self) -> None:
+        """Shut down the Ray that this run started (not one that was running before)."""
+        if self._started:
+            self.ray.shutdown()
+            self._started = False
+
+    def run(self) -> dict:
+        """Explain every pending unit; returns the summary (the keys of the local runner's)."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
+        plan, ray = self.plan, self.ray
+        t_start = time.perf_counter()
+        plan.out_dir.mkdir(parents=True, exist_ok=True)
+        with OutputLock(plan.out_dir):
+            try:
+                manifest, removed = open_output(plan)
+            except (ValueError, OSError) as exc:
+                raise RunFailed(str(exc), transient=isinstance(exc, OSError)) from exc
+            self.manifest = manifest
+            done = manifest.completed_units()
+            pending = [i for i, u in enumerate(plan.units) if u.key not in done]
+            session = {"images": 0, "errors": 0, "rows_out": 0}
+            if pending or manifest.data["status"] != "complete":
+                start_output(manifest, self.device_label, {"ray": ray.__version__})
+                if pending:
+                    try:
+                        self._stream(pending, manifest, session)
+                    except KeyboardInterrupt:
+                        raise
+                    except RunFailed:
+                        raise
+                    except BaseException as exc:
+                        raise RunFailed(_first_line(exc), transient=_is_transient(exc)) from None
+                close_output(manifest, session, time.perf_counter() - t_start, self.device_label)
+            seconds = time.perf_counter() - t_start
+            return summary(
+                plan, manifest, session, seconds, pending=len(pending), removed=removed, device=self.device_label
+            )
+
+    def _stream(self, pending: list[int], manifest, session: dict) -> None:
+        plan, c = self.plan, self.plan.config
+        ds = self.ray.data.from_items([{"unit": i} for i in pending])
+        ds = _stages(ds, plan, read_units, self.workers, self.gpus, self.options, tag_rows=True)
+        writer = HeatmapWriter(
+            plan.out_dir,
+            plan.schema,
+            manifest,
+            rows_per_file=c.rows_per_file,
+            queue_depth=c.queue_depth,
+            first_part=next_part_index(manifest),
+        )
+        buffers: dict[int, list[pa.Table]] = {}
+        seen: dict[int, int] = {}
+        bar = None
+        if c.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(plan.units[i].rows for i in pending), unit="img", dynamic_ncols=True, smoothing=0.1)
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                units = batch.column(UNIT).to_numpy()
+                firsts = batch.column(FIRST).to_numpy(zero_copy_only=False)
+                for index in dict.fromkeys(units.tolist()):
+                    mask = units == index
+                    buffers.setdefault(index, []).append(batch.filter(pa.array(mask)))
+                    images = int(firsts[mask].sum())
+                    seen[index] = seen.get(index, 0) + images
+                    if bar is not None:
+                        bar.update(images)
+                    unit = plan.units[index]
+                    if seen[index] == unit.rows:
+                        table = pa.concat_tables(buffers.pop(index))
+                        table = table.sort_by([(ROW, "ascending"), ("class_rank", "ascending")])
+                        errors = int(pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0)
+                        table = table.drop_columns(list(_INTERNAL))
+                        writer.put(WriteItem(table, unit.rows, errors, unit.key))
+                        session["images"] += unit.rows
+                        session["errors"] += errors
+                        session["rows_out"] += table.num_rows
+            if buffers:
+                short = next(iter(buffers))
+                raise RuntimeError(
+                    f"Ray returned {seen[short]} of the {plan.units[short].rows} rows of unit {plan.units[short].key}"
+                )
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.log is not None and session["images"]:
+                self.log(f"ray: {session['images']} images, {session['rows_out']} rows, {session['errors']} errors")
+
+
+def prepare_ray(config: RunConfig, options: RayOptions | None = None, *, log=None) -> RayRun:
+    """Validate a ``--ray`` run (raises ``RunSetupError``, writes nothing) and start or join Ray.
+
+    Everything ``build_plan`` checks is checked here, on this machine, and so is whether the
+    cluster can schedule the actors and the read tasks. Inputs and the output directory must be
+    reachable from every node (a shared filesystem, or URIs for the inputs); only the driver
+    writes the output.
+    """
+    return RayRun(config, options or RayOptions(), log)
+
+
+def run_ray(config: RunConfig, options: RayOptions | None = None, *, log: Callable[[str], None] | None = None) -> dict:
+    """``gradcam-batch run --ray``: the job on Ray Data; returns the summary of the local runner."""
+    return prepare_ray(config, options, log=log).run()
+
+
+# -- a user's Dataset ------------------------------------------------------------------------------------
+
+
+def _arrow_schema(ds) -> pa.Schema:
+    schema = ds.schema()
+    if schema is None:
+        raise ValueError("the dataset has no schema (is it empty?)")
+    base = getattr(schema, "base_schema", schema)
+    if not isinstance(base, pa.Schema):
+        raise ValueError("the dataset is not Arrow-backed; read it with ray.data.read_parquet or map it to Arrow")
+    return base
+
+
+def explain_dataset(
+    ds,
+    config: RunConfig | None = None,
+    *,
+    workers: int | None = None,
+    num_gpus_per_worker: float | None = None,
+    num_cpus_per_worker: float | None = None,
+    num_cpus_per_read: float | None = None,
+    **options,
+):
+    """Explain the images of a Ray Dataset; returns a lazy ``ray.data.Dataset`` of output rows.
+
+    The rows and their schema are those of ``gradcam-batch run`` (see the README's output
+    schema); write them with ``.write_parquet(dir)`` or consume them with ``.iter_batches()``.
+
+    Args:
+        ds: a ``ray.data.Dataset`` with an image column (encoded bytes, a Hugging Face
+            ``struct<bytes, path>`` image, or paths/URIs) and an id column.
+        config: a ``RunConfig``; its ``inputs``/``output``/resume fields are ignored. Or give
+            the same fields as keywords: ``model=``, ``id_column=``, ``top_k=``, ...
+        workers, num_gpus_per_worker, num_cpus_per_worker, num_cpus_per_read: as ``RayOptions``.
+
+    A Dataset's rows have no input file and row number to name them by, so ``id_column`` is
+    required. Ray must be initialized (``ray.init()``) or it starts a local one.
+    """
+    ray = _import_ray()
+    if config is None:
+        if "model" not in options:
+            raise ValueError("explain_dataset needs a model: model='torchvision:resnet50' or a RunConfig")
+        config = RunConfig(inputs=(), output="", **options)
+    elif options:
+        config = dataclasses.replace(config, **options)
+    if config.id_column is None:
+        raise ValueError(
+            "explain_dataset needs id_column=: a Ray Dataset's rows have no file and row number to name them by"
+        )
+    plan = plan_for_schema(config, _arrow_schema(ds))
+    if not ray.is_initialized():
+        ray.init()  # what Ray Data would do on the first execution; the pool size needs the cluster now
+    opts = RayOptions(
+        workers=workers,
+        num_gpus_per_worker=num_gpus_per_worker,
+        num_cpus_per_worker=num_cpus_per_worker,
+        num_cpus_per_read=num_cpus_per_read,
+    )
+    n_workers, gpus = _pool(ray, opts, config.device)
+    ds = ds.select_columns(list(dict.fromkeys([plan.image_column, *plan.row_columns])))
+    return _stages(ds, plan, decode_rows, n_workers, gpus, opts, tag_rows=False)
+
+
+__all__ = [
+    "ExplainActor",
+    "RayNotInstalled",
+    "RayOptions",
+    "RayRun",
+    "RunConfig",
+    "RunSetupError",
+    "check_schedulable",
+    "explain_dataset",
+    "prepare_ray",
+    "run_ray",
+]

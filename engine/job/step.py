@@ -1,0 +1,295 @@
+"""The one batch step: a decoded batch in, the Arrow table of its output rows out.
+
+``BatchExplainer(plan, device)`` is what every runner calls (the local pipeline on its compute
+thread, each Ray actor on its batches); no runner has per-batch code of its own. A batch goes:
+
+1. ``launch``: uint8 images to the device (pinned memory, a non-blocking copy on CUDA), device
+   JPEG decode when asked, normalization with mean and std held on the device, class selection
+   (top-k or listed classes, plus the label slot), the ``Explainer`` call, a finiteness check,
+   and the results' copy back to pinned host memory. Nothing in it waits for the device.
+2. ``finish``: waits for that copy, turns invalid labels into notes or error rows, non-finite
+   results into error rows, and builds the table (``engine/job/schema.py``).
+
+Calling ``launch`` for batch i+1 before ``finish`` for batch i overlaps the device with the host.
+``step(batch)`` does both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from gradcam_batch.engine.job.plan import RunPlan
+from gradcam_batch.engine.job.schema import ResultBatch, build_table
+from gradcam_batch.engine.job.source import DecodedBatch, decode_jpegs_on_device
+
+NON_FINITE = "non-finite scores or cam (a numeric overflow; --precision fp32 avoids the fp16/bf16 ones)"
+
+
+@dataclass
+class DeviceResult:
+    """The per-image results of one batch: on the device after ``launch``, on the host after ``finish``."""
+
+    classes: torch.Tensor  # (m, C) int64
+    scores: torch.Tensor  # (m, C) float32
+    probabilities: torch.Tensor  # (m, C) float32
+    cams: torch.Tensor  # (m, C, h, w) float16
+    cam_max: torch.Tensor  # (m, C) float32
+    peaks: torch.Tensor  # (m, C, 2) int64
+    finite: torch.Tensor  # (m,) bool
+    heatmaps: torch.Tensor | None  # (m, C, H, W) uint8 or float16
+
+    def map(self, fn) -> DeviceResult:
+        return DeviceResult(**{f.name: (None if (t := getattr(self, f.name)) is None else fn(t)) for f in fields(self)})
+
+
+@dataclass
+class PendingBatch:
+    """A batch whose device work has been launched."""
+
+    batch: DecodedBatch
+    rows: pa.Table  # (n,) id, kept columns, label
+    ok: np.ndarray  # (n,) bool: rows sent to the device
+    errors: list[str | None]  # (n,)
+    notes: list[str | None]  # (m,) per explained image
+    result: DeviceResult | None
+    event: object = None  # a CUDA event recorded after the copy back
+
+
+@dataclass
+class BatchOutput:
+    """The output rows of one batch."""
+
+    table: pa.Table
+    images: int  # input rows the batch held
+    errors: int  # of which became error rows
+    source_rows: np.ndarray  # (rows,) per output row, its row in the batch
+
+
+class BatchExplainer:
+    """Turns decoded batches into output tables for one plan, on one device (see the module docstring)."""
+
+    def __init__(self, plan: RunPlan, device: torch.device | str, *, model=None):
+        from gradcam_batch.engine.explain.explainer import Explainer
+        from gradcam_batch.engine.models.loader import load_model
+
+        c = plan.config
+        self.plan = plan
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self._cuda = self.device.type == "cuda"
+        if model is None:
+            model = load_model(
+                c.model, weights=c.weights, num_classes=c.num_classes, device=self.device, providers=c.providers
+            )
+        self.explainer = Explainer(
+            model,
+            target_layer=plan.target_layer,
+            method=c.method,
+            compile=c.compile,
+            precision=c.precision,
+            reshape=c.reshape,
+            token_grid=c.token_grid,
+        )
+        # Made once: a tensor built from Python values per batch would be a host-to-device copy each time.
+        self._mean = torch.tensor(plan.prep.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(plan.prep.std, device=self.device).view(1, 3, 1, 1)
+        sel = plan.selection
+        self._fixed = torch.tensor(sel.classes, dtype=torch.long, device=self.device) if sel.classes else None
+        self._out_dtype = torch.uint8 if c.heatmap_dtype == "uint8" else torch.float16
+
+    # -- host side ------------------------------------------------------------------------------------
+
+    def row_table(self, batch: DecodedBatch) -> pa.Table:
+        """The per-image output columns that come from the input: id, kept columns, label."""
+        plan = self.plan
+        if plan.id_column:
+            ids = batch.rows.column(plan.id_column)
+        else:
+            key = plan.files[batch.unit.file_index].key
+            ids = pa.array([f"{key}:{r}" for r in batch.row_index.tolist()], pa.string())
+        cols, names = [ids], ["id"]
+        for k in plan.keep_columns:
+            cols.append(batch.rows.column(k))
+            names.append(k)
+        if plan.label_column:
+            cols.append(batch.rows.column(plan.label_column))
+            names.append("label")
+        return pa.Table.from_arrays(cols, names=names)
+
+    def _labels(self, rows: pa.Table, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        """(label index, valid, why not) for the decoded rows; invalid labels get index 0."""
+        n = self.plan.model_classes
+        lab = np.asarray(rows.column("label").to_numpy(zero_copy_only=False), dtype=np.float64)[ok]  # null: NaN
+        valid = ~np.isnan(lab) & (lab >= 0) & (lab < n)
+        why: list[str | None] = [None] * len(lab)
+        for j in np.flatnonzero(~valid):
+            why[j] = (
+                "null label" if np.isnan(lab[j]) else f"label {int(lab[j])} is not a class of the model (0..{n - 1})"
+            )
+        return np.where(valid, lab, 0).astype(np.int64), valid, why
+
+    # -- device side ----------------------------------------------------------------------------------
+
+    def launch(self, batch: DecodedBatch) -> PendingBatch:
+        """Start the device work for one batch; nothing here waits for the device."""
+        with torch.cuda.device(self.device) if self._cuda else contextlib.nullcontext():
+            return self._launch(batch)
+
+    def _launch(self, batch: DecodedBatch) -> PendingBatch:
+        rows = self.row_table(batch)
+        ok = batch.ok.copy()
+        errors = list(batch.errors)
+        pending = PendingBatch(batch, rows, ok, errors, [], None)
+        if len(batch.images) == 0:
+            return pending
+        x = torch.from_numpy(batch.images)
+        if self._cuda:
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        ok_idx = np.flatnonzero(batch.ok)
+        use = np.ones(len(ok_idx), dtype=bool)  # decoded images that go on to the model
+        if batch.jpegs:
+            decoded, errs = decode_jpegs_on_device(
+                [d for _, d in batch.jpegs],
+                self.plan.prep,
+                self.device,
+                max_image_pixels=self.plan.config.max_image_pixels,
+            )
+            for (pos, _), img, err in zip(batch.jpegs, decoded, errs, strict=True):
+                if img is None:
+                    use[pos] = False
+                    errors[ok_idx[pos]] = err
+                else:
+                    x[pos] = img
+        labels = None
+        notes: list[str | None] = [None] * len(ok_idx)
+        if self.plan.label_column:
+            labels, valid, why = self._labels(rows, batch.ok)
+            label_only = self.plan.selection.slots == 1
+            for j in np.flatnonzero(~valid & use):
+                if label_only:  # nothing else to explain for this image
+                    use[j] = False
+                    errors[ok_idx[j]] = why[j]
+                else:
+                    notes[j] = f"{why[j]}; the label row was skipped"
+        ok[ok_idx[~use]] = False
+        pending.notes = [nt for nt, u in zip(notes, use, strict=True) if u]
+        if not use.any():
+            return pending
+        if not use.all():
+            x = x[torch.from_numpy(np.flatnonzero(use)).to(x.device)]
+            labels = labels[use] if labels is not None else None
+
+        x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
+        if self._cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        labels_t = None
+        if labels is not None:
+            labels_t = torch.from_numpy(labels)
+            labels_t = labels_t.pin_memory().to(self.device, non_blocking=True) if self._cuda else labels_t
+        hs = self.plan.heatmap_shape
+        exp = self.explainer(
+            x,
+            classes=self._selector(labels_t),
+            counterfactual=self.plan.config.counterfactual,
+            output_size=hs,
+            out_dtype=self._out_dtype,
+            heatmaps=hs is not None,
+        )
+        cams = exp.cams
+        finite = (
+            torch.isfinite(exp.scores).all(1)
+            & torch.isfinite(exp.probabilities).all(1)
+            & torch.isfinite(cams.flatten(1)).all(1)
+        )
+        result = DeviceResult(
+            classes=exp.classes,
+            scores=exp.scores.float(),
+            probabilities=exp.probabilities.float(),
+            cams=cams.half(),
+            cam_max=exp.cam_max.float(),
+            peaks=exp.peaks,
+            finite=finite,
+            heatmaps=exp.heatmaps if hs is not None else None,
+        )
+        if self._cuda:
+            # Back to pinned host memory without waiting; finish() waits on the event, which is
+            # recorded on this device's current stream (the one the copies were queued on).
+            result = result.map(
+                lambda t: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            )
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            pending.event = event
+        pending.result = result
+        return pending
+
+    def _selector(self, labels: torch.Tensor | None):
+        """scores (B, N) -> classes (B, C): the fixed classes or the top-k, then the label slot."""
+        fixed, top_k = self._fixed, self.plan.selection.top_k
+
+        def select(scores: torch.Tensor) -> torch.Tensor:
+            b = scores.shape[0]
+            base = fixed.expand(b, -1) if fixed is not None else (scores.topk(top_k, dim=1).indices if top_k else None)
+            if labels is None:
+                return base
+            lab = labels.unsqueeze(1)
+            return lab if base is None else torch.cat([base, lab], dim=1)
+
+        return select
+
+    # -- back on the host -----------------------------------------------------------------------------
+
+    def finish(self, pending: PendingBatch) -> BatchOutput:
+        """Wait for a launched batch and build its output table."""
+        if pending.event is not None:
+            pending.event.synchronize()
+        ok, errors, notes = pending.ok, pending.errors, pending.notes
+        c_slots = max(1, self.plan.selection.slots)
+        if pending.result is None:
+            arrays = _empty(c_slots, self.plan.cam_shape)
+        else:
+            host = pending.result.map(lambda t: t.cpu().numpy())
+            arrays = {f.name: getattr(host, f.name) for f in fields(host)}
+            keep = np.ones(arrays["classes"].shape, dtype=bool)
+            if self.plan.label_column and self.plan.selection.slots > 1:
+                cls = arrays["classes"]
+                valid = np.array([nt is None for nt in notes], dtype=bool)
+                keep[:, -1] = valid & ~(cls[:, :-1] == cls[:, -1:]).any(axis=1)
+            arrays["keep"] = keep
+            finite = arrays.pop("finite")
+            if not finite.all():
+                ok_idx = np.flatnonzero(ok)
+                for j in np.flatnonzero(~finite):
+                    ok[ok_idx[j]] = False
+                    errors[ok_idx[j]] = NON_FINITE
+                arrays = {k: (v[finite] if v is not None else None) for k, v in arrays.items()}
+                notes = [nt for nt, f in zip(notes, finite, strict=True) if f]
+        result = ResultBatch(rows=pending.rows, ok=ok, errors=errors, notes=notes, **arrays)
+        table, source_rows = build_table(result, self.plan.schema)
+        return BatchOutput(table, images=len(ok), errors=int((~ok).sum()), source_rows=source_rows)
+
+    def __call__(self, batch: DecodedBatch) -> BatchOutput:
+        return self.finish(self.launch(batch))
+
+
+def _empty(c_slots: int, cam_shape: tuple[int, int]) -> dict:
+    e = np.zeros((0, c_slots))
+    return {
+        "classes": e.astype(np.int64),
+        "keep": e.astype(bool),
+        "scores": e.astype(np.float32),
+        "probabilities": e.astype(np.float32),
+        "cams": np.zeros((0, c_slots, *cam_shape), np.float16),
+        "heatmaps": None,
+        "cam_max": e.astype(np.float32),
+        "peaks": np.zeros((0, c_slots, 2), np.int64),
+    }
+
+
+__all__ = ["NON_FINITE", "BatchExplainer", "BatchOutput", "DeviceResult", "PendingBatch"]

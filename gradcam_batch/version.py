@@ -1,0 +1,3 @@
+"""The package version, in a leaf module: reading it imports nothing else (no torch)."""
+
+__version__ = "0.1.0"
