@@ -17,10 +17,10 @@ fc = pytest.importorskip("gradcam_batch.kernels.cam_kernel")
 
 from gradcam_batch.kernels import fused_cam  # noqa: E402  (after the skips above)
 
-# Triton 3.6, what the GPU machines run, spills 8-24 bytes on sm_90 in some variants (the 16 x 64 NCHW
-# ones and two 8 x 256 NHWC ones) that Triton 3.8 compiles without spills; so did the kernel before
-# its interpreter fix. Capping registers (maxnreg=128) removes the spills but raises the count to
-# 104-122, so it waits for a measurement on the GPU (benchmarks/RESULTS.md has both tables).
+# Triton 3.6, what the GPU machines run, spills on sm_90 where Triton 3.8 does not: 24 bytes in the
+# 16 x 64 NCHW variants and 8 in the 8 x 256 NHWC uint8 ones. The kernel spilled the same before its
+# interpreter fix. Capping registers (maxnreg=128) removes the spills but raises the count to 104-122
+# (lower occupancy), so that choice waits for a measurement on the GPU (benchmarks/RESULTS.md).
 TRITON_3_6_SM90_SPILL_LIMIT = 24 if triton.__version__.startswith("3.6.") else 0
 
 
