@@ -67,4 +67,4 @@ test-lowest: $(LOWEST_STAMP)
 	$(LOWEST_BIN)/python -m pytest -q -p no:cacheprovider $(LOWEST_TESTS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-lowest build dist *.egg-info .pytest_cache

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     b, k, h, out = args.batch, args.channels, args.feature, args.size
     print(
         f"# {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
     )
     given = sys.argv[1:] if argv is None else argv
     print(f"# command: python benchmarks/bench_kernel.py {' '.join(given)}")

@@ -389,7 +389,8 @@ class Explainer:
 
 def _resolve_classes(classes: torch.Tensor | None, top_k: int, scores: torch.Tensor) -> torch.Tensor:
     b, n = scores.shape
-    if callable(classes):
+    selected = callable(classes)
+    if selected:
         # A selector that needs the scores (e.g. the ground truth plus the top-k) returns (B, C).
         classes = classes(scores.detach())
     if classes is None:
@@ -406,6 +407,10 @@ def _resolve_classes(classes: torch.Tensor | None, top_k: int, scores: torch.Ten
         classes_t = classes_t.unsqueeze(0).expand(b, -1)
     if classes_t.dim() != 2 or classes_t.shape[0] != b or classes_t.shape[1] == 0:
         raise ValueError(f"classes must be (C,) or (B, C) = ({b}, C) indices, got shape {tuple(classes_t.shape)}")
+    if selected and classes_t.is_cuda:
+        # A selector's indices on the device are its own responsibility: checking them here would
+        # wait for the device on every batch (the run's batch step checks its classes up front).
+        return classes_t.contiguous()
     bad = (classes_t < 0) | (classes_t >= n)
     if bool(bad.any()):
         idx = int(classes_t[bad][0])

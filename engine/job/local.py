@@ -232,7 +232,11 @@ class LocalRun:
             writer.close()
         except BaseException:
             stop.set()
-            writer.abort()
+            # Keep the whole units already handed to the writer: a rerun then starts after them.
+            try:
+                writer.close()
+            except BaseException:
+                writer.abort()
             raise
         finally:
             stop.set()

@@ -558,7 +558,10 @@ class RayRun:
                 )
             writer.close()
         except BaseException:
-            writer.abort()
+            try:  # keep the units already handed over (whole units only reach the writer)
+                writer.close()
+            except BaseException:
+                writer.abort()
             raise
         finally:
             if bar is not None:

@@ -326,6 +326,7 @@ class HeatmapWriter:
         self._pending_bytes = 0
         self._file_rows = self._file_images = self._file_errors = 0
         self._file_units: list[str] = []
+        self._unit_open = False  # the last item written did not end its unit
         self.rows_written = 0
         self.write_seconds = 0.0
         self._thread = threading.Thread(target=self._run, name="gradcam-writer", daemon=True)
@@ -342,7 +343,11 @@ class HeatmapWriter:
                 continue
 
     def close(self) -> None:
-        """Write what is left, commit the last file and stop the thread."""
+        """Write what is queued, commit the last file if it ends at a unit's end, and stop the thread.
+
+        Also the way out after a failure upstream: the whole units already handed over are kept,
+        and the rows of a unit that did not end are never committed.
+        """
         self.put(self._STOP)  # type: ignore[arg-type]
         self._thread.join()
         self._raise_if_failed()
@@ -376,7 +381,7 @@ class HeatmapWriter:
                 t0 = time.perf_counter()
                 self._write(item)
                 self.write_seconds += time.perf_counter() - t0
-            if self._error is None:
+            if self._error is None and not self._unit_open:
                 self._finish_file()
         except BaseException as exc:  # surfaced to the producer by put()/close()
             self._error = exc
@@ -401,6 +406,7 @@ class HeatmapWriter:
         self._file_rows += table.num_rows
         self._file_images += item.images
         self._file_errors += item.errors
+        self._unit_open = item.unit_key is None
         if self._pending_bytes >= self.row_group_bytes:
             self._flush()
         if item.unit_key is not None:
