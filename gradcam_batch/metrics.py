@@ -1,0 +1,25 @@
+"""``gradcam_batch.metrics``: the public name of ``gradcam_batch.engine.metrics`` (importing it imports torch).
+
+Plain functions on tensors: ``deletion_insertion``, ``confidence_change``, ``box_metrics`` and the ranking rule
+``rank_pixels`` (saliency descending, ties to the lower flat index ``y * W + x``).
+"""
+
+from gradcam_batch.engine.metrics import (
+    box_metrics,
+    confidence_change,
+    deletion_insertion,
+    deletion_insertion_curves,
+    largest_component_boxes,
+    rank_pixels,
+    rise_blur_kernel,
+)
+
+__all__ = [
+    "box_metrics",
+    "confidence_change",
+    "deletion_insertion",
+    "deletion_insertion_curves",
+    "largest_component_boxes",
+    "rank_pixels",
+    "rise_blur_kernel",
+]
