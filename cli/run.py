@@ -92,6 +92,39 @@ def _is_default(ctx: click.Context, name: str) -> bool:
     type=click.IntRange(min=0),
     help="Full-size pixels the decode threads may hold at once; huge images decode one at a time. 0: no bound.",
 )
+@click.option(
+    "--metrics",
+    "metrics_text",
+    metavar="deletion,insertion,confidence",
+    help="Faithfulness metrics per row: deletion and insertion AUC (RISE), average drop/increase in confidence.",
+)
+@click.option(
+    "--metrics-steps", default=20, show_default=True, type=click.IntRange(min=1), help="Deletion/insertion steps."
+)
+@click.option(
+    "--metrics-batch", type=click.IntRange(min=1), help="Perturbed images per forward pass. [default: --batch-size]"
+)
+@click.option(
+    "--box-column",
+    metavar="COL|X0,Y0,X1,Y1",
+    help="Ground-truth boxes (list<list<float>[4]>, list<float>[4], HF struct<bbox, category>, or four coordinate "
+    "columns): adds pointing_hit, box_energy, pred_box, box_iou.",
+)
+@click.option("--box-format", type=click.Choice(["xyxy", "coco"]), default="xyxy", show_default=True)
+@click.option(
+    "--pointing-tolerance",
+    default=15.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Pixels (pointing game).",
+)
+@click.option(
+    "--box-threshold",
+    default=0.15,
+    show_default=True,
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    help="Share of the map's max that bounds the paper's box.",
+)
 @click.option("--num-cpus-per-worker", type=click.FloatRange(min=0), help="With --ray: CPUs per actor. [default: 1]")
 @click.option(
     "--num-cpus-per-read", type=click.FloatRange(min=0), help="With --ray: CPUs per read-and-decode task. [default: 1]"
@@ -195,6 +228,7 @@ def run_config(inputs, opts: dict):
         "heatmap_size": _square(parse_size(opts.pop("heatmap_size"), what="--heatmap-size", allow=("none", "input"))),
         "max_image_pixels": _pixels(opts.pop("max_image_pixels")),
         "decode_memory_mb": opts.pop("decode_memory_mb") or None,
+        "metrics": tuple(split_names((metrics_text,))) if (metrics_text := opts.pop("metrics_text")) else (),
         "overwrite": not opts.pop("resume"),
         "progress": sys.stderr.isatty() if progress is None else progress,
     }

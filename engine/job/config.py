@@ -82,6 +82,15 @@ class RunConfig:
     device_jpeg: bool = False  # decode JPEGs with torchvision on the device (nvJPEG on CUDA)
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # larger images become error rows; None: Pillow's limit
     decode_memory_mb: int | None = 1024  # full-size pixels the decode threads may hold at once; None: no bound
+    # Faithfulness and localization (engine/metrics): "deletion", "insertion", "confidence"; boxes
+    # from a column (or four coordinate columns "x0,y0,x1,y1") add the localization columns.
+    metrics: Sequence[str] = ()
+    metrics_steps: int = 20  # deletion/insertion steps (RISE)
+    metrics_batch: int | None = None  # perturbed images per forward; None: the batch size
+    box_column: str | None = None
+    box_format: str = "xyxy"  # or "coco": (x, y, width, height)
+    pointing_tolerance: float = 15.0  # pixels (the pointing game's)
+    box_threshold: float = 0.15  # of the map's max, for the Grad-CAM paper's box
     extra: dict = field(default_factory=dict)  # recorded in the manifest (e.g. the demo's notes)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from pathlib import Path
 
 from gradcam_batch.engine.job.config import (
     RunConfig,
@@ -75,7 +76,47 @@ def start_output(manifest: Manifest, device_label: str, extra_versions: dict | N
     manifest.save()
 
 
-def close_output(manifest: Manifest, session: dict, seconds: float, device_label: str) -> None:
+# Dataset means of the metric columns: name in the summary -> (column, how one row counts).
+_MEANS = {
+    "deletion_auc": ("deletion_auc", None),
+    "insertion_auc": ("insertion_auc", None),
+    "average_drop": ("confidence_drop", None),
+    "increase_rate": ("confidence_increase", None),
+    "pointing_accuracy": ("pointing_hit", None),
+    "localization_accuracy": ("box_iou", 0.5),  # the share of rows whose paper box has IoU >= 0.5
+}
+
+
+def metric_means(out_dir: Path, files: list[dict], schema) -> dict:
+    """The dataset means of the metric columns over the committed files (explained rows that have them)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    wanted = {k: v for k, v in _MEANS.items() if v[0] in schema.names}
+    if not wanted:
+        return {}
+    sums = dict.fromkeys(wanted, 0.0)
+    counts = dict.fromkeys(wanted, 0)
+    columns = sorted({col for col, _ in wanted.values()})
+    for f in files:
+        t = pq.read_table(out_dir / f["name"], columns=columns)
+        for name, (col, at_least) in wanted.items():
+            values = t.column(col).drop_null()
+            if at_least is not None:
+                values = pc.greater_equal(values, at_least)
+            if values.type == "bool":
+                values = pc.cast(values, "float64")
+            counts[name] += len(values)
+            sums[name] += pc.sum(values).as_py() or 0.0
+    return {name: (round(sums[name] / counts[name], 4) if counts[name] else None) for name in wanted} | {
+        "rows": dict(counts)
+    }
+
+
+def close_output(manifest: Manifest, session: dict, seconds: float, device_label: str, plan: RunPlan) -> None:
+    means = metric_means(plan.out_dir, manifest.files, plan.schema)
+    if means:
+        manifest.data["metric_means"] = means
     rate = session["images"] / seconds if seconds > 0 else 0.0
     throughput = {"images": session["images"], "seconds": round(seconds, 3), "images_per_s": round(rate, 2)}
     manifest.data["sessions"].append({**throughput, "device": device_label, "ended": time.time()})
@@ -99,6 +140,7 @@ def summary(plan: RunPlan, manifest: Manifest, session: dict, seconds: float, *,
         "totals": dict(manifest.data["totals"]),
         "target_layer": plan.target_layer,
         "device": device,
+        "metric_means": manifest.data.get("metric_means"),
     }
 
 
@@ -144,7 +186,7 @@ class LocalRun:
                         raise
                     except BaseException as exc:
                         raise RunFailed(first_line(exc), transient=is_transient(exc)) from exc
-                close_output(manifest, session, time.perf_counter() - t_start, str(self.device))
+                close_output(manifest, session, time.perf_counter() - t_start, str(self.device), plan)
             seconds = time.perf_counter() - t_start
             return summary(
                 plan, manifest, session, seconds, pending=len(pending), removed=removed, device=str(self.device)
@@ -155,13 +197,14 @@ class LocalRun:
         source = ParquetSource(
             plan.files,
             plan.image_column,
-            plan.row_columns,
+            plan.input_columns,
             plan.prep,
             batch_size=c.batch_size,
             workers=c.workers,
             device_jpeg=c.device_jpeg,
             max_image_pixels=c.max_image_pixels,
             decode_memory=c.decode_memory_mb << 20 if c.decode_memory_mb else None,
+            want_sizes=plan.boxes is not None,
         )
         writer = HeatmapWriter(
             plan.out_dir,
@@ -263,12 +306,23 @@ def summary_line(summary: dict) -> str:
     """One line: totals, errors, throughput, where."""
     t = summary["totals"]
     resumed = f", {_count(summary['resumed_units'], 'unit')} already done" if summary.get("resumed_units") else ""
+    means = summary.get("metric_means") or {}
+    labels = {
+        "deletion_auc": "deletion AUC {:.3f}",
+        "insertion_auc": "insertion AUC {:.3f}",
+        "average_drop": "average drop {:.1%}",
+        "increase_rate": "increase in confidence {:.1%}",
+        "pointing_accuracy": "pointing accuracy {:.3f}",
+        "localization_accuracy": "localization accuracy {:.3f}",
+    }
+    shown = [labels[k].format(v) for k, v in means.items() if k in labels and v is not None]
+    metrics = f"; {', '.join(shown)}" if shown else ""
     return (
         f"explained {_count(summary['images'], 'image')} ({_count(summary['rows_out'], 'row')}, "
         f"{_count(summary['errors'], 'error')}) in "
         f"{summary['seconds']:.1f} s: {summary['images_per_s']:.1f} img/s on {summary['device']}{resumed}; "
         f"output {summary['output']}: {_count(t['rows_in'], 'image')}, {_count(t['rows_out'], 'row')}, "
-        f"{_count(t['errors'], 'error')} in {_count(t['files'], 'file')}"
+        f"{_count(t['errors'], 'error')} in {_count(t['files'], 'file')}{metrics}"
     )
 
 

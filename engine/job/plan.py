@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
+from gradcam_batch.engine.job.boxes import BoxSpec, box_spec
 from gradcam_batch.engine.job.config import RunConfig, RunSetupError, first_line, resolve_device
 from gradcam_batch.engine.job.schema import HEATMAP_DTYPES, RESULT_COLUMNS, output_schema
 from gradcam_batch.engine.job.sink import Manifest, own_files
@@ -46,6 +47,7 @@ from gradcam_batch.engine.job.source import (
 )
 
 MAX_UNIT_ROWS = 4096
+METRICS = ("deletion", "insertion", "confidence")
 _HASH_CHUNK = 1 << 20
 
 
@@ -90,6 +92,8 @@ class RunPlan:
     units: tuple[Unit, ...]
     schema: pa.Schema
     fingerprint: str
+    metrics: tuple[str, ...] = ()  # of METRICS, in that order
+    boxes: BoxSpec | None = None
 
     @property
     def id_column(self) -> str | None:
@@ -107,6 +111,16 @@ class RunPlan:
     def row_columns(self) -> list[str]:
         """The non-image input columns that the output takes: id, label, kept columns."""
         return [k for k in dict.fromkeys((self.id_column, self.label_column, *self.keep_columns)) if k]
+
+    @property
+    def input_columns(self) -> list[str]:
+        """The non-image input columns to read: the row columns, and the boxes."""
+        return list(dict.fromkeys([*self.row_columns, *(self.boxes.columns if self.boxes else ())]))
+
+    @property
+    def needs_saliency(self) -> bool:
+        """Whether the batch step makes the input-size saliency (for metrics or boxes)."""
+        return bool(self.metrics) or self.boxes is not None
 
     def manifest_config(self) -> dict:
         cfg = dataclasses.asdict(self.config)
@@ -203,6 +217,15 @@ def _check_numbers(c: RunConfig) -> tuple[ClassSelection, Preprocess]:
         raise RunSetupError(f"max image pixels must be a positive integer, got {c.max_image_pixels!r}")
     if c.decode_memory_mb is not None and (not isinstance(c.decode_memory_mb, int) or c.decode_memory_mb < 1):
         raise RunSetupError(f"decode memory must be a positive number of MB, got {c.decode_memory_mb!r}")
+    unknown = [m for m in c.metrics if m not in METRICS]
+    if unknown:
+        raise RunSetupError(f"unknown metric {unknown[0]!r}; expected any of {', '.join(METRICS)}")
+    if not isinstance(c.metrics_steps, int) or c.metrics_steps < 1:
+        raise RunSetupError(f"metrics steps must be a positive integer, got {c.metrics_steps!r}")
+    if c.metrics_batch is not None and (not isinstance(c.metrics_batch, int) or c.metrics_batch < 1):
+        raise RunSetupError(f"metrics batch must be a positive integer, got {c.metrics_batch!r}")
+    if c.pointing_tolerance < 0 or not 0 < c.box_threshold <= 1:
+        raise RunSetupError("the pointing tolerance must be >= 0 and the box threshold in (0, 1]")
     if c.heatmap_dtype not in HEATMAP_DTYPES:
         raise RunSetupError(f"heatmap dtype must be one of {', '.join(HEATMAP_DTYPES)}, got {c.heatmap_dtype!r}")
     if c.method not in ("gradcam", "cam"):
@@ -279,6 +302,13 @@ def _build(c: RunConfig, device, model) -> RunPlan:
                 theirs, ours = f.schema.field(col).type, first.field(col).type
                 raise RunSetupError(f"column {col!r} is {ours} in {files[0].uri} but {theirs} in {f.uri}")
     check_column_roles(first, image_column=image_column, keep=keep, label_column=c.label_column)
+    if c.box_column:
+        box_cols = [b.strip() for b in c.box_column.split(",") if b.strip()]
+        check_columns(files, {f"box column {b!r}": b for b in box_cols})
+        for col in box_cols:
+            for f in files[1:]:
+                if f.schema.field(col).type != first.field(col).type:
+                    raise RunSetupError(f"box column {col!r} has another type in {f.uri} than in {files[0].uri}")
     per_unit = max(1, c.rows_per_file // max(1, selection.slots))
     if per_unit >= 64:
         per_unit -= per_unit % 64  # whole batches of the common batch sizes
@@ -352,6 +382,8 @@ def _assemble(c, files, out_dir, schema, image_column, keep, selection, prep, pr
         heatmap_shape = (int(hs[0]), int(hs[1]))
     if heatmap_shape is not None and min(heatmap_shape) < 1:
         raise RunSetupError(f"heatmap size must be positive, got {heatmap_shape}")
+    boxes = box_spec(schema, c.box_column, c.box_format) if c.box_column else None
+    metrics = tuple(m for m in METRICS if m in c.metrics)
     out_schema = output_schema(
         id_type=schema.field(c.id_column).type if c.id_column else pa.string(),
         passthrough=[schema.field(k) for k in keep],
@@ -359,6 +391,8 @@ def _assemble(c, files, out_dir, schema, image_column, keep, selection, prep, pr
         cam_shape=probe.cam_shape,
         heatmap_shape=heatmap_shape,
         heatmap_dtype=c.heatmap_dtype,
+        metrics=metrics,
+        boxes=boxes is not None,
     )
     plan = RunPlan(
         config=c,
@@ -377,6 +411,8 @@ def _assemble(c, files, out_dir, schema, image_column, keep, selection, prep, pr
         units=units,
         schema=out_schema,
         fingerprint="",
+        metrics=metrics,
+        boxes=boxes,
     )
     return dataclasses.replace(plan, fingerprint=fingerprint(plan) if files else "")
 
@@ -449,6 +485,14 @@ def fingerprint(plan: RunPlan) -> str:
         "reshape": [c.reshape, c.token_grid],
         "device_jpeg": c.device_jpeg,
         "max_image_pixels": c.max_image_pixels,
+        "metrics": [
+            list(plan.metrics),
+            c.metrics_steps,
+            c.box_column,
+            c.box_format,
+            c.pointing_tolerance,
+            c.box_threshold,
+        ],
         "unit_rows": plan.unit_rows,
         "limit": c.limit,
         "schema": plan.schema.to_string(show_schema_metadata=False),

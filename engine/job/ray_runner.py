@@ -45,10 +45,10 @@ from gradcam_batch.engine.job.config import RunConfig, RunFailed, RunSetupError
 from gradcam_batch.engine.job.local import close_output, open_output, start_output, summary
 from gradcam_batch.engine.job.plan import RunPlan, build_plan, plan_for_schema
 from gradcam_batch.engine.job.sink import HeatmapWriter, OutputLock, WriteItem, next_part_index
-from gradcam_batch.engine.job.source import DecodedBatch, InputFile, ParquetSource, assemble_images
+from gradcam_batch.engine.job.source import DecodedBatch, InputFile, ParquetSource, assemble_images, result_sizes
 
 # Columns that travel between the stages beside the input's own (check_column_roles keeps "__" names out).
-UNIT, ROW, ERROR, PIXELS, JPEG, FIRST = "__unit", "__row", "__error", "__pixels", "__jpeg", "__first"
+UNIT, ROW, ERROR, PIXELS, JPEG, FIRST, SIZE = "__unit", "__row", "__error", "__pixels", "__jpeg", "__first", "__size"
 _INTERNAL = (UNIT, ROW, FIRST)
 _NO_UNIT = -1  # rows of a user's Dataset
 
@@ -107,12 +107,14 @@ def encode_decoded(db: DecodedBatch, unit_index: int, plan: RunPlan) -> pa.Table
     jpegs: list[bytes | None] = [None] * n
     for pos, data in db.jpegs:
         jpegs[ok_pos[pos]] = data
-    cols = {name: db.rows.column(name) for name in plan.row_columns}
+    cols = {name: db.rows.column(name) for name in plan.input_columns}
     cols[UNIT] = pa.array(np.full(n, unit_index, np.int32))
     cols[ROW] = pa.array(db.row_index.astype(np.int64))
     cols[ERROR] = pa.array(db.errors, pa.string())
     cols[PIXELS] = pa.FixedSizeBinaryArray.from_buffers(pa.binary(size), n, [None, pa.py_buffer(pixels)])
     cols[JPEG] = pa.array(jpegs, pa.binary())
+    if db.sizes is not None:
+        cols[SIZE] = pa.FixedSizeListArray.from_arrays(pa.array(db.sizes.reshape(-1).astype(np.int64)), 2)
     return pa.table(cols)
 
 
@@ -121,13 +123,14 @@ def _source(plan: RunPlan, files, cpus: float | None) -> ParquetSource:
     return ParquetSource(
         files,
         plan.image_column,
-        plan.row_columns,
+        plan.input_columns,
         plan.prep,
         batch_size=c.batch_size,
         workers=_decode_threads(cpus),
         device_jpeg=c.device_jpeg,
         max_image_pixels=c.max_image_pixels,
         decode_memory=c.decode_memory_mb << 20 if c.decode_memory_mb else None,
+        want_sizes=plan.boxes is not None,
     )
 
 
@@ -151,12 +154,13 @@ def decode_rows(batch: pa.Table, *, plan: RunPlan, cpus: float | None) -> pa.Tab
     db = DecodedBatch(
         unit=None,
         unit_done=False,
-        rows=batch.select(plan.row_columns),
+        rows=batch.select(plan.input_columns),
         row_index=np.full(batch.num_rows, -1, np.int64),
         images=images,
         ok=ok,
         errors=[r[1] for r in results],
         jpegs=jpegs,
+        sizes=result_sizes(results) if source.want_sizes else None,
     )
     return encode_decoded(db, _NO_UNIT, plan)
 
@@ -196,15 +200,22 @@ def decoded_batches(table: pa.Table, plan: RunPlan):
             DecodedBatch(
                 unit=plan.units[index] if index != _NO_UNIT else None,
                 unit_done=False,
-                rows=part.select(plan.row_columns),
+                rows=part.select(plan.input_columns),
                 row_index=part.column(ROW).to_numpy(),
                 images=np.ascontiguousarray(images),
                 ok=ok,
                 errors=errors,
                 jpegs=jpegs,
+                sizes=_sizes(part),
             ),
             index,
         )
+
+
+def _sizes(part: pa.Table) -> np.ndarray | None:
+    if SIZE not in part.column_names:
+        return None
+    return part.column(SIZE).combine_chunks().flatten().to_numpy().reshape(-1, 2)
 
 
 class ExplainActor:
@@ -505,7 +516,7 @@ class RayRun:
                         raise
                     except BaseException as exc:
                         raise RunFailed(_first_line(exc), transient=_is_transient(exc)) from None
-                close_output(manifest, session, time.perf_counter() - t_start, self.device_label)
+                close_output(manifest, session, time.perf_counter() - t_start, self.device_label, plan)
             seconds = time.perf_counter() - t_start
             return summary(
                 plan, manifest, session, seconds, pending=len(pending), removed=removed, device=self.device_label
@@ -645,7 +656,7 @@ def explain_dataset(
         num_cpus_per_read=num_cpus_per_read,
     )
     n_workers, gpus = _pool(ray, opts, config.device)
-    ds = ds.select_columns(list(dict.fromkeys([plan.image_column, *plan.row_columns])))
+    ds = ds.select_columns(list(dict.fromkeys([plan.image_column, *plan.input_columns])))
     return _stages(ds, plan, decode_rows, n_workers, gpus, opts, tag_rows=False)
 
 

@@ -12,11 +12,13 @@ section documents every column; a new column is one field in ``output_schema``, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
+METRIC_COLUMNS = ("deletion_auc", "insertion_auc", "confidence_drop", "confidence_increase")
+BOX_COLUMNS = ("pointing_hit", "box_energy", "pred_box", "box_iou")
 RESULT_COLUMNS = (
     "class_index",
     "class_rank",
@@ -30,7 +32,21 @@ RESULT_COLUMNS = (
     "cam_max",
     "status",
     "error",
+    *METRIC_COLUMNS,
+    *BOX_COLUMNS,
 )
+# The type of each metric column; which are present follows the run's metrics and boxes.
+EXTRA_TYPES = {
+    "deletion_auc": pa.float32(),
+    "insertion_auc": pa.float32(),
+    "confidence_drop": pa.float32(),
+    "confidence_increase": pa.bool_(),
+    "pointing_hit": pa.bool_(),
+    "box_energy": pa.float32(),
+    "pred_box": pa.list_(pa.int32(), 4),
+    "box_iou": pa.float32(),
+}
+_BY_METRIC = {"deletion": ("deletion_auc",), "insertion": ("insertion_auc",), "confidence": METRIC_COLUMNS[2:]}
 HEATMAP_DTYPES = {"uint8": (pa.uint8(), np.uint8), "float16": (pa.float16(), np.float16)}
 
 
@@ -42,10 +58,13 @@ def output_schema(
     cam_shape: tuple[int, int],
     heatmap_shape: tuple[int, int] | None,
     heatmap_dtype: str = "uint8",
+    metrics: tuple[str, ...] = (),
+    boxes: bool = False,
 ) -> pa.Schema:
     """The schema of every output file.
 
-    ``label`` is present only with a label column, ``heatmap`` only when a heatmap size is set.
+    ``label`` is present only with a label column, ``heatmap`` only when a heatmap size is set,
+    the metric columns only for the metrics asked for, the box columns only with boxes.
     """
     fields = [pa.field("id", id_type)]
     fields += passthrough
@@ -63,6 +82,11 @@ def output_schema(
         pa.field("peak_y", pa.int32()),
         pa.field("peak_x", pa.int32()),
         pa.field("cam_max", pa.float32()),
+    ]
+    fields += [pa.field(name, EXTRA_TYPES[name]) for m in metrics for name in _BY_METRIC[m]]
+    if boxes:
+        fields += [pa.field(name, EXTRA_TYPES[name]) for name in BOX_COLUMNS]
+    fields += [
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
     ]
@@ -89,6 +113,8 @@ class ResultBatch:
     cam_max: np.ndarray  # (m, C) float32
     peaks: np.ndarray  # (m, C, 2) int64
     notes: list[str | None]  # (m,) a remark for explained rows (e.g. a label out of range)
+    # Metric columns by name: (m, C) values (pred_box: (m, C, 4)); NaN (or has_boxes False) -> null.
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_images(self) -> int:
@@ -172,6 +198,22 @@ def build_table(batch: ResultBatch, schema: pa.Schema) -> tuple[pa.Table, np.nda
     arrays["peak_y"] = col(None if peaks is None else peaks[:, 0], pa.int32(), has_peak)
     arrays["peak_x"] = col(None if peaks is None else peaks[:, 1], pa.int32(), has_peak)
     arrays["cam_max"] = col(cam_max, pa.float32())
+    valid_box = pick(batch.extras.get("has_boxes"))
+    for name in EXTRA_TYPES:
+        if name not in schema.names:
+            continue
+        values = pick(batch.extras.get(name))
+        valid = is_ok.copy()
+        if values is not None and values.dtype.kind == "f":
+            valid &= ~(np.isnan(values).any(axis=-1) if values.ndim > 1 else np.isnan(values))
+        if name in BOX_COLUMNS and valid_box is not None:
+            valid &= valid_box
+        if name == "pred_box" and values is not None:
+            valid &= (values >= 0).all(axis=-1)
+            flat = pa.array(np.where(valid[:, None], values, 0).astype(np.int32).reshape(-1))
+            arrays[name] = pa.FixedSizeListArray.from_arrays(flat, 4, mask=pa.array(~valid))
+        else:
+            arrays[name] = col(values, EXTRA_TYPES[name], valid)
     arrays["status"] = pa.array(np.where(is_ok, "ok", "error").astype(object), pa.string())
     ok_pos = np.full(n, -1, np.int64)
     ok_pos[ok_index] = np.arange(len(ok_index))
@@ -183,4 +225,13 @@ def build_table(batch: ResultBatch, schema: pa.Schema) -> tuple[pa.Table, np.nda
     return pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema), row_sorted
 
 
-__all__ = ["HEATMAP_DTYPES", "RESULT_COLUMNS", "ResultBatch", "build_table", "output_schema"]
+__all__ = [
+    "BOX_COLUMNS",
+    "EXTRA_TYPES",
+    "HEATMAP_DTYPES",
+    "METRIC_COLUMNS",
+    "RESULT_COLUMNS",
+    "ResultBatch",
+    "build_table",
+    "output_schema",
+]

@@ -438,6 +438,26 @@ class Preprocess:
             return s, max(1, round(h * s / w))
         return max(1, round(w * s / h)), s
 
+    def geometry(self, w: int, h: int) -> tuple[float, float, float, float]:
+        """(sx, sy, ox, oy): a point (x, y) of a w x h image lands at (x * sx - ox, y * sy - oy).
+
+        The same resize and center crop as ``__call__``, for boxes given in the original
+        image's pixels (continuous coordinates: pixel (y, x) covers [x, x+1) x [y, y+1)).
+        """
+        target = self._resize_target(w, h) or (w, h)
+        tw, th = target
+        sx, sy = tw / w, th / h
+        ox = oy = 0.0
+        if self.crop is not None:
+            ch, cw = self.crop
+            if tw < cw or th < ch:
+                s = max(cw / tw, ch / th)
+                nw, nh = max(cw, round(tw * s)), max(ch, round(th * s))
+                sx, sy = sx * nw / tw, sy * nh / th
+                tw, th = nw, nh
+            ox, oy = float((tw - cw) // 2), float((th - ch) // 2)
+        return sx, sy, ox, oy
+
     def __call__(self, img: Image.Image) -> np.ndarray:
         target = self._resize_target(*img.size)
         if target is not None and img.size != target:
@@ -698,14 +718,32 @@ class DecodedBatch:
     errors: list[str | None]  # (n,) the reason for rows that did not decode
     # With device JPEG decode: (position in ``images``, encoded bytes) of the rows still to decode.
     jpegs: list[tuple[int, bytes]] = field(default_factory=list)
+    # (n, 2) int64 (W, H) of each image as shown (EXIF orientation applied), -1 where not read;
+    # None unless the source was asked for sizes.
+    sizes: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
         return len(self.ok)
 
 
+def oriented_size(data: bytes) -> tuple[int, int]:
+    """(W, H) of an encoded image as shown, from its header: EXIF orientations 5 to 8 swap them."""
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    with contextlib.suppress(Exception):
+        if img.getexif().get(0x0112) in (5, 6, 7, 8):
+            w, h = h, w
+    return w, h
+
+
+def result_sizes(results: Sequence[tuple]) -> np.ndarray:
+    """The (n, 2) sizes of ``_decode_one`` results, -1 for rows without one."""
+    return np.array([r[2] if len(r) > 2 and r[2] is not None else (-1, -1) for r in results], np.int64).reshape(-1, 2)
+
+
 def assemble_images(
-    results: Sequence[tuple[object, str | None]], out_size: tuple[int, int]
+    results: Sequence[tuple], out_size: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, bytes]]]:
     """Stack decode results ``(array | jpeg bytes | None, error)`` into one batch.
 
@@ -717,7 +755,8 @@ def assemble_images(
     images = np.empty((int(ok.sum()), h, w, 3), dtype=np.uint8)
     jpegs: list[tuple[int, bytes]] = []
     j = 0
-    for arr, _ in results:
+    for r in results:
+        arr = r[0]
         if isinstance(arr, bytes):
             jpegs.append((j, arr))
             j += 1
@@ -755,6 +794,7 @@ class ParquetSource:
         decode_memory: int | None = DEFAULT_DECODE_MEMORY,
         read_attempts: int = READ_ATTEMPTS,
         retry_delay: float = READ_RETRY_DELAY_S,
+        want_sizes: bool = False,
     ):
         if max_image_pixels is not None and max_image_pixels < 1:
             raise ValueError("max_image_pixels must be positive (or None for Pillow's limit)")
@@ -775,6 +815,7 @@ class ParquetSource:
         self.budget = PixelBudget(decode_memory) if decode_memory is not None else None
         self.read_attempts = read_attempts
         self.retry_delay = retry_delay
+        self.want_sizes = want_sizes  # record each image's (W, H) as shown (for box geometry)
         self.kind = image_kind(self.files[0].schema.field(image_column).type)
         if self.kind is None:
             t = self.files[0].schema.field(image_column).type
@@ -802,7 +843,9 @@ class ParquetSource:
         return value
 
     def _load(self, value, f: InputFile) -> np.ndarray | bytes:
-        data = self._encoded(value, f)
+        return self._decode(self._encoded(value, f))
+
+    def _decode(self, data: bytes) -> np.ndarray | bytes:
         if self.device_jpeg and data[:3] == _JPEG_MAGIC and jpeg_fits_device(data, self.max_image_pixels):
             return bytes(data)  # decoded later, on the compute device
         return decode_image(data, self.prep, max_image_pixels=self.max_image_pixels, budget=self.budget)
@@ -835,12 +878,14 @@ class ParquetSource:
         except Exception as exc:
             raise DecodeError(f"cannot read image file {path}: {_first_line(exc)}") from None
 
-    def _decode_one(self, args) -> tuple[np.ndarray | bytes | None, str | None]:
+    def _decode_one(self, args) -> tuple[np.ndarray | bytes | None, str | None, tuple[int, int] | None]:
+        """(pixels, or JPEG bytes left for the device, or None; the error; the (W, H) when asked)."""
         value, f = args
         try:
-            return self._load(value, f), None
+            data = self._encoded(value, f)
+            return self._decode(data), None, oriented_size(data) if self.want_sizes else None
         except DecodeError as exc:
-            return None, str(exc)
+            return None, str(exc), None
 
     # -- rows --
 
@@ -902,6 +947,7 @@ class ParquetSource:
                 ok=ok,
                 errors=[r[1] for r in results],
                 jpegs=jpegs,
+                sizes=result_sizes(results) if self.want_sizes else None,
             )
 
     def _pool(self) -> ThreadPoolExecutor:

@@ -17,7 +17,7 @@ Calling ``launch`` for batch i+1 before ``finish`` for batch i overlaps the devi
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
@@ -42,9 +42,16 @@ class DeviceResult:
     peaks: torch.Tensor  # (m, C, 2) int64
     finite: torch.Tensor  # (m,) bool
     heatmaps: torch.Tensor | None  # (m, C, H, W) uint8 or float16
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # metric columns, (m, C)
+    saliency: torch.Tensor | None = None  # (m, C, H, W) float32 at the input size, for the box metrics
 
     def map(self, fn) -> DeviceResult:
-        return DeviceResult(**{f.name: (None if (t := getattr(self, f.name)) is None else fn(t)) for f in fields(self)})
+        def one(v):
+            if isinstance(v, dict):
+                return {k: fn(t) for k, t in v.items()}
+            return None if v is None else fn(v)
+
+        return DeviceResult(**{f.name: one(getattr(self, f.name)) for f in fields(self)})
 
 
 @dataclass
@@ -207,6 +214,7 @@ class BatchExplainer:
             & torch.isfinite(exp.probabilities).all(1)
             & torch.isfinite(cams.flatten(1)).all(1)
         )
+        extras, saliency = self._metrics(x, exp) if self.plan.needs_saliency else ({}, None)
         result = DeviceResult(
             classes=exp.classes,
             scores=exp.scores.float(),
@@ -216,6 +224,8 @@ class BatchExplainer:
             peaks=exp.peaks,
             finite=finite,
             heatmaps=exp.heatmaps if hs is not None else None,
+            extras=extras,
+            saliency=saliency if self.plan.boxes is not None else None,
         )
         if self._cuda:
             # Back to pinned host memory without waiting; finish() waits on the event, which is
@@ -228,6 +238,60 @@ class BatchExplainer:
             pending.event = event
         pending.result = result
         return pending
+
+    def _metrics(self, x: torch.Tensor, exp) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The faithfulness metrics on the device, and the saliency they use (``engine/metrics``).
+
+        The saliency is the heatmap at the input size before quantization: the fused kernel run
+        again on the low-resolution cams (weights of one), so it is the heatmap column's own map.
+        """
+        from gradcam_batch.engine.metrics import confidence_change, deletion_insertion
+        from gradcam_batch.kernels import fused_cam
+
+        cams = exp.cams.float()
+        m, c, h, w = cams.shape
+        ones = torch.ones((m * c, 1, 1), device=cams.device)
+        maps = fused_cam(cams.reshape(m * c, 1, h, w), ones, self.plan.prep.out_size, out_dtype=torch.float32)
+        saliency = maps.heatmaps.reshape(m, c, *self.plan.prep.out_size)
+        cfg, extras = self.plan.config, {}
+        chunk = cfg.metrics_batch or cfg.batch_size
+        if "deletion" in self.plan.metrics or "insertion" in self.plan.metrics:
+            d, i = deletion_insertion(
+                self._predict, x, saliency, exp.classes, steps=cfg.metrics_steps, batch_size=chunk
+            )
+            extras["deletion_auc"], extras["insertion_auc"] = d.float(), i.float()
+        if "confidence" in self.plan.metrics:
+            drop, increase = confidence_change(self._predict, x, saliency, exp.classes, batch_size=chunk)
+            extras["confidence_drop"], extras["confidence_increase"] = drop.float(), increase
+        return extras, saliency
+
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores (B, N) of the model, in the run's precision, with no graph (the metrics' forwards)."""
+        precision = self.plan.config.precision
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        autocast = torch.autocast(x.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            return self.explainer._score_fn(self.explainer.model(x)).float()
+
+    def _box_metrics(self, pending: PendingBatch, host: DeviceResult, ok: np.ndarray) -> dict[str, np.ndarray]:
+        """Pointing game, box energy, the paper's box and its IoU, on the host (``engine/metrics``)."""
+        from gradcam_batch.engine.job.boxes import read_boxes, to_input_frame
+        from gradcam_batch.engine.metrics import box_metrics
+
+        batch, plan = pending.batch, self.plan
+        boxes, cats = read_boxes(batch.rows, plan.boxes)
+        sizes = batch.sizes if batch.sizes is not None else np.full((batch.num_rows, 2), -1)
+        framed = [to_input_frame(boxes[r], cats[r], tuple(sizes[r]), plan.prep) for r in np.flatnonzero(ok)]
+        have_cats = any(ct is not None for _, ct in framed)
+        out = box_metrics(
+            torch.from_numpy(host.saliency),
+            [None if b is None else torch.from_numpy(b).float() for b, _ in framed],
+            tolerance=plan.config.pointing_tolerance,
+            threshold=plan.config.box_threshold,
+            categories=[None if ct is None else torch.from_numpy(ct) for _, ct in framed] if have_cats else None,
+            classes=torch.from_numpy(host.classes) if have_cats else None,
+        )
+        return {k: v.numpy() for k, v in out.items()}
 
     def _selector(self, labels: torch.Tensor | None):
         """scores (B, N) -> classes (B, C): the fixed classes or the top-k, then the label slot."""
@@ -255,7 +319,10 @@ class BatchExplainer:
             arrays = _empty(c_slots, self.plan.cam_shape)
         else:
             host = pending.result.map(lambda t: t.cpu().numpy())
-            arrays = {f.name: getattr(host, f.name) for f in fields(host)}
+            extras = dict(host.extras)
+            if self.plan.boxes is not None:
+                extras.update(self._box_metrics(pending, host, ok))
+            arrays = {f.name: getattr(host, f.name) for f in fields(host) if f.name not in ("extras", "saliency")}
             keep = np.ones(arrays["classes"].shape, dtype=bool)
             if self.plan.label_column and self.plan.selection.slots > 1:
                 cls = arrays["classes"]
@@ -263,12 +330,13 @@ class BatchExplainer:
                 keep[:, -1] = valid & ~(cls[:, :-1] == cls[:, -1:]).any(axis=1)
             arrays["keep"] = keep
             finite = arrays.pop("finite")
+            arrays["extras"] = extras
             if not finite.all():
                 ok_idx = np.flatnonzero(ok)
                 for j in np.flatnonzero(~finite):
                     ok[ok_idx[j]] = False
                     errors[ok_idx[j]] = NON_FINITE
-                arrays = {k: (v[finite] if v is not None else None) for k, v in arrays.items()}
+                arrays = {k: _take(v, finite) for k, v in arrays.items()}
                 notes = [nt for nt, f in zip(notes, finite, strict=True) if f]
         result = ResultBatch(rows=pending.rows, ok=ok, errors=errors, notes=notes, **arrays)
         table, source_rows = build_table(result, self.plan.schema)
@@ -276,6 +344,12 @@ class BatchExplainer:
 
     def __call__(self, batch: DecodedBatch) -> BatchOutput:
         return self.finish(self.launch(batch))
+
+
+def _take(v, mask: np.ndarray):
+    if isinstance(v, dict):
+        return {k: t[mask] for k, t in v.items()}
+    return None if v is None else v[mask]
 
 
 def _empty(c_slots: int, cam_shape: tuple[int, int]) -> dict:

@@ -1,0 +1,177 @@
+"""Metrics and boxes in a run: box layouts, the preprocessing's geometry, the metric columns, the means."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageDraw
+from run_support import base_args, bytes_table, invoke, png_bytes, read_output, write_table
+
+from gradcam_batch.engine.demo import assets as demo_assets
+from gradcam_batch.engine.job.boxes import box_spec, read_boxes, to_input_frame
+from gradcam_batch.engine.job.config import RunSetupError
+from gradcam_batch.engine.job.source import Preprocess
+
+
+@pytest.mark.parametrize(
+    ("size", "resize", "crop"),
+    [
+        ((160, 120), 64, (48, 48)),  # landscape: shorter side, then a center crop
+        ((90, 200), 64, (56, 40)),  # portrait, non-square crop
+        ((40, 30), 32, (48, 48)),  # smaller than the crop after the resize: scaled up to fit
+        ((100, 80), (50, 70), None),  # an exact resize, no crop
+        ((77, 61), None, (40, 40)),  # no resize: only the crop
+    ],
+)
+def test_geometry_maps_a_drawn_box_onto_the_preprocessed_image(size, resize, crop):
+    w, h = size
+    box = np.array([0.3 * w, 0.25 * h, 0.7 * w, 0.8 * h])
+    img = Image.new("RGB", size, (0, 0, 0))
+    ImageDraw.Draw(img).rectangle(
+        [int(box[0]), int(box[1]), int(np.ceil(box[2])) - 1, int(np.ceil(box[3])) - 1], fill=(255, 255, 255)
+    )
+    prep = Preprocess(resize=resize, crop=crop)
+    out = prep(img)[..., 0] > 127
+    ys, xs = np.nonzero(out)
+    drawn = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float)
+    mapped, _ = to_input_frame(
+        np.array([[int(box[0]), int(box[1]), np.ceil(box[2]), np.ceil(box[3])]]), None, size, prep
+    )
+    # Bilinear resampling blurs one pixel at each edge.
+    np.testing.assert_allclose(mapped[0], drawn, atol=1.5)
+
+
+def test_box_layouts_and_nulls():
+    rows = pa.table(
+        {
+            "many": pa.array([[[1, 2, 11, 12], [0, 0, 4, 4]], None, []], pa.list_(pa.list_(pa.float32()))),
+            "one": pa.array([[1, 2, 11, 12], None, [5, 5, 6, 6]], pa.list_(pa.float64())),
+            "hf": pa.array(
+                [{"bbox": [[1, 2, 10, 10]], "category": [3]}, None, {"bbox": [], "category": []}],
+                pa.struct([("bbox", pa.list_(pa.list_(pa.float32()))), ("category", pa.list_(pa.int64()))]),
+            ),
+            "x0": [1, None, 2],
+            "y0": [2, 0, 2],
+            "x1": [11, 5, 3],
+            "y1": [12, 5, 3],
+        }
+    )
+    many, _ = read_boxes(rows, box_spec(rows.schema, "many"))
+    assert many[0].tolist() == [[1, 2, 11, 12], [0, 0, 4, 4]] and many[1] is None and many[2] is None
+    one, _ = read_boxes(rows, box_spec(rows.schema, "one"))
+    assert one[0].tolist() == [[1, 2, 11, 12]] and one[1] is None
+    hf, cats = read_boxes(rows, box_spec(rows.schema, "hf", "coco"))
+    assert hf[0].tolist() == [[1, 2, 11, 12]] and cats[0].tolist() == [3] and hf[1] is None and hf[2] is None
+    cols, _ = read_boxes(rows, box_spec(rows.schema, "x0,y0,x1,y1"))
+    assert cols[0].tolist() == [[1, 2, 11, 12]] and cols[1] is None
+    with pytest.raises(RunSetupError, match="box column 'nope' not found"):
+        box_spec(rows.schema, "nope")
+    with pytest.raises(RunSetupError, match="four coordinate columns"):
+        box_spec(rows.schema, "x0,y0")
+    with pytest.raises(RunSetupError, match="has type"):
+        box_spec(pa.schema([("b", pa.string())]), "b")
+
+
+def test_a_box_outside_the_crop_is_dropped():
+    prep = Preprocess(resize=(40, 40), crop=(20, 20))  # keeps the centre 20x20 of a 40x40 resize
+    inside, _ = to_input_frame(np.array([[0.0, 0.0, 40.0, 40.0]]), None, (40, 40), prep)
+    assert inside.tolist() == [[0, 0, 20, 20]]  # clipped to the crop
+    gone, _ = to_input_frame(np.array([[0.0, 0.0, 5.0, 5.0]]), None, (40, 40), prep)
+    assert gone is None
+
+
+def test_bad_metric_and_box_options_exit_2(tmp_path):
+    inp = write_table(tmp_path / "in.parquet", bytes_table(2))
+    res = invoke(["run", str(inp), *base_args(tmp_path, tmp_path / "o"), "--metrics", "deletion,nonsense"])
+    assert res.exit_code == 2 and "unknown metric 'nonsense'" in res.output
+    res = invoke(["run", str(inp), *base_args(tmp_path, tmp_path / "o"), "--box-column", "name"])
+    assert res.exit_code == 2 and "box column 'name' has type string" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    pytest.importorskip("scipy")
+    d = tmp_path_factory.mktemp("metrics")
+    t = pq.read_table(demo_assets.SAMPLE).slice(0, 24)
+    # One image without a box: its box columns are null, the rest of its row is not.
+    t = t.set_column(
+        t.schema.get_field_index("box_x0"), "box_x0", pa.array([None, *t["box_x0"].to_pylist()[1:]], pa.int32())
+    )
+    inp = d / "in.parquet"
+    pq.write_table(t, inp)
+    out = d / "out"
+    prep = demo_assets.PREPROCESS
+    args = ["run", str(inp), "-o", str(out), "--model", demo_assets.MODEL_SPEC,
+            "--weights", str(demo_assets.CHECKPOINT),
+            "--resize", str(prep["resize"]), "--crop", "{}x{}".format(*prep["crop"]),
+            "--mean", ",".join(map(str, prep["mean"])), "--std", ",".join(map(str, prep["std"])),
+            "--top-k", "2", "--metrics", "deletion,insertion,confidence", "--metrics-steps", "8",
+            "--box-column", "box_x0,box_y0,box_x1,box_y1", "--batch-size", "8", "--no-progress"]  # fmt: skip
+    res = invoke(args)
+    assert res.exit_code == 0, res.output
+    return out, res.output
+
+
+def test_metric_columns_are_written(demo_run):
+    out, _ = demo_run
+    t = read_output(out)
+    types = {"deletion_auc": pa.float32(), "insertion_auc": pa.float32(), "confidence_drop": pa.float32(),
+             "confidence_increase": pa.bool_(), "pointing_hit": pa.bool_(), "box_energy": pa.float32(),
+             "pred_box": pa.list_(pa.int32(), 4), "box_iou": pa.float32()}  # fmt: skip
+    for name, typ in types.items():
+        assert t.schema.field(name).type == typ, name
+    for name in ("deletion_auc", "insertion_auc", "confidence_drop", "box_energy", "box_iou"):
+        v = t[name].to_numpy(zero_copy_only=False).astype(float)
+        v = v[~np.isnan(v)]
+        assert len(v) and (v >= 0).all() and (v <= 1).all(), name
+    first = t.filter(pa.compute.equal(t["id"], "in.parquet:0"))
+    assert first["pointing_hit"].null_count == 2 and first["pred_box"].null_count == 2
+    assert first["deletion_auc"].null_count == 0  # the faithfulness metrics need no box
+    boxes = np.array(t["pred_box"].drop_null().to_pylist())
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all() and boxes.max() <= 48
+
+
+def test_the_summary_and_manifest_give_the_dataset_means(demo_run):
+    out, output = demo_run
+    means = json.loads((out / "manifest.json").read_text())["metric_means"]
+    t = read_output(out)
+    assert means["deletion_auc"] == pytest.approx(
+        float(np.nanmean(t["deletion_auc"].to_numpy(zero_copy_only=False))), abs=1e-4
+    )
+    hits = t["pointing_hit"].drop_null().to_numpy(zero_copy_only=False)
+    assert (
+        means["pointing_accuracy"] == pytest.approx(hits.mean(), abs=1e-4) and means["rows"]["pointing_accuracy"] == 46
+    )
+    assert "deletion AUC" in output and "pointing accuracy" in output and "localization accuracy" in output
+
+
+def test_metrics_change_the_fingerprint(tmp_path):
+    inp = write_table(tmp_path / "in.parquet", bytes_table(3))
+    out = tmp_path / "o"
+    assert invoke(["run", str(inp), *base_args(tmp_path, out)]).exit_code == 0
+    res = invoke(["run", str(inp), *base_args(tmp_path, out), "--metrics", "confidence"])
+    assert res.exit_code == 2 and "other settings" in res.output
+
+
+def test_a_small_png_image_with_its_box(tmp_path):
+    """Boxes in the original pixels of images of several sizes, through the run's own preprocessing."""
+    pytest.importorskip("scipy")
+    rng = np.random.default_rng(0)
+    images, boxes = [], []
+    for w, h in ((64, 48), (40, 80), (100, 100)):
+        arr = (rng.random((h, w, 3)) * 40).astype(np.uint8)
+        x0, y0 = w // 4, h // 4
+        arr[y0 : y0 + h // 3, x0 : x0 + w // 3] = 255
+        images.append(png_bytes(arr))
+        boxes.append([[x0, y0, x0 + w // 3, y0 + h // 3]])
+    t = pa.table({"image": pa.array(images, pa.binary()), "box": pa.array(boxes, pa.list_(pa.list_(pa.float32())))})
+    inp = write_table(tmp_path / "in.parquet", t)
+    res = invoke(["run", str(inp), *base_args(tmp_path, tmp_path / "o"), "--box-column", "box"])
+    assert res.exit_code == 0, res.output
+    got = read_output(tmp_path / "o")
+    assert got["box_energy"].null_count == 0 and got["pointing_hit"].null_count == 0
