@@ -434,3 +434,20 @@ def test_a_failing_actor_stops_the_run_with_one_line(cluster, dataset, tmp_path)
     assert not info.value.transient  # a rerun would fail the same way
     assert not list(out.glob("part-*.parquet"))
     assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+
+
+@pytest.mark.slow
+def test_metrics_and_boxes_match_local(cluster, dataset, tmp_path):
+    pytest.importorskip("scipy")
+    over = {"metrics": ("deletion", "insertion", "confidence"), "metrics_steps": 5,
+            "box_column": "box_x0,box_y0,box_x1,box_y1", "keep_columns": []}  # fmt: skip
+    run_job(_config(dataset, tmp_path / "local", **over))
+    run_ray(_config(dataset, tmp_path / "ray", **over), RayOptions(workers=1))
+    a, b = _read(tmp_path / "local"), _read(tmp_path / "ray")
+    assert "pred_box" in b.column_names and b["box_iou"].null_count < b.num_rows
+    for name in ("deletion_auc", "insertion_auc", "confidence_drop", "box_energy", "box_iou"):
+        x = a[name].to_numpy(zero_copy_only=False).astype(float)
+        y = b[name].to_numpy(zero_copy_only=False).astype(float)
+        np.testing.assert_allclose(y, x, atol=1e-4, equal_nan=True, err_msg=name)
+    for name in ("pointing_hit", "pred_box", "confidence_increase", "id", "class_index", "status"):
+        assert a[name].equals(b[name]), name
