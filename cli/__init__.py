@@ -26,6 +26,9 @@ def _register() -> None:
     from gradcam_batch.cli.bench import bench
 
     cli.add_command(bench)
+    from gradcam_batch.cli.audit import audit
+
+    cli.add_command(audit)
 
 
 _register()

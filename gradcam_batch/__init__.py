@@ -9,13 +9,14 @@ The Python API in one call::
 See ``gradcam_batch.engine`` for the engine, ``gradcam_batch.kernels`` for the fused
 post-processing kernel and ``gradcam_batch.cli`` for the command line.
 
-``explain``, ``Explainer`` and ``Explanation`` are imported on first use, so that importing the
-package (as ``gradcam-batch --help`` does) does not import torch.
+``explain``, ``Explainer``, ``Explanation``, ``audit`` and ``AuditResult`` are imported on first
+use, so that importing the package (as ``gradcam-batch --help`` does) does not import torch.
 """
 
 from gradcam_batch.version import __version__
 
 _LAZY = {"Explainer", "Explanation", "explain"}
+_LAZY_AUDIT = {"audit", "AuditResult"}
 
 
 def __getattr__(name: str):
@@ -23,7 +24,11 @@ def __getattr__(name: str):
         from gradcam_batch.engine.explain import explainer
 
         return getattr(explainer, name)
+    if name in _LAZY_AUDIT:
+        from gradcam_batch.engine.audit import pipeline
+
+        return getattr(pipeline, name)
     raise AttributeError(f"module 'gradcam_batch' has no attribute {name!r}")
 
 
-__all__ = ["Explainer", "Explanation", "explain", "__version__"]
+__all__ = ["AuditResult", "Explainer", "Explanation", "audit", "explain", "__version__"]
