@@ -28,13 +28,14 @@ from gradcam_batch.engine.explain.compiled import (
     check_precision,
     prepare_input,
 )
-from gradcam_batch.engine.explain.layers import TargetLayerError, detect_target_layer, layer_name_of
+from gradcam_batch.engine.explain.layers import TargetLayerError, default_reshape, detect_target_layer, layer_name_of
 from gradcam_batch.engine.explain.split import LinearHead, SplitModel, analyze_head, split_at
 from gradcam_batch.engine.explain.tokens import RESHAPES, detect_token_layer, map_to_tokens, parse_grid, tokens_to_map
+from gradcam_batch.engine.explain.vjp import AutoVjp
 from gradcam_batch.kernels import DEFAULT_EPS, fused_cam
 
 METHODS = ("gradcam", "cam")
-VJP_STRATEGIES = ("vmap", "loop", "batched_grad")
+VJP_STRATEGIES = ("auto", "vmap", "loop", "batched_grad")  # auto: measured per head (engine/explain/vjp.py)
 
 
 @dataclass
@@ -54,9 +55,12 @@ class Explanation:
 
 
 def default_score_fn(output: object) -> torch.Tensor:
-    """The model output itself, when it is a (B, N) tensor."""
+    """The model output itself, when it is a (B, N) tensor, or its ``.logits`` (a Transformers ``ModelOutput``)."""
     if isinstance(output, torch.Tensor) and output.dim() == 2:
         return output
+    logits = None if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2:
+        return logits
     desc = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
     raise TypeError(f"the model returns {desc}, not (B, N) scores; pass score_fn= to map its output to (B, N) scores")
 
@@ -81,8 +85,9 @@ class _TargetHook:
     The handle is removed on exit, also when the forward raises.
     """
 
-    def __init__(self, module: nn.Module, name: str, root: bool):
+    def __init__(self, module: nn.Module, name: str, root: bool, to_map: Callable | None = None):
         self.module, self.name, self.root = module, name, root
+        self.to_map = to_map  # reshape="tokens": tokens -> (map, prefix); the map becomes A
         self.activation: torch.Tensor | None = None
         self.calls = 0
         self._handle = None
@@ -94,6 +99,9 @@ class _TargetHook:
             raise TargetLayerError(
                 f"target layer {self.name!r} runs more than once per forward; pick a module that runs once"
             )
+        prefix = None
+        if self.to_map is not None:
+            output, prefix = self.to_map(output)
         if not isinstance(output, torch.Tensor) or output.dim() != 4:
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             raise TargetLayerError(f"target layer {self.name!r} outputs {shape}; Grad-CAM needs a 4-D (B, K, h, w) map")
@@ -106,7 +114,7 @@ class _TargetHook:
         self._grad_ctx.enter_context(torch.enable_grad())
         # The rest of the forward gets a copy: an in-place op right after the target (ReLU(inplace=True))
         # may neither write into a leaf that requires grad nor change A.
-        return leaf.clone()
+        return leaf.clone() if prefix is None else map_to_tokens(leaf.clone(), prefix)
 
     def __enter__(self) -> _TargetHook:
         self._grad_ctx = contextlib.ExitStack()
@@ -139,7 +147,7 @@ class Explainer:
         method: str = "gradcam",
         score_fn: Callable[[object], torch.Tensor] | None = None,
         *,
-        vjp_strategy: str = "vmap",
+        vjp_strategy: str = "auto",
         kernel_backend: str = "auto",
         compile: bool = False,
         compile_mode: str | None = None,
@@ -155,6 +163,7 @@ class Explainer:
         self.method = method
         self.score_fn = score_fn
         self.vjp_strategy = vjp_strategy
+        self._auto_vjp = AutoVjp()
         self.kernel_backend = kernel_backend
         self._score_fn = score_fn or default_score_fn
         # Backbone options (engine/explain/compiled.py, engine/explain/tokens.py): compile and precision apply to
@@ -162,6 +171,8 @@ class Explainer:
         self.compile = bool(compile)
         self.compile_mode = check_compile_mode(compile_mode)
         self.precision = check_precision(precision)
+        if reshape is None:  # timm and Transformers ViT-family models: the token reshape
+            reshape = default_reshape(model)
         if reshape not in RESHAPES:
             raise ValueError(f"unknown reshape {reshape!r}; expected None or 'tokens'")
         self.reshape = reshape
@@ -194,8 +205,6 @@ class Explainer:
         elif self.target_layer is None:
             self.target_layer = detect_target_layer(self.model, images[:1], self._score_fn)
         self._split = split_at(self.model, self.target_layer)
-        if self._split is None and self.reshape == "tokens":
-            raise ValueError("reshape='tokens' needs a model that torch.fx can trace and cut at the target layer")
         if self._split is not None and self.score_fn is None and self.reshape is None:
             self._linear = analyze_head(self._split)
         if self._split is not None:
@@ -338,7 +347,9 @@ class Explainer:
                 self._check_scores(scores_all, images)
                 classes_t = _resolve_classes(classes, top_k, scores_all)
                 cot = _one_hots(classes_t, scores_all, sign)
-                if self.vjp_strategy == "vmap":
+                if self.vjp_strategy == "auto":
+                    grads = self._auto_vjp(vjp_fn, cot)
+                elif self.vjp_strategy == "vmap":
                     (grads,) = torch.vmap(vjp_fn)(cot)
                 else:
                     grads = torch.stack([vjp_fn(cot[c])[0] for c in range(cot.shape[0])])
@@ -352,7 +363,10 @@ class Explainer:
             raise ValueError("method='cam' needs a traceable GAP -> linear head")
         module = self.model.get_submodule(self.target_layer)
         # no_grad outside, the hook's enable_grad inside: leaving restores both in order.
-        with torch.no_grad(), _TargetHook(module, self.target_layer, root=True) as hook:
+        to_map = None
+        if self.reshape == "tokens":
+            to_map = lambda t: tokens_to_map(t, self.token_grid, (images.shape[-2], images.shape[-1]))
+        with torch.no_grad(), _TargetHook(module, self.target_layer, root=True, to_map=to_map) as hook:
             out = self.model(images)
             scores_all = self._score_fn(out)
             a = hook.activation

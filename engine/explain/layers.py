@@ -6,6 +6,8 @@ h * w > 1 that the scores depend on. Two refinements make it pick the layer peop
 
 - Pooling layers, and containers whose output *is* a pooling layer's output (VGG's
   ``features`` ends in a max-pool), are skipped: the map before the pooling is wanted.
+  Identity, dropout and flatten modules are never picked, but the module whose output they
+  pass on can be (timm's ConvNeXt ends its stages in an ``nn.Identity``).
 - Several modules often return the very same tensor (``layer4``, its last block, and that
   block's in-place ReLU). Among them the engine takes the last block of the outermost
   container: ``layer4.1`` for a ResNet, ``features.12`` for MobileNetV3, ``features.7``
@@ -33,11 +35,11 @@ _SKIP_TYPES = (
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
-    nn.Dropout,
-    nn.Dropout2d,
-    nn.Identity,
-    nn.Flatten,
 )
+# Modules that return their input unchanged in eval (or a view of it): never picked themselves, but they do
+# not disqualify the tensor. timm puts them after the last stage (ConvNeXt's ``norm_pre``, RegNet's
+# ``final_conv``, EfficientNet's ``bn2.drop``), where they alias the map that should be picked.
+_ALIAS_TYPES = (nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten)
 
 
 @dataclass
@@ -163,6 +165,9 @@ def _choose(order, tensors, infos, spatial, modules) -> str | None:
             continue
         if not any(infos[m].candidate for m in group):
             continue
+        group = [m for m in group if not isinstance(modules[m], _ALIAS_TYPES)]
+        if not group:
+            continue
         outer = [m for m in group if not any(_is_nested(m, o) for o in group if o != m)]
         top = outer[-1]
         children = [m for m in group if _is_nested(m, top) and "." not in m[len(top) + 1 :]]
@@ -188,3 +193,26 @@ def detect_target_layer(model: nn.Module, sample: torch.Tensor, score_fn: Callab
         "could not find a target layer: no module outputs a 4-D (B, K, h, w) map with h*w > 1 that the "
         f"scores depend on. 4-D outputs seen: {listing}. Pass target_layer= explicitly."
     )
+
+
+# Hugging Face Transformers model types whose encoders output (B, N, D) tokens over a patch grid.
+HF_TOKEN_MODEL_TYPES = frozenset(
+    {"vit", "deit", "beit", "data2vec-vision", "dinov2", "dinov2_with_registers", "vit_msn", "ijepa", "swin", "swinv2"}
+)
+
+
+def default_reshape(model: object) -> str | None:
+    """``"tokens"`` for the transformer families that are recognized, else None (explicit reshape= wins).
+
+    timm: a model with a ``patch_embed`` (ViT, DeiT, Swin, EVA, BEiT, ...). Transformers: a model whose
+    ``config.model_type`` is in ``HF_TOKEN_MODEL_TYPES``. Other models (torchvision's ViT included)
+    keep the plain 4-D path unless reshape="tokens" is asked for.
+    """
+    module = type(model).__module__ or ""
+    if module.startswith("timm.") and isinstance(model, nn.Module) and hasattr(model, "patch_embed"):
+        return "tokens"
+    if module.startswith("transformers."):
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type in HF_TOKEN_MODEL_TYPES:
+            return "tokens"
+    return None

@@ -8,12 +8,19 @@ K channels. The extra tokens are kept aside unchanged: the head still receives t
 gradient w.r.t. the patch tokens.
 
 The grid is given as ``"HxW"`` or inferred: the largest h*w <= N with the image's aspect ratio
-(square images: floor(sqrt(N))^2), and E = N - h*w leading extra tokens.
+(square images: floor(sqrt(N))^2), and E = N - h*w leading extra tokens. A 4-D output whose last
+dimension is its largest, (B, H, W, C) with C > H (timm's Swin: (B, 7, 7, 768)), is a token grid
+already: it is permuted to (B, C, H, W), with no extra tokens. Any other 4-D output, such as a
+(B, K, h, w) convolution map, is refused as a token layer.
 
-Auto-detection for token models picks the last module with a (B, N, D) output whose patch
-tokens the scores depend on. In a ViT only the class token reaches the classifier after the
-last attention, so this is the last block's pre-attention LayerNorm
-(``encoder.layers.encoder_layer_L.ln_1`` in torchvision), the usual choice for ViT Grad-CAM.
+Auto-detection for token models picks the last normalization layer (a module whose class name
+ends in "Norm") with token output whose patch tokens the scores depend on; when there is none, the
+last module of any kind with (B, N, D) output. In a ViT only the class token reaches the
+classifier after the last attention, so this is the last block's pre-attention LayerNorm
+(``encoder.layers.encoder_layer_L.ln_1`` in torchvision, ``blocks.L.norm1`` in timm), the usual
+choice for ViT Grad-CAM; preferring norms keeps the attention's own projections (timm's ``qkv``,
+Transformers' ``v_proj``), which run after it, from being picked. In a Swin every position
+reaches the pooled classifier, and the final norm is picked.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import torch.nn as nn
 from gradcam_batch.engine.explain.layers import TargetLayerError
 
 RESHAPES = (None, "tokens")
+# The "prefix" of a (B, H, W, C) grid: there are no extra tokens, only the layout to restore.
+CHANNELS_LAST = "channels_last"
 
 
 def parse_grid(grid: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -69,8 +78,18 @@ def infer_grid(n_tokens: int, image_hw: tuple[int, int] | None = None) -> tuple[
 
 def tokens_to_map(
     tokens: torch.Tensor, grid: tuple[int, int] | None = None, image_hw: tuple[int, int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N, D) -> ((B, D, h, w) map of the patch tokens, (B, E, D) extra tokens)."""
+) -> tuple[torch.Tensor, torch.Tensor | str]:
+    """(B, N, D) -> ((B, D, h, w) map of the patch tokens, (B, E, D) extra tokens).
+
+    (B, H, W, C) -> ((B, C, H, W), ``CHANNELS_LAST``).
+    """
+    if isinstance(tokens, torch.Tensor) and tokens.dim() == 4 and tokens.shape[3] > max(tokens.shape[1:3]):
+        if grid is not None and tuple(grid) != tuple(tokens.shape[1:3]):
+            raise TargetLayerError(
+                f"token grid {grid[0]}x{grid[1]} does not match the (B, H, W, C) layer's "
+                f"{tokens.shape[1]}x{tokens.shape[2]}"
+            )
+        return tokens.permute(0, 3, 1, 2).contiguous(), CHANNELS_LAST
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
         shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise TargetLayerError(f"reshape='tokens' needs a (B, N, D) token output, got {shape}")
@@ -84,8 +103,10 @@ def tokens_to_map(
     return patches.transpose(1, 2).reshape(b, d, h, w), prefix
 
 
-def map_to_tokens(cam_map: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+def map_to_tokens(cam_map: torch.Tensor, prefix: torch.Tensor | str) -> torch.Tensor:
     """The inverse of ``tokens_to_map``: (B, D, h, w) and (B, E, D) -> (B, E + h*w, D)."""
+    if isinstance(prefix, str):  # CHANNELS_LAST
+        return cam_map.permute(0, 2, 3, 1)
     b, d = cam_map.shape[:2]
     patches = cam_map.reshape(b, d, -1).transpose(1, 2)
     return torch.cat([prefix.to(patches.dtype), patches], dim=1)
@@ -97,15 +118,23 @@ def detect_token_layer(
     score_fn: Callable[[object], torch.Tensor],
     grid: tuple[int, int] | None = None,
 ) -> str:
-    """The last module with a (B, N, D) output whose patch tokens the scores depend on."""
+    """The last norm with token output whose patch tokens the scores depend on, else the last module."""
     records: list[tuple[str, torch.Tensor]] = []
+    norms: set[str] = set()
     calls: dict[str, int] = {}
     handles = []
 
     def make_hook(name):
         def hook(module, args, output):
             calls[name] = calls.get(name, 0) + 1
-            if isinstance(output, torch.Tensor) and output.dim() == 3:
+            is_norm = type(module).__name__.endswith("Norm")
+            if is_norm:
+                norms.add(name)
+            # 4-D outputs only from norms: a (B, H, W, C) grid; elsewhere 4-D is (B, heads, N, d) or a conv map.
+            grid4 = is_norm and isinstance(output, torch.Tensor) and output.dim() == 4
+            if isinstance(output, torch.Tensor) and (
+                output.dim() == 3 or (grid4 and output.shape[3] > output.shape[1])
+            ):
                 records.append((name, output))
 
         return hook
@@ -120,18 +149,28 @@ def detect_token_layer(
         for h in handles:
             h.remove()
     image_hw = (sample.shape[-2], sample.shape[-1])
-    cands = [(n, t) for n, t in records if calls[n] == 1 and t.requires_grad]
+    cands = [(n, t) for n, t in records if calls[n] == 1 and t.requires_grad and t.shape[-1] > 1]
     if cands and scores.requires_grad:
         grads = torch.autograd.grad(scores.sum(), [t for _, t in cands], allow_unused=True)
+        found = []
         for (name, t), g in reversed(list(zip(cands, grads, strict=True))):
             if g is None:
                 continue
-            h, w = grid if grid is not None else infer_grid(t.shape[1], image_hw)
-            extra = t.shape[1] - h * w
-            if extra < 0 or h * w < 2:
+            if t.dim() == 4:
+                extra, hw = 0, t.shape[1] * t.shape[2]
+            else:
+                h, w = grid if grid is not None else infer_grid(t.shape[1], image_hw)
+                extra, hw = t.shape[1] - h * w, h * w
+            if extra < 0 or hw < 2:
                 continue
             if bool(g[:, extra:].abs().amax() > 0):
+                found.append(name)
+        for name in found:
+            if name in norms:
                 return name
+        plain = [n for n in found if dict(records)[n].dim() == 3]
+        if plain:
+            return plain[0]
     seen = "; ".join(f"{n} {list(t.shape)}" for n, t in records[-8:]) or "none"
     raise TargetLayerError(
         "could not find a token layer: no module outputs (B, N, D) tokens whose patch tokens the scores depend on. "
@@ -140,4 +179,12 @@ def detect_token_layer(
     )
 
 
-__all__ = ["RESHAPES", "detect_token_layer", "infer_grid", "map_to_tokens", "parse_grid", "tokens_to_map"]
+__all__ = [
+    "CHANNELS_LAST",
+    "RESHAPES",
+    "detect_token_layer",
+    "infer_grid",
+    "map_to_tokens",
+    "parse_grid",
+    "tokens_to_map",
+]

@@ -4,8 +4,12 @@ Accepted specs (``load_model(spec, weights=..., num_classes=..., device=...)``):
 
 - ``torchvision:NAME`` — a torchvision classifier built with random weights
   (``torchvision.models.get_model(NAME, weights=None)``); ``weights=FILE`` then loads a state
-  dict with ``torch.load(..., weights_only=True)`` (no pickled code runs), and ``num_classes``
-  sets the size of the classifier.
+  dict (``engine/models/weights.py``: safetensors, or ``torch.load(..., weights_only=True)``, so
+  no pickled code runs), and ``num_classes`` sets the size of the classifier.
+- ``timm:NAME`` — ``timm.create_model(NAME, pretrained=False)`` (``engine/models/timm_models.py``);
+  ``weights=`` and ``num_classes`` as above.
+- ``hf:DIR`` — a Hugging Face Transformers classifier saved with ``save_pretrained``, loaded offline
+  (``engine/models/hf_models.py``); ``weights=`` and ``num_classes`` as above.
 - ``path/to/file.py:FACTORY`` — imports the file and calls ``FACTORY()``
   (``FACTORY(num_classes=N)`` when ``num_classes`` is given); ``weights=`` as above.
 - ``package.module:FACTORY`` — the same for an importable module.
@@ -40,8 +44,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from gradcam_batch.engine.models.preprocess import ModelPreprocess
+from gradcam_batch.engine.models.weights import load_weights
+
 SPEC_HELP = (
-    "expected torchvision:NAME, path/to/file.py:FACTORY, package.module:FACTORY, "
+    "expected torchvision:NAME, timm:NAME, hf:DIR, path/to/file.py:FACTORY, package.module:FACTORY, "
     "or a model file (.onnx, .pt2 torch.export program, TorchScript .pt)"
 )
 
@@ -57,16 +64,19 @@ def load_model(
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
     providers: list[str] | None = None,
+    weights_strict: bool = True,
 ):
     """Build or load the model named by ``spec`` (see the module docstring for the forms).
 
     Args:
         spec: the model spec.
-        weights: a state-dict file for ``torchvision:`` and factory specs (``weights_only=True``).
-        num_classes: classifier size for ``torchvision:`` and factory specs.
+        weights: a weights file for ``torchvision:``, ``timm:``, ``hf:`` and factory specs: safetensors,
+            or a state dict or training checkpoint read with ``weights_only=True``.
+        num_classes: classifier size for ``torchvision:``, ``timm:``, ``hf:`` and factory specs.
         device: where the model runs. For ONNX models it picks the default providers
             (TensorRT, CUDA, CPU on a CUDA device; CPU otherwise).
         providers: ONNX Runtime providers, in order of preference (ONNX models only).
+        weights_strict: every tensor of the model and of the file must match by name (shapes always must).
 
     Returns:
         an ``nn.Module`` in eval mode on ``device``, or an ``OnnxModel`` for ``.onnx`` files.
@@ -87,7 +97,7 @@ def load_model(
         if weights is not None or num_classes is not None:
             raise ModelSpecError(
                 f"{path.name} is a complete model file; weights= and num_classes= apply to "
-                "torchvision: and factory specs only"
+                "torchvision:, timm:, hf: and factory specs only"
             )
         if not path.is_file():
             raise ModelSpecError(f"model file not found: {spec}")
@@ -101,6 +111,14 @@ def load_model(
 
     if spec.startswith("torchvision:"):
         model = _torchvision_model(spec[len("torchvision:") :], num_classes)
+    elif spec.startswith("timm:"):
+        from gradcam_batch.engine.models.timm_models import timm_model
+
+        model = timm_model(spec[len("timm:") :], num_classes)
+    elif spec.startswith("hf:"):
+        from gradcam_batch.engine.models.hf_models import hf_model
+
+        model = hf_model(spec[len("hf:") :], num_classes)
     elif ":" in spec:
         target, _, factory_name = spec.rpartition(":")
         if not target or not factory_name.isidentifier():
@@ -110,8 +128,27 @@ def load_model(
     else:
         raise ModelSpecError(f"cannot parse model spec {spec!r} (no such file, and no ':'); {SPEC_HELP}")
     if weights is not None:
-        _load_state_dict(model, weights)
+        load_weights(model, weights, strict=weights_strict)
     return _finish(model, device)
+
+
+def model_preprocessing(spec: str) -> ModelPreprocess | None:
+    """The preprocessing a ``timm:`` or ``hf:`` spec's model expects; None for other specs.
+
+    Read from timm's data config or the directory's image processor; no model is built.
+    """
+    spec = spec.strip() if isinstance(spec, str) else spec
+    if not isinstance(spec, str):
+        return None
+    if spec.startswith("timm:"):
+        from gradcam_batch.engine.models.timm_models import timm_preprocess
+
+        return timm_preprocess(spec[len("timm:") :])
+    if spec.startswith("hf:"):
+        from gradcam_batch.engine.models.hf_models import hf_preprocess
+
+        return hf_preprocess(spec[len("hf:") :])
+    return None
 
 
 class CompiledProgram(nn.Module):
@@ -213,37 +250,8 @@ def _fmt(kwargs: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
-def _load_state_dict(model: nn.Module, weights: str | os.PathLike) -> None:
-    path = Path(weights)
-    if not path.is_file():
-        raise ModelSpecError(f"weights file not found: {weights}")
-    try:
-        # weights_only: a checkpoint is data, never code to run.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelSpecError(f"cannot read weights {path.name} as a state dict (weights_only=True): {first}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]  # the common {"state_dict": ..., "epoch": ...} checkpoint layout
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelSpecError(f"{path.name} is not a state dict (a mapping of names to tensors)")
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        raise ModelSpecError(f"weights {path.name} do not match the model: {'; '.join(parts)} keys")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ModelSpecError(
-                f"weights {path.name} do not match the model: {k} has shape {tuple(v.shape)}, the model "
-                f"expects {tuple(own[k].shape)} (set num_classes?)"
-            )
-    model.load_state_dict(state)
+def _load_state_dict(model: nn.Module, weights: str | os.PathLike, strict: bool = True) -> None:
+    load_weights(model, weights, strict=strict)
 
 
 def _load_torchscript(path: Path) -> nn.Module:
@@ -272,4 +280,4 @@ def _load_exported(path: Path) -> nn.Module:
         return CompiledProgram(program.module(), "torch.export program")
 
 
-__all__ = ["SPEC_HELP", "CompiledProgram", "ModelSpecError", "load_model"]
+__all__ = ["SPEC_HELP", "CompiledProgram", "ModelSpecError", "load_model", "model_preprocessing"]
