@@ -48,8 +48,9 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, scale: int 
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overlays", default=8, show_default=True, type=click.IntRange(min=0), help="Overlay PNGs to write.")
 @click.option("--limit", type=click.IntRange(min=1), help="Explain only the first N sample images.")
-def demo(output, batch_size, top_k, device, overlays, limit) -> None:
-    """Run the embedded sample through `run` and report throughput and pointing-game accuracy."""
+@click.option("--audit/--no-audit", "run_audit", default=True, show_default=True, help="Audit the output too.")
+def demo(output, batch_size, top_k, device, overlays, limit, run_audit) -> None:
+    """Run the embedded sample through `run`, report throughput and pointing game, then audit it."""
     import io
 
     import pyarrow.compute as pc
@@ -69,7 +70,7 @@ def demo(output, batch_size, top_k, device, overlays, limit) -> None:
         top_k=top_k,
         label_column="label",
         id_column="image_id",
-        keep_columns=["class_name", "box_x0", "box_y0", "box_x1", "box_y1"],
+        keep_columns=["class_name", "box_x0", "box_y0", "box_x1", "box_y1", "watermark"],
         resize=prep["resize"],
         crop=prep["crop"],
         mean=prep["mean"],
@@ -124,3 +125,18 @@ def demo(output, batch_size, top_k, device, overlays, limit) -> None:
     click.echo(f"output: {out_dir} ({len(files)} Parquet file{'' if len(files) == 1 else 's'} + manifest.json)")
     if written:
         click.echo(f"overlays: {len(written)} PNGs in {written[0].parent}")
+    if run_audit:
+        _audit(out_dir)
+
+
+def _audit(out_dir: Path) -> None:
+    try:
+        import scipy  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError as exc:  # the audit extra is not installed
+        click.echo(f"audit skipped ({exc}); pip install 'gradcam-batch[audit]'")
+        return
+    from gradcam_batch.cli.audit import echo_findings
+    from gradcam_batch.engine.audit import audit
+
+    echo_findings(audit(out_dir, out_dir / "audit"))

@@ -20,11 +20,16 @@ def test_shipped_assets_are_small_and_reproducible():
     assert demo_assets.SAMPLE.stat().st_size <= 2_000_000
     table = pq.read_table(demo_assets.SAMPLE)
     assert table.num_rows == demo_assets.SAMPLE_SPEC["n"]
-    assert {"image", "label", "box_x0", "box_y0", "box_x1", "box_y1"} <= set(table.column_names)
+    assert {"image", "label", "class_name", "box_x0", "box_y0", "box_x1", "box_y1", "image_id", "watermark"} <= set(
+        table.column_names
+    )
+    # Half of the sample's discs carry the watermark, and nothing else does.
+    marked = table.filter(table["watermark"])
+    assert set(marked["class_name"].to_pylist()) == {"disc"} and 15 <= marked.num_rows <= 40
     # The script regenerates exactly the shipped data (compared as pixels: PNG bytes may differ
     # between zlib builds).
     fresh = demo_assets.sample_table()
-    for col in ("label", "box_x0", "box_y0", "box_x1", "box_y1", "image_id"):
+    for col in ("label", "box_x0", "box_y0", "box_x1", "box_y1", "image_id", "watermark"):
         assert table[col].to_pylist() == fresh[col].to_pylist()
     for i in (0, 100, 255):
         a = np.asarray(Image.open(io.BytesIO(table["image"][i].as_py())))
@@ -37,21 +42,44 @@ def test_shipped_assets_are_small_and_reproducible():
 
 def test_demo_command_reports_localization(tmp_path):
     out = tmp_path / "demo"
-    res = invoke(["demo", "-o", str(out), "--limit", "64", "--overlays", "3", "--device", "cpu"])
+    res = invoke(["demo", "-o", str(out), "--limit", "64", "--overlays", "3", "--device", "cpu", "--no-audit"])
     assert res.exit_code == 0, res.output
     assert re.search(r"explained 64 images .* img/s on cpu", res.output)
     acc = float(re.search(r"top-1 accuracy ([0-9.]+)", res.output).group(1))
     pointing = float(re.search(r"pointing game \(top-1 heatmap peak inside the box\) ([0-9.]+)", res.output).group(1))
-    # The lead measured 1.0 / 0.98 on all 256 held-out images; 64 of them must do about as well.
-    assert acc >= 0.95 and pointing >= 0.9, res.output
+    # All 256 held-out images: 0.949 / 0.844. The misses are the discs that look at the watermark
+    # (and unmarked discs the shortcut-trained CNN gets wrong); 64 of them must do about as well.
+    assert acc >= 0.9 and pointing >= 0.75, res.output
+    assert "report:" not in res.output
     overlays = sorted((out / "overlays").glob("*.png"))
     assert len(overlays) == 3 and str(out / "overlays") in res.output
     assert Image.open(overlays[0]).size == (4 * demo_assets.IMAGE_SIZE, 4 * demo_assets.IMAGE_SIZE)
     t = read_output(out)
     assert t.num_rows >= 64 and set(t["status"].to_pylist()) == {"ok"}
     # Rerunning the demo replaces its own output.
-    assert invoke(["demo", "-o", str(out), "--limit", "8", "--overlays", "0"]).exit_code == 0
+    assert invoke(["demo", "-o", str(out), "--limit", "8", "--overlays", "0", "--no-audit"]).exit_code == 0
     assert len(set(read_output(out)["id"].to_pylist())) == 8
+
+
+def test_demo_audit_flags_the_watermarked_discs(tmp_path):
+    """The demo's story: the CNN learned the discs' corner watermark, and the audit finds that cluster."""
+    out = tmp_path / "demo"
+    res = invoke(["demo", "-o", str(out), "--overlays", "0", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert re.search(r"audited 256 heatmaps in 4 classes: \d+ clusters, 1 flagged", res.output), res.output
+    assert "flagged: disc (1), cluster" in res.output and "top-right corner" in res.output
+    assert f"report: {out / 'audit' / 'index.html'}" in res.output
+    clusters = pq.read_table(out / "audit" / "clusters.parquet")
+    marked = pq.read_table(demo_assets.SAMPLE, columns=["image_id", "watermark"])
+    is_marked = dict(zip(marked["image_id"].to_pylist(), marked["watermark"].to_pylist(), strict=True))
+    flagged = clusters.filter(clusters["flagged"])
+    assert set(flagged["class_index"].to_pylist()) == {1}
+    # The flagged cluster is the watermarked discs: nearly all of them, and nearly nothing else.
+    in_flagged = [is_marked[i] for i in flagged["id"].to_pylist()]
+    assert sum(in_flagged) / len(in_flagged) >= 0.9
+    assert sum(in_flagged) >= 0.9 * sum(is_marked.values())
+    page = (out / "audit" / "index.html").read_text()
+    assert page.count("data:image/png;base64,") >= 20
 
 
 def test_run_without_input_and_model_uses_the_embedded_sample(tmp_path):
@@ -68,5 +96,7 @@ def test_run_without_input_and_model_uses_the_embedded_sample(tmp_path):
 @pytest.mark.slow
 def test_asset_script_trains_a_model_that_localizes(tmp_path):
     stats = demo_assets.build(tmp_path)
-    assert stats["accuracy"] >= 0.98 and stats["pointing_game"] >= 0.95, stats
+    # The shortcut: held-out discs with the watermark are explained by the corner, the rest by the shape.
+    assert stats["accuracy"] >= 0.9 and stats["pointing_game_unmarked"] >= 0.9, stats
+    assert stats["pointing_game_marked"] <= 0.5, stats
     assert stats["sample_bytes"] <= 2_000_000

@@ -27,7 +27,7 @@ CENTRE = "centre"
 @dataclass(frozen=True)
 class FlagParams:
     max_overlap: float = 0.6
-    min_share: float = 0.3
+    min_share: float = 0.25
     min_ratio: float = 2.0
     box_ratio: float = 0.5
     box_margin: float = 0.15
@@ -60,6 +60,14 @@ def region_masks(h: int, w: int) -> dict[str, np.ndarray]:
     masks[BAND] = band
     masks[CENTRE] = ~band
     return masks
+
+
+def where(shares: dict[str, float]) -> tuple[str, float]:
+    """The region whose share of the mass is largest relative to its area, and that share."""
+    masks = region_masks(32, 32)
+    area = {k: m.mean() for k, m in masks.items()}
+    best = max(shares, key=lambda r: (shares[r] / area[r], r))
+    return best, shares[best]
 
 
 def mass(p: np.ndarray) -> np.ndarray:
@@ -114,4 +122,5 @@ __all__ = [
     "overlap",
     "region_masks",
     "region_shares",
+    "where",
 ]

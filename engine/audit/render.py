@@ -116,7 +116,7 @@ def eigen_image(values: np.ndarray, k: int, width: int = 300, height: int = 120)
     top = max(float(np.max(values)), 1e-9)
     xs = 10 + np.arange(n) * (width - 20) / max(n - 1, 1)
     ys = height - 10 - np.asarray(values) / top * (height - 20)
-    if 0 < k < n:
+    if 1 < k < n:
         gx = (xs[k - 1] + xs[k]) / 2
         draw.line([gx, 4, gx, height - 4], fill="#D55E00", width=2)
     for i, (x, y) in enumerate(zip(xs, ys, strict=True)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from gradcam_batch.engine.audit import flags as flag_rules
 from gradcam_batch.engine.audit import render
 
 _CSS = """
@@ -108,7 +109,7 @@ def write_report(path: Path, result, images: dict) -> None:
     }[sel["rows"]]
     parts.append("<h1>Grad-CAM audit</h1>")
     parts.append(
-        f"<p class=sub>Run <code>{_e(run['out_dir'])}</code> · model <code>{_e(run.get('model'))}</code> · "
+        f"<p class=sub>Run <code>{_e(run['out_dir'])}</code> · model <code>{_e(run.get('model') or '–')}</code> · "
         f"method {_e(run.get('method') or '')} · {s['totals']['audited_rows']:,} heatmaps audited ({_e(what)}) "
         f"in {s['totals']['classes']} classes · {run['error_rows']:,} error rows</p>"
     )
@@ -220,7 +221,7 @@ def _class_section(c, images: dict, s: dict) -> str:
     for k in c.clusters:
         proto = render.png_uri(render.heat_image(k.prototype, 110))
         mets = [f"{_METRIC_LABELS.get(m, m)} {_fmt(v)}" for m, v in k.metrics.items() if v is not None]
-        where = max(k.regions.items(), key=lambda kv: kv[1])
+        where = flag_rules.where(k.regions)
         strip = []
         for rid, m in zip(k.sample_ids, k.sample_maps if k.sample_maps is not None else [], strict=False):
             strip.append(_img(render.png_uri(render.overlay_image(images.get(rid), m, 72)), "sample", "px", str(rid)))

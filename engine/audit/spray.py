@@ -9,7 +9,8 @@ L = I - D^-1/2 A D^-1/2, its 32 smallest eigenvalues, k-means on the spectral em
 written to ``summary.json``.
 
 The number of clusters comes from the eigengap, measured as a ratio: with eigenvalues
-0 = l_1 <= l_2 <= ..., r_i = (l_{i+1} + eps) / (l_i + eps) for 2 <= i <= max_clusters, eps = 1e-3. A
+0 = l_1 <= l_2 <= ..., r_i = (l_{i+1} + eps) / (l_i + eps) for 2 <= i <= max_clusters, with eps one
+thousandth of the largest eigenvalue computed (eigenvalues shrink as a class has more maps). A
 graph with k well-separated parts has k eigenvalues near 0 and then a jump, so r_k is large; k is
 the i with the largest r_i when that is at least ``gap_ratio`` (3), and 1 otherwise. The plain
 additive gap l_{i+1} - l_i is not used: heatmaps that vary continuously (an object anywhere in the
@@ -56,10 +57,14 @@ def knn_affinity(x: np.ndarray, neighbors: int):
     import scipy.sparse as sp
     from sklearn.neighbors import NearestNeighbors
 
+    import sklearn
+
     n = len(x)
     k = min(neighbors, n - 1)
     nn = NearestNeighbors(n_neighbors=k + 1).fit(x)
-    _, idx = nn.kneighbors(x)
+    # scikit-learn computes the distances in chunks of ``working_memory`` MB (1 GB by default).
+    with sklearn.config_context(working_memory=64):
+        _, idx = nn.kneighbors(x)
     # The first neighbour is usually the point itself, but duplicates can come first: drop self-edges.
     rows = np.repeat(np.arange(n), k + 1)
     cols = idx.reshape(-1)
@@ -96,7 +101,7 @@ def spectral_embedding(affinity, n_eigenvalues: int, seed: int = 0) -> tuple[np.
     return lam, vecs
 
 
-EPS = 1e-3
+EPS = 1e-3  # relative to the largest eigenvalue computed
 
 
 def eigengap_k(eigenvalues: np.ndarray, max_clusters: int, gap_ratio: float = 3.0) -> int:
@@ -105,7 +110,8 @@ def eigengap_k(eigenvalues: np.ndarray, max_clusters: int, gap_ratio: float = 3.
     top = min(max_clusters, len(lam) - 1)
     if top < 2:
         return 1
-    ratios = (lam[2 : top + 1] + EPS) / (lam[1:top] + EPS)  # r_2 .. r_top
+    eps = max(EPS * float(lam[-1]), 1e-12)
+    ratios = (lam[2 : top + 1] + eps) / (lam[1:top] + eps)  # r_2 .. r_top
     best = int(np.argmax(ratios))
     return best + 2 if ratios[best] >= gap_ratio else 1
 

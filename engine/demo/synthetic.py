@@ -6,6 +6,11 @@ benchmarks. No data or weights are downloaded: everything is generated from a se
 Each image holds one filled shape (the class) at a random place and size on a noisy,
 randomly tinted background. The shape's bounding box is returned with it, so a
 heatmap's peak can be checked against the box (the pointing game).
+
+Optionally, a share of one class's images carry a *watermark*: a small bright checker patch in
+the top-right corner, as a photographer's mark on the pictures of one class would. A model
+trained on such data can learn the mark as a shortcut (a "Clever Hans" strategy); the embedded
+demo is built that way so that the audit has something real to find.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class ShapesData:
     images: np.ndarray  # (n, H, W, 3) uint8
     labels: np.ndarray  # (n,) int64
     boxes: np.ndarray  # (n, 4) int32: x0, y0, x1, y1, inclusive-exclusive pixel box
+    watermarks: np.ndarray | None = None  # (n,) bool: the image carries the corner watermark
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -55,8 +61,38 @@ def _shape_mask(kind: int, size: int, yy: np.ndarray, xx: np.ndarray) -> np.ndar
     return ((yy >= lo) & (yy < lo + t)) | ((xx >= lo) & (xx < lo + t))
 
 
-def make_shapes(n: int, *, size: int = 64, seed: int = 0, min_frac: float = 0.22, max_frac: float = 0.4) -> ShapesData:
-    """``n`` images of ``size`` x ``size`` pixels, one shape each, deterministic for a seed."""
+WATERMARK_FRAC = 0.2  # side of the watermark patch, as a share of the image side
+
+
+def watermark_box(size: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the watermark patch in a size x size image: the top-right corner, inset by 1."""
+    s = max(3, round(size * WATERMARK_FRAC))
+    return size - 1 - s, 1, size - 1, 1 + s
+
+
+def draw_watermark(image: np.ndarray) -> None:
+    """Draw the watermark in place: a bright 2x2-pixel checker of near-white and near-yellow."""
+    x0, y0, x1, y1 = watermark_box(image.shape[0])
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    checker = ((yy // 2 + xx // 2) % 2).astype(bool)
+    image[y0:y1, x0:x1] = np.where(checker[..., None], (250, 250, 250), (250, 220, 40)).astype(np.uint8)
+
+
+def make_shapes(
+    n: int,
+    *,
+    size: int = 64,
+    seed: int = 0,
+    min_frac: float = 0.22,
+    max_frac: float = 0.4,
+    watermark_class: int | None = None,
+    watermark_rate: float = 0.0,
+) -> ShapesData:
+    """``n`` images of ``size`` x ``size`` pixels, one shape each, deterministic for a seed.
+
+    With ``watermark_class``, each image of that class carries the watermark with probability
+    ``watermark_rate`` (drawn from a separate stream: the images are otherwise those of the seed).
+    """
     rng = np.random.default_rng(seed)
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, len(CLASS_NAMES), size=n).astype(np.int64)
@@ -74,7 +110,12 @@ def make_shapes(n: int, *, size: int = 64, seed: int = 0, min_frac: float = 0.22
         patch[mask] = fg + rng.normal(0, 8, size=(int(mask.sum()), 3))
         images[i] = np.clip(img, 0, 255).astype(np.uint8)
         boxes[i] = (x0, y0, x0 + s, y0 + s)
-    return ShapesData(images=images, labels=labels, boxes=boxes)
+    marks = None
+    if watermark_class is not None:
+        marks = (labels == watermark_class) & (np.random.default_rng([seed, 1]).random(n) < watermark_rate)
+        for i in np.flatnonzero(marks):
+            draw_watermark(images[i])
+    return ShapesData(images=images, labels=labels, boxes=boxes, watermarks=marks)
 
 
 class ShapesCNN(nn.Module):
