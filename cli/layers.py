@@ -20,34 +20,66 @@ def _parse_size(text: str) -> tuple[int, int]:
     "--model",
     "model_spec",
     required=True,
-    help="torchvision:NAME, path/to/file.py:FACTORY, package.module:FACTORY, or a .onnx/.pt2/TorchScript file.",
+    help="torchvision:NAME, timm:NAME, hf:DIR, path/to/file.py:FACTORY, package.module:FACTORY, "
+    "or a .onnx/.pt2/TorchScript file.",
 )
-@click.option("--weights", type=click.Path(dir_okay=False), help="State dict for torchvision:/factory specs.")
-@click.option("--num-classes", type=click.IntRange(min=1), help="Classifier size for torchvision:/factory specs.")
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    help="Weights for torchvision:/timm:/hf:/factory specs (.safetensors, state dict or checkpoint).",
+)
+@click.option(
+    "--weights-strict", type=click.BOOL, default=True, show_default=True, help="Every tensor must match by name."
+)
+@click.option("--num-classes", type=click.IntRange(min=1), help="Classifier size for torchvision:/timm:/hf:/factory.")
 @click.option(
     "--input-size",
-    help="Probe input size: N or HxW. [default: an ONNX model's static input size, else 224]",
+    help="Probe input size: N or HxW. [default: the model's own preprocessing, an ONNX model's static input "
+    "size, else 224]",
+)
+@click.option(
+    "--reshape",
+    type=click.Choice(["tokens"]),
+    default=None,
+    help="tokens: list transformer token outputs. [default: tokens for timm and Transformers ViT-family models]",
 )
 @click.option("--all", "show_all", is_flag=True, help="List every module (tensor for ONNX), not only candidates.")
 def layers(
-    model_spec: str, weights: str | None, num_classes: int | None, input_size: str | None, show_all: bool
+    model_spec: str,
+    weights: str | None,
+    weights_strict: bool,
+    num_classes: int | None,
+    input_size: str | None,
+    reshape: str | None,
+    show_all: bool,
 ) -> None:
     """List candidate target layers (name, type, output shape); '*' marks the auto-detected one.
 
-    A candidate outputs a 4-D (B, K, h, w) map with h*w > 1 that the scores depend on. For ONNX
-    models the names are tensor names, to pass as --target-layer.
+    A candidate outputs a 4-D (B, K, h, w) map with h*w > 1 that the scores depend on; for token
+    models, (B, N, D) tokens whose patch tokens the scores depend on. For ONNX models the names are
+    tensor names, to pass as --target-layer. The first line is the preprocessing `run` uses for this
+    model when no --resize, --crop, --mean, --std or --interpolation is given.
     """
     import torch
 
     from gradcam_batch.engine.explain.explainer import default_score_fn, eval_mode
-    from gradcam_batch.engine.explain.layers import probe_layers
-    from gradcam_batch.engine.models.loader import load_model
+    from gradcam_batch.engine.explain.layers import default_reshape, probe_layers
+    from gradcam_batch.engine.models.loader import load_model, model_preprocessing
 
     size = _parse_size(input_size) if input_size is not None else None
     try:
-        model = load_model(model_spec, weights=weights, num_classes=num_classes)
+        prep = model_preprocessing(model_spec)
+        model = load_model(model_spec, weights=weights, num_classes=num_classes, weights_strict=weights_strict)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    if prep is None:
+        click.echo(
+            "preprocessing: run's defaults: resize shorter side to 256, center crop 224x224, bilinear, "
+            "ImageNet mean and std"
+        )
+    else:
+        click.echo(f"preprocessing: {prep.describe()}")
+        size = size or prep.input_size
     static = getattr(model, "input_size", None)  # an ONNX model exported at a fixed size
     if size is not None and static is not None and tuple(size) != tuple(static):
         raise click.ClickException(
@@ -57,8 +89,9 @@ def layers(
     sample = torch.zeros(1, 3, h, w)
     try:
         if isinstance(model, torch.nn.Module):
+            reshape = reshape or default_reshape(model)
             with eval_mode(model):
-                infos = probe_layers(model, sample, default_score_fn)
+                infos = probe_layers(model, sample, default_score_fn, reshape=reshape)
         else:
             infos = model.probe_layers(sample)
     except (ValueError, TypeError, RuntimeError) as exc:
@@ -80,7 +113,7 @@ def layers(
     if chosen is None:
         click.echo("auto-detection found no layer: pass --target-layer")
     else:
-        click.echo(f"auto-detected: {chosen}")
+        click.echo(f"auto-detected: {chosen}" + (" (reshape: tokens)" if reshape == "tokens" else ""))
 
 
 __all__ = ["layers"]

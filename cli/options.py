@@ -94,11 +94,22 @@ def model_options(f: Callable) -> Callable:
                 "--model",
                 "model_spec",
                 metavar="SPEC",
-                help="torchvision:NAME, path/to/file.py:FACTORY, package.module:FACTORY, or a TorchScript, "
-                ".pt2 or .onnx file.",
+                help="torchvision:NAME, timm:NAME, hf:DIR (save_pretrained), path/to/file.py:FACTORY, "
+                "package.module:FACTORY, or a TorchScript, .pt2 or .onnx file.",
             ),
             click.option(
-                "--weights", type=click.Path(), help="State dict for torchvision:/factory specs (weights_only=True)."
+                "--weights",
+                type=click.Path(),
+                help="Weights for torchvision:/timm:/hf:/factory specs: .safetensors, or a state dict or training "
+                "checkpoint (weights_only=True; module./_orig_mod. prefixes removed).",
+            ),
+            click.option(
+                "--weights-strict",
+                type=click.BOOL,
+                default=True,
+                show_default=True,
+                help="Every tensor of the model and of --weights must match by name; false allows missing and "
+                "unexpected ones (shapes must always match).",
             ),
             click.option("--num-classes", type=click.IntRange(min=1), help="Classifier size, when not the default."),
             click.option(

@@ -42,6 +42,14 @@ def _is_default(ctx: click.Context, name: str) -> bool:
 @click.option("--crop", default="224", show_default=True, help="Center crop N or HxW, or none.")
 @click.option("--mean", default="0.485,0.456,0.406", show_default=True, help="Normalization mean (R,G,B).")
 @click.option("--std", default="0.229,0.224,0.225", show_default=True, help="Normalization std (R,G,B).")
+@click.option(
+    "--interpolation",
+    type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos"]),
+    default="bilinear",
+    show_default=True,
+    help="Resize filter. timm: and hf: models bring their own resize, crop, mean, std and interpolation; "
+    "these options override them.",
+)
 @compute_options
 @click.option(
     "--workers",
@@ -161,6 +169,9 @@ def run(ctx: click.Context, inputs, **opts) -> None:
         raise BadInvocation("--model is required with an INPUT (e.g. --model torchvision:resnet50)")
     if not use_ray and any(v is not None for v in ray_opts.values()):
         raise BadInvocation("--ray-address, --num-gpus-per-worker and --num-cpus-per-* need --ray")
+    from gradcam_batch.cli.preprocessing import apply_model_prep
+
+    apply_model_prep(opts, lambda name: _is_default(ctx, name))
     config = run_config(inputs, opts)
     # The pixel cap is the policy now; Pillow's warning for images near its own limit is noise.
     from PIL import Image

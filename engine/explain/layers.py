@@ -82,9 +82,17 @@ def _is_nested(inner: str, outer: str) -> bool:
     return inner.startswith(outer + ".")
 
 
-def probe_layers(model: nn.Module, sample: torch.Tensor, score_fn: Callable[[object], torch.Tensor]) -> list[LayerInfo]:
+def probe_layers(
+    model: nn.Module,
+    sample: torch.Tensor,
+    score_fn: Callable[[object], torch.Tensor],
+    reshape: str | None = None,
+    token_grid: tuple[int, int] | None = None,
+) -> list[LayerInfo]:
     """Run one forward and describe every module; marks candidates and the auto-detected one.
 
+    With ``reshape="tokens"`` the candidates are token outputs ((B, N, D), or a norm's (B, H, W, C)
+    grid) and the chosen one is what ``detect_token_layer`` picks (engine/explain/tokens.py).
     The caller puts the model in the mode it wants (the engine uses eval) beforehand.
     """
     records: list[tuple[str, nn.Module, object]] = []
@@ -124,9 +132,15 @@ def probe_layers(model: nn.Module, sample: torch.Tensor, score_fn: Callable[[obj
         if isinstance(output, torch.Tensor):
             tensors[name] = output
 
-    spatial = [
-        n for n, _ in order if n in tensors and tensors[n].dim() == 4 and tensors[n].shape[2] * tensors[n].shape[3] > 1
-    ]
+    modules = {n: m for n, m, _ in records}
+    if reshape == "tokens":
+        spatial = [n for n, _ in order if n in tensors and _is_token_output(tensors[n], modules[n])]
+    else:
+        spatial = [
+            n
+            for n, _ in order
+            if n in tensors and tensors[n].dim() == 4 and tensors[n].shape[2] * tensors[n].shape[3] > 1
+        ]
     depends: dict[str, bool] = {}
     if spatial and scores.requires_grad:
         # enable_grad again: under a caller's no_grad, scores.sum() would have no graph.
@@ -135,14 +149,39 @@ def probe_layers(model: nn.Module, sample: torch.Tensor, score_fn: Callable[[obj
                 scores.sum(), [tensors[n] for n in spatial], allow_unused=True, retain_graph=False
             )
         for n, g in zip(spatial, grads, strict=True):
-            depends[n] = g is not None
+            depends[n] = g is not None and (reshape != "tokens" or _patch_grads(g, token_grid, sample) > 0)
     for n in spatial:
         infos[n].candidate = depends.get(n, False)
 
-    chosen = _choose(order, tensors, infos, spatial, {n: m for n, m, _ in records})
+    if reshape == "tokens":
+        from gradcam_batch.engine.explain.tokens import detect_token_layer
+
+        try:
+            chosen = detect_token_layer(model, sample, score_fn, token_grid)
+        except TargetLayerError:
+            chosen = None
+    else:
+        chosen = _choose(order, tensors, infos, spatial, modules)
     if chosen is not None:
         infos[chosen].chosen = True
     return [infos[n] for n, _ in order]
+
+
+def _patch_grads(g: torch.Tensor, grid: tuple[int, int] | None, sample: torch.Tensor) -> float:
+    """The largest gradient magnitude on the patch tokens (the extra tokens lead, see tokens.py)."""
+    from gradcam_batch.engine.explain.tokens import infer_grid
+
+    if g.dim() == 3:
+        h, w = grid if grid is not None else infer_grid(g.shape[1], (sample.shape[-2], sample.shape[-1]))
+        g = g[:, max(0, g.shape[1] - h * w) :]
+    return float(g.abs().amax())
+
+
+def _is_token_output(t: torch.Tensor, module: nn.Module) -> bool:
+    if t.dim() == 3:
+        return t.shape[1] > 1 and t.shape[2] > 1
+    is_norm = type(module).__name__.endswith("Norm")
+    return t.dim() == 4 and is_norm and t.shape[3] > max(t.shape[1:3])
 
 
 def _choose(order, tensors, infos, spatial, modules) -> str | None:

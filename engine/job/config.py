@@ -50,6 +50,7 @@ class RunConfig:
     output: str
     model: str
     weights: str | None = None
+    weights_strict: bool = True  # every tensor must match by name; False allows missing and unexpected ones
     num_classes: int | None = None
     target_layer: str | None = None
     method: str = "gradcam"
@@ -64,6 +65,7 @@ class RunConfig:
     crop: int | tuple[int, int] | None = (224, 224)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"  # the resize filter; timm: and hf: models bring their own (cli/run.py)
     batch_size: int = 64
     device: str = "auto"
     precision: str = "fp32"

@@ -153,7 +153,12 @@ class ModelHandle:
 
             c = self.config
             self._model = load_model(
-                c.model, weights=c.weights, num_classes=c.num_classes, device=self.device, providers=c.providers
+                c.model,
+                weights=c.weights,
+                num_classes=c.num_classes,
+                device=self.device,
+                providers=c.providers,
+                weights_strict=c.weights_strict,
             )
         return self._model
 
@@ -247,7 +252,9 @@ def _check_numbers(c: RunConfig) -> tuple[ClassSelection, Preprocess]:
     top_k = c.top_k if c.top_k is not None else (None if (classes or c.label_column) else 1)
     selection = ClassSelection(top_k=top_k, classes=classes, label=c.label_column is not None)
     try:
-        prep = Preprocess(resize=c.resize, crop=c.crop, mean=tuple(c.mean), std=tuple(c.std))
+        prep = Preprocess(
+            resize=c.resize, crop=c.crop, mean=tuple(c.mean), std=tuple(c.std), interpolation=c.interpolation
+        )
     except (ValueError, TypeError) as exc:
         raise RunSetupError(first_line(exc)) from None
     return selection, prep
@@ -479,7 +486,9 @@ def fingerprint(plan: RunPlan) -> str:
         "method": c.method,
         "counterfactual": c.counterfactual,
         "selection": dataclasses.asdict(plan.selection),
-        "prep": [plan.prep.resize, plan.prep.crop, list(plan.prep.mean), list(plan.prep.std)],
+        "prep": [plan.prep.resize, plan.prep.crop, list(plan.prep.mean), list(plan.prep.std)]
+        # Appended only when not the default, so that runs from before the option keep their fingerprint.
+        + ([plan.prep.interpolation] if plan.prep.interpolation != "bilinear" else []),
         "heatmap": [plan.heatmap_shape, c.heatmap_dtype],
         "precision": c.precision,
         "reshape": [c.reshape, c.token_grid],

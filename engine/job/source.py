@@ -393,6 +393,15 @@ def plan_units(files: Sequence[InputFile], unit_rows: int, limit: int | None = N
 # -- preprocessing ------------------------------------------------------------------------------
 
 
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+_PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Resize, then center-crop; the result is always ``out_size``.
@@ -400,13 +409,15 @@ class Preprocess:
     ``resize``: an int resizes the shorter side to it (aspect kept), (H, W) resizes exactly,
     None keeps the size. ``crop``: N or (H, W) center crop (N means NxN, as on the command
     line; stored as (N, N)), or None. One of the two must fix the output size, so that images
-    batch together. Sizes must be positive integers (``ValueError`` otherwise).
+    batch together. Sizes must be positive integers (``ValueError`` otherwise). ``interpolation``:
+    the resize filter, one of ``INTERPOLATIONS`` (timm and Transformers models ask for bicubic).
     """
 
     resize: int | tuple[int, int] | None = 256
     crop: int | tuple[int, int] | None = (224, 224)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
 
     def __post_init__(self):
         # Frozen: normalize through object.__setattr__. An int crop becomes (N, N); an int resize
@@ -422,6 +433,8 @@ class Preprocess:
             raise ValueError("mean and std need three values (R, G, B)")
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
 
     @property
     def out_size(self) -> tuple[int, int]:
@@ -461,14 +474,14 @@ class Preprocess:
     def __call__(self, img: Image.Image) -> np.ndarray:
         target = self._resize_target(*img.size)
         if target is not None and img.size != target:
-            img = img.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
+            img = img.resize(target, _PIL_FILTERS[self.interpolation], reducing_gap=3.0)
         if self.crop is not None:
             ch, cw = self.crop
             w, h = img.size
             if w < cw or h < ch:
                 # Smaller than the crop: scale up so that the crop fits, then crop.
                 s = max(cw / w, ch / h)
-                img = img.resize((max(cw, round(w * s)), max(ch, round(h * s))), Image.Resampling.BILINEAR)
+                img = img.resize((max(cw, round(w * s)), max(ch, round(h * s))), _PIL_FILTERS[self.interpolation])
                 w, h = img.size
             left, top = (w - cw) // 2, (h - ch) // 2
             img = img.crop((left, top, left + cw, top + ch))
@@ -683,17 +696,21 @@ def decode_jpegs_on_device(
                 errors.append(str(exc))
             continue
         _, h, w = img.shape
+        # torch has no Lanczos filter: bicubic is the closest it has.
+        mode = "bicubic" if prep.interpolation == "lanczos" else prep.interpolation
+        corners = None if mode == "nearest" else False
         x = img.unsqueeze(0).float()
         target = prep._resize_target(w, h)
         if target is not None and (w, h) != target:
-            x = F.interpolate(x, size=(target[1], target[0]), mode="bilinear", antialias=True, align_corners=False)
+            size = (target[1], target[0])
+            x = F.interpolate(x, size=size, mode=mode, antialias=mode != "nearest", align_corners=corners)
         if prep.crop is not None:
             ch, cw = prep.crop
             h2, w2 = x.shape[-2:]
             if h2 < ch or w2 < cw:
                 s = max(cw / w2, ch / h2)
                 size = (max(ch, round(h2 * s)), max(cw, round(w2 * s)))
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+                x = F.interpolate(x, size=size, mode=mode, align_corners=corners)
                 h2, w2 = size
             top, left = (h2 - ch) // 2, (w2 - cw) // 2
             x = x[..., top : top + ch, left : left + cw]
@@ -990,6 +1007,7 @@ __all__ = [
     "InputReadError",
     "ParquetSource",
     "PixelBudget",
+    "INTERPOLATIONS",
     "Preprocess",
     "SourceError",
     "Unit",

@@ -92,7 +92,12 @@ class BatchExplainer:
         self._cuda = self.device.type == "cuda"
         if model is None:
             model = load_model(
-                c.model, weights=c.weights, num_classes=c.num_classes, device=self.device, providers=c.providers
+                c.model,
+                weights=c.weights,
+                num_classes=c.num_classes,
+                device=self.device,
+                providers=c.providers,
+                weights_strict=c.weights_strict,
             )
         self.explainer = Explainer(
             model,
