@@ -6,7 +6,7 @@ image) are forwarded once. The maps are used as given: (B, C, H, W) at the input
 
 Ranking rule: pixels are ordered by saliency, descending; ties go to the lower flat index ``y * W + x`` first
 (a stable sort of ``-saliency``). RISE's reference (``np.argsort`` then flip) leaves ties to the sort;
-torchcam's ``argsort(descending=True, stable=True)`` is this rule. See the README's metrics section.
+torchcam's ``argsort(descending=True, stable=True)`` is this rule.
 """
 
 from __future__ import annotations
