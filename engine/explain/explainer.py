@@ -9,13 +9,19 @@ Where the speed comes from (see the README's design notes):
 3. A global-average-pool -> linear head needs no backward at all: dy^c/dA^k_ij = W[c, k] / (h*w)
    (the CAM equivalence), so alpha is read off the linear layer.
 4. Post-processing (weighting, ReLU, upsampling, normalization, quantization) is one call to
-   ``gradcam_batch.kernels.fused_cam``: a fused Triton kernel on CUDA, batched torch elsewhere.
+   ``gradcam_batch.kernels.fused_cam`` per method: a fused Triton kernel on CUDA, batched torch elsewhere.
+5. Several methods (``engine/explain/methods.py``) share that one backbone forward and that one VJP;
+   each is a weighting function of A and g.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import copy
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +35,23 @@ from gradcam_batch.engine.explain.compiled import (
     prepare_input,
 )
 from gradcam_batch.engine.explain.layers import TargetLayerError, default_reshape, detect_target_layer, layer_name_of
+from gradcam_batch.engine.explain.methods import (
+    DEFAULT_SCORECAM_BATCH,
+    METHODS,
+    CamInputs,
+    guided_backprop,
+    guided_gradcam,
+    parse_methods,
+    scorecam_weights,
+)
 from gradcam_batch.engine.explain.split import LinearHead, SplitModel, analyze_head, split_at
 from gradcam_batch.engine.explain.tokens import RESHAPES, detect_token_layer, map_to_tokens, parse_grid, tokens_to_map
 from gradcam_batch.engine.explain.vjp import AutoVjp
 from gradcam_batch.kernels import DEFAULT_EPS, fused_cam
+from gradcam_batch.kernels.reference import quantize
 
-METHODS = ("gradcam", "cam")
+# The methods an external backend (ONNX) computes itself; the rest need a torch model.
+EXTERNAL_METHODS = ("gradcam", "cam")
 VJP_STRATEGIES = ("auto", "vmap", "loop", "batched_grad")  # auto: measured per head (engine/explain/vjp.py)
 
 
@@ -49,9 +66,12 @@ class Explanation:
     heatmaps: torch.Tensor  # (B, C, H, W) out_dtype, upsampled (and normalized to [0, 1])
     cam_max: torch.Tensor  # (B, C) float32, max of each low-resolution cam
     peaks: torch.Tensor  # (B, C, 2) int64, (y, x) of each heatmap's maximum
-    weights: torch.Tensor  # (B, C, K) float32, alpha_k^c (negated for counterfactuals)
+    weights: torch.Tensor | None  # (B, C, K) float32, alpha_k^c (negated for counterfactuals); None for
+    # the methods that weigh A element-wise (layercam, hirescam, gradcam-elementwise, eigen*)
     target_layer: str  # qualified name of the target module
     closed_form: bool  # True when alpha came from the GAP -> linear closed form
+    method: str = "gradcam"
+    guided: torch.Tensor | None = None  # (B, C, 3, H, W) out_dtype, guided backprop x the map (guided=True)
 
 
 def default_score_fn(output: object) -> torch.Tensor:
@@ -130,10 +150,12 @@ class _TargetHook:
 
 
 class Explainer:
-    """Set up once (layer resolution, graph split, head analysis), then call per batch.
+    """Set up once (layer resolution, graph split, head analysis, methods), then call per batch.
 
     ``Explainer(model, target_layer=None, method="gradcam", score_fn=None)(images, ...)``
-    takes the same per-batch keyword arguments as ``explain()``.
+    takes the same per-batch keyword arguments as ``explain()``. ``method`` is a name (the call
+    returns one ``Explanation``) or a sequence of names (it returns ``{name: Explanation}``, every
+    method from the same backbone forward and the same VJP).
 
     The model is always explained in eval semantics (BatchNorm running statistics, no
     dropout); each module's train/eval flag is restored after every call. Parameters,
@@ -144,7 +166,7 @@ class Explainer:
         self,
         model: nn.Module,
         target_layer: str | nn.Module | None = None,
-        method: str = "gradcam",
+        method: str | Sequence[str] = "gradcam",
         score_fn: Callable[[object], torch.Tensor] | None = None,
         *,
         vjp_strategy: str = "auto",
@@ -154,18 +176,27 @@ class Explainer:
         precision: str = "fp32",
         reshape: str | None = None,
         token_grid: str | tuple[int, int] | None = None,
+        guided: bool = False,
+        scorecam_batch: int = DEFAULT_SCORECAM_BATCH,
     ):
-        if method not in METHODS:
+        if isinstance(method, str) and method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        self.methods = parse_methods([method] if isinstance(method, str) else method)
+        self._single = isinstance(method, str)
         if vjp_strategy not in VJP_STRATEGIES:
             raise ValueError(f"unknown vjp_strategy {vjp_strategy!r}; expected one of {', '.join(VJP_STRATEGIES)}")
+        if not isinstance(scorecam_batch, int) or isinstance(scorecam_batch, bool) or scorecam_batch < 1:
+            raise ValueError(f"scorecam_batch must be a positive integer, got {scorecam_batch!r}")
         self.model = model
-        self.method = method
+        self.method = self.methods[0]
         self.score_fn = score_fn
         self.vjp_strategy = vjp_strategy
         self._auto_vjp = AutoVjp()
         self.kernel_backend = kernel_backend
+        self.guided = bool(guided)
+        self.scorecam_batch = scorecam_batch
         self._score_fn = score_fn or default_score_fn
+        self._needs = {METHODS[m].needs for m in self.methods}
         # Backbone options (engine/explain/compiled.py, engine/explain/tokens.py): compile and precision apply to
         # the FX backbone; reshape="tokens" turns a (B, N, D) target output into a (B, D, h, w) map.
         self.compile = bool(compile)
@@ -185,6 +216,10 @@ class Explainer:
         if self._external and not hasattr(model, "gradcam_weights"):
             raise TypeError(f"model must be a torch nn.Module or an OnnxModel, got {type(model).__name__}")
         if self._external:
+            other = [m for m in self.methods if m not in EXTERNAL_METHODS]
+            if other or self.guided:
+                what = f"method {other[0]!r}" if other else "guided=True"
+                raise ValueError(f"{what} needs a torch model; an ONNX model explains with gradcam or cam only")
             self.target_layer: str | None = target_layer
         else:
             self.target_layer = None if target_layer is None else layer_name_of(model, target_layer)
@@ -215,7 +250,7 @@ class Explainer:
             import warnings
 
             warnings.warn("torch.compile skipped: the model cannot be split by torch.fx; running eager", stacklevel=3)
-        if self.method == "cam" and self._linear is None:
+        if "cam" in self.methods and self._linear is None:
             raise ValueError(
                 f"method='cam' needs a global-average-pool -> linear head after {self.target_layer!r}, "
                 "and the model has a different head; use method='gradcam'"
@@ -241,59 +276,112 @@ class Explainer:
         relu: bool = True,
         eps: float = DEFAULT_EPS,
         heatmaps: bool = True,
-    ) -> Explanation:
+    ) -> Explanation | dict[str, Explanation]:
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
         if images.shape[0] == 0:
             raise ValueError("images is an empty batch")
+        sign = -1.0 if counterfactual else 1.0
         # inference_mode(False): a caller's inference_mode would leave the head no graph to differentiate.
         with torch.inference_mode(False), contextlib.nullcontext() if self._external else eval_mode(self.model):
             if not self._prepared:
                 self._prepare(images)
-            acts, scores_all, classes_t, weights = self._weights(images, classes, top_k, counterfactual)
+            inputs, scores_all, precomputed = self._pass(images, classes, top_k, sign)
+            gb = None
+            if self.guided:
+                gb = guided_backprop(self.model, images, inputs.classes, self._score_fn, sign=sign)
         if output_size is None:
             out_size = (images.shape[-2], images.shape[-1])
         elif isinstance(output_size, int):
             out_size = (output_size, output_size)
         else:
             out_size = (int(output_size[0]), int(output_size[1]))
-        maps = fused_cam(
-            acts,
-            weights,
-            out_size if heatmaps else None,
-            relu=relu,
-            normalize=normalize,
-            out_dtype=out_dtype,
-            eps=eps,
-            backend=self.kernel_backend,
-        )
-        dt = maps.cams.dtype
+        post = {"relu": relu, "normalize": normalize, "out_dtype": out_dtype, "eps": eps}
+        classes_t = inputs.classes
+        dt = torch.float32 if inputs.acts.dtype != torch.float64 else torch.float64
         scores_all = scores_all.to(dt)
-        probs = torch.softmax(scores_all, dim=1)
-        return Explanation(
-            classes=classes_t,
-            scores=scores_all.gather(1, classes_t),
-            probabilities=probs.gather(1, classes_t),
-            cams=maps.cams,
-            heatmaps=maps.heatmaps,
-            cam_max=maps.cam_max,
-            peaks=maps.peaks,
-            weights=weights,
-            target_layer=self.target_layer or "",
-            closed_form=self.closed_form,
+        scores = scores_all.gather(1, classes_t)
+        probs = torch.softmax(scores_all, dim=1).gather(1, classes_t)
+        out: dict[str, Explanation] = {}
+        for name in self.methods:
+            result = precomputed[name] if name in precomputed else METHODS[name].fn(inputs)
+            weights = result.contiguous() if result.dim() == 3 else None
+            maps = self._post(inputs.acts, result, out_size if heatmaps else None, post)
+            guided = None
+            if gb is not None:
+                in_size = (images.shape[-2], images.shape[-1])
+                saliency = self._post(maps.cams.flatten(0, 1)[:, None], None, in_size, post).heatmaps
+                guided = quantize(guided_gradcam(gb, saliency.view(*maps.cams.shape[:2], *in_size)), out_dtype)
+            out[name] = Explanation(
+                classes=classes_t,
+                scores=scores,
+                probabilities=probs,
+                cams=maps.cams,
+                heatmaps=maps.heatmaps,
+                cam_max=maps.cam_max,
+                peaks=maps.peaks,
+                weights=weights,
+                target_layer=self.target_layer or "",
+                closed_form=self.closed_form,
+                method=name,
+                guided=guided,
+            )
+        return out[self.methods[0]] if self._single else out
+
+    def _post(self, acts: torch.Tensor, result: torch.Tensor | None, out_size, post: dict):
+        """The fused kernel on channel weights (B, C, K), or on finished maps (B, C, h, w) (result None:
+        ``acts`` are (N, 1, h, w) maps already), with weights of one so that the kernel only upsamples,
+        normalizes and quantizes."""
+        if result is not None and result.dim() == 3:
+            return fused_cam(acts, result.contiguous(), out_size, backend=self.kernel_backend, **post)
+        if result is not None:
+            b, c, h, w = result.shape
+            flat = result.reshape(b * c, 1, h, w).contiguous()
+        else:
+            flat = acts
+            exact = torch.promote_types(acts.dtype, torch.float32)
+            post = {**post, "relu": False, "out_dtype": exact, "normalize": True}
+        ones = torch.ones((flat.shape[0], 1, 1), dtype=flat.dtype, device=flat.device)
+        maps = fused_cam(flat, ones, out_size, backend=self.kernel_backend, **post)
+        if result is None:
+            return maps
+        return maps._replace(
+            cams=maps.cams.view(b, c, h, w),
+            heatmaps=maps.heatmaps.view(b, c, *maps.heatmaps.shape[-2:]),
+            cam_max=maps.cam_max.view(b, c),
+            peaks=maps.peaks.view(b, c, 2),
         )
 
-    def _weights(self, images, classes, top_k, counterfactual):
-        """Returns (A, all scores (B, N), classes (B, C), alpha (B, C, K))."""
-        sign = -1.0 if counterfactual else 1.0
+    def _pass(self, images, classes, top_k, sign) -> tuple[CamInputs, torch.Tensor, dict[str, torch.Tensor]]:
+        """One backbone forward and at most one VJP: A, the scores, the classes, g, and Score-CAM's weights.
+
+        Returns (inputs, all scores (B, N), weights an external backend computed per method).
+        """
+        need_grad = "grad" in self._needs
+        precomputed: dict[str, torch.Tensor] = {}
+        grads = linear = None
         if self._external:
-            acts, scores_all, classes_t, alpha, self._external_closed_form = self.model.gradcam_weights(
-                images, classes=classes, top_k=top_k, sign=sign, method=self.method, reshape=self.reshape
-            )
-            return acts, scores_all, classes_t, alpha
+            for name in self.methods:
+                acts, scores_all, classes_t, alpha, self._external_closed_form = self.model.gradcam_weights(
+                    images, classes=classes, top_k=top_k, sign=sign, method=name, reshape=self.reshape
+                )
+                precomputed[name] = alpha
+            inputs = CamInputs(acts, classes_t, None, None, None)
+            return inputs, scores_all, precomputed
         if self._split is None:
-            return self._weights_hooked(images, classes, top_k, sign)
+            acts, scores_all, classes_t, grads = self._hooked_pass(images, classes, top_k, sign, need_grad)
+        else:
+            acts, scores_all, classes_t, grads, linear = self._split_pass(images, classes, top_k, sign, need_grad)
+        score_weights = None
+        if "scores" in self._needs:
+            score_weights = scorecam_weights(
+                self._forward_scores, images, acts, classes_t, batch_size=self.scorecam_batch, sign=sign
+            )
+        return CamInputs(acts, classes_t, grads, linear, score_weights), scores_all, precomputed
+
+    def _split_pass(self, images, classes, top_k, sign, need_grad):
+        """The FX path: no-grad backbone, then the head's closed form, its VJP, or its forward alone."""
         with torch.inference_mode(), backbone_context(images.device, self.precision):
             feats = self._backbone(prepare_input(images))
         # Inference tensors cannot enter autograd; a clone outside inference mode can. The head
@@ -319,10 +407,10 @@ class Explainer:
                 scores_all = score_fn(head(acts, *extra))
             classes_t = _resolve_classes(classes, top_k, scores_all)
             weight = self._linear.weight.detach().to(cdt)
-            alpha = weight[classes_t]  # (B, C, K)
-            if self.method == "gradcam":
-                alpha = alpha / (h * w)
-            return acts, scores_all.detach(), classes_t, sign * alpha
+            rows = weight[classes_t]  # (B, C, K)
+            # g = W[c] / (h*w) at every position: stored once per channel, broadcast by the methods.
+            grads = (sign * (rows / (h * w)))[..., None, None] if need_grad else None
+            return acts, scores_all.detach(), classes_t, grads, sign * rows
 
         def head_scores(a: torch.Tensor) -> torch.Tensor:
             if prefix is not None:
@@ -331,6 +419,11 @@ class Explainer:
             # ReLU(inplace=True)) from writing into A, the VJP's primal, which is weighted later.
             return score_fn(head(a.clone(), *extra))
 
+        if not need_grad:
+            with torch.no_grad():
+                scores_all = head_scores(acts)
+            self._check_scores(scores_all, images)
+            return acts, scores_all, _resolve_classes(classes, top_k, scores_all), None, None
         if self.vjp_strategy == "batched_grad":
             with torch.enable_grad():
                 a = acts.detach().requires_grad_(True)
@@ -353,14 +446,12 @@ class Explainer:
                     (grads,) = torch.vmap(vjp_fn)(cot)
                 else:
                     grads = torch.stack([vjp_fn(cot[c])[0] for c in range(cot.shape[0])])
-        alpha = grads.to(cdt).mean(dim=(3, 4)).permute(1, 0, 2)  # (C, B, K) -> (B, C, K)
-        return acts, scores_all.detach(), classes_t, alpha.contiguous()
+        grads = grads.to(cdt).transpose(0, 1)  # (C, B, K, h, w) -> (B, C, K, h, w)
+        return acts, scores_all.detach(), classes_t, grads, None
 
-    def _weights_hooked(self, images, classes, top_k, sign):
+    def _hooked_pass(self, images, classes, top_k, sign, need_grad):
         """Fallback for models FX cannot trace: one forward, graph from A, batched backward."""
         assert self.target_layer is not None
-        if self.method == "cam":
-            raise ValueError("method='cam' needs a traceable GAP -> linear head")
         module = self.model.get_submodule(self.target_layer)
         # no_grad outside, the hook's enable_grad inside: leaving restores both in order.
         to_map = None
@@ -375,15 +466,28 @@ class Explainer:
         self._check_acts(a)
         self._check_scores(scores_all, images)
         classes_t = _resolve_classes(classes, top_k, scores_all.detach())
+        cdt = torch.promote_types(a.dtype, torch.float32)
+        if not need_grad:
+            return a.detach(), scores_all.detach(), classes_t, None
         cot = _one_hots(classes_t, scores_all, sign)
         if not scores_all.requires_grad:
             self._no_dependency()
         (grads,) = torch.autograd.grad(scores_all, a, cot, is_grads_batched=True, allow_unused=True)
         if grads is None:
             self._no_dependency()
-        cdt = torch.promote_types(a.dtype, torch.float32)
-        alpha = grads.to(cdt).mean(dim=(3, 4)).permute(1, 0, 2).contiguous()
-        return a.detach(), scores_all.detach(), classes_t, alpha
+        return a.detach(), scores_all.detach(), classes_t, grads.to(cdt).transpose(0, 1)
+
+    def _forward_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, N) scores of a batch with no graph (Score-CAM's masked inputs), in the run's precision."""
+        with torch.inference_mode():
+            if self._split is None:
+                with backbone_context(x.device, self.precision):
+                    return _at_least_fp32(self._score_fn(self.model(x)))
+            with backbone_context(x.device, self.precision):
+                feats = self._backbone(prepare_input(x))
+            low = self.precision != "fp32"
+            feats = [t.float() if low and isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in feats]
+            return _at_least_fp32(self._score_fn(self._split.head(*feats)))
 
     def _check_acts(self, acts: object) -> None:
         if not isinstance(acts, torch.Tensor) or acts.dim() != 4:
@@ -399,6 +503,10 @@ class Explainer:
 
     def _no_dependency(self):
         raise TargetLayerError(f"the scores do not depend on target layer {self.target_layer!r}")
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _resolve_classes(classes: torch.Tensor | None, top_k: int, scores: torch.Tensor) -> torch.Tensor:
@@ -440,6 +548,50 @@ def _one_hots(classes: torch.Tensor, scores: torch.Tensor, sign: float) -> torch
     return cot
 
 
+# explain()'s set-up cache: per model (held weakly), up to _CACHE_SIZE prepared explainers, one per set of
+# set-up arguments, least recently used first out. See ``explain`` for what keeps an entry valid.
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 8
+
+
+def _structure(model: nn.Module) -> tuple[int, ...]:
+    """Which module and parameter objects the model holds. A prepared explainer shares them, so new
+    values (an optimizer step, ``load_state_dict``, ``.to()``) need nothing; a replaced object does."""
+    return (*map(id, model.modules()), -1, *map(id, model.parameters()))
+
+
+def _cached_explainer(model: nn.Module, key: tuple, make: Callable[[], Explainer]) -> tuple[Explainer, bool]:
+    """(explainer for this call, whether it is new). Cached templates hold no reference to the model
+    itself (only to its submodules, through the graph split), so the weak key can die."""
+    structure = _structure(model)
+    with _CACHE_LOCK:
+        try:
+            entries = _CACHE.setdefault(model, OrderedDict())
+        except TypeError:  # not weak-referenceable
+            return make(), True
+        hit = entries.get(key)
+        if hit is not None and hit[0] == structure:
+            entries.move_to_end(key)
+            explainer = copy.copy(hit[1])
+            explainer.model = model
+            return explainer, False
+        entries.pop(key, None)
+    return make(), True
+
+
+def _store_explainer(model: nn.Module, key: tuple, explainer: Explainer) -> None:
+    template = copy.copy(explainer)
+    template.model = None
+    with _CACHE_LOCK:
+        entries = _CACHE.get(model)
+        if entries is None:
+            return
+        entries[key] = (_structure(model), template)
+        while len(entries) > _CACHE_SIZE:
+            entries.popitem(last=False)
+
+
 def explain(
     model: nn.Module,
     images: torch.Tensor,
@@ -447,7 +599,7 @@ def explain(
     target_layer: str | nn.Module | None = None,
     classes: torch.Tensor | None = None,
     top_k: int = 1,
-    method: str = "gradcam",
+    method: str | Sequence[str] = "gradcam",
     counterfactual: bool = False,
     score_fn: Callable[[object], torch.Tensor] | None = None,
     output_size: tuple[int, int] | int | None = None,
@@ -455,8 +607,10 @@ def explain(
     out_dtype: torch.dtype = torch.float32,
     reshape: str | None = None,
     precision: str = "fp32",
-) -> Explanation:
-    """Grad-CAM for a batch of preprocessed images, for several classes per image at once.
+    guided: bool = False,
+    scorecam_batch: int = DEFAULT_SCORECAM_BATCH,
+) -> Explanation | dict[str, Explanation]:
+    """Grad-CAM (and the CAM family) for a batch of preprocessed images, for several classes per image at once.
 
     Args:
         model: a classifier (any ``nn.Module``); left exactly as it was.
@@ -465,7 +619,10 @@ def explain(
             pick the last 4-D spatial map that the scores depend on.
         classes: None for the ``top_k`` highest scores per image, a (B, C) LongTensor of class
             indices per image, or a (C,) LongTensor of classes for every image.
-        method: ``"gradcam"``, or ``"cam"`` (Zhou et al.; GAP -> linear heads only, no backward).
+        method: a name, or a sequence of names (the result is then ``{name: Explanation}``, all from
+            one forward and one VJP): ``gradcam``, ``cam`` (GAP -> linear heads only), ``gradcam++``,
+            ``xgradcam``, ``layercam``, ``hirescam``, ``gradcam-elementwise``, ``eigencam``,
+            ``eigengradcam``, ``scorecam`` (see engine/explain/methods.py).
         counterfactual: negate the gradients: the regions whose removal would raise the score.
         score_fn: maps the model output to (B, N) scores (multi-label, segmentation, similarity).
         output_size: (H, W) of the heatmaps; default the input's size.
@@ -473,11 +630,41 @@ def explain(
         out_dtype: heatmap dtype: float32 (default), float16 or uint8 (round(255 * x)).
         reshape: ``"tokens"`` for a transformer target layer with (B, N, D) output (see engine/explain/tokens.py).
         precision: the backbone's autocast dtype: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``.
+        guided: also Guided Grad-CAM (``Explanation.guided``): a backward through the whole model.
+        scorecam_batch: Score-CAM's masked images per forward.
+
+    The set-up (layer search, graph split, head analysis) is cached per model and argument set, so
+    calling ``explain()`` in a loop costs what a reused ``Explainer`` does. The cached set-up shares
+    the model's modules and parameters: new weights (a training step) are used as they are, and a
+    module or parameter replaced by another object makes a new set-up.
     """
-    explainer = Explainer(
-        model, target_layer=target_layer, method=method, score_fn=score_fn, reshape=reshape, precision=precision
+    key = (
+        target_layer,
+        method if isinstance(method, str) else tuple(method),
+        score_fn,
+        reshape,
+        precision,
+        bool(guided),
+        scorecam_batch,
     )
-    return explainer(
+
+    def make() -> Explainer:
+        return Explainer(
+            model,
+            target_layer=target_layer,
+            method=method,
+            score_fn=score_fn,
+            reshape=reshape,
+            precision=precision,
+            guided=guided,
+            scorecam_batch=scorecam_batch,
+        )
+
+    if isinstance(model, nn.Module):
+        explainer, new = _cached_explainer(model, key, make)
+    else:
+        explainer, new = make(), False
+    result = explainer(
         images,
         classes=classes,
         top_k=top_k,
@@ -486,3 +673,6 @@ def explain(
         normalize=normalize,
         out_dtype=out_dtype,
     )
+    if new and isinstance(model, nn.Module):
+        _store_explainer(model, key, explainer)
+    return result
