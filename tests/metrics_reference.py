@@ -10,7 +10,7 @@ semantics:
 4. Curve: softmax probability of the class. AUC: the trapezoid over fractions i / steps.
 5. Confidence: Y on the image, O on image * map; drop = max(0, Y - O) / Y, increase = O > Y.
 6. Boxes: a pixel is inside a box when its centre (x + .5, y + .5) is in [x0, x1) x [y0, y1). Pointing: the
-   peak (rank 0) centre's Euclidean distance to the nearest box <= tolerance. Energy: mass inside the union /
+   peak (rank 0) centre's Euclidean distance to the nearest box <= tolerance (an all-zero map misses). Energy: mass inside the union /
    total mass. Predicted box: pixels >= threshold * max, largest 8-connected component (flood fill; ties to
    the component met first in raster order), its bounding box with exclusive x1, y1. IoU: best over boxes.
 """
@@ -173,7 +173,8 @@ def boxes(saliency, gt_boxes, tolerance=15, threshold=0.15, categories=None, cla
             out["has_boxes"][i, c] = True
             peak = ranking(m)[0]
             px, py = peak % w + 0.5, peak // w + 0.5
-            out["pointing_hit"][i, c] = min(distance(bx, px, py) for bx in mine) <= tolerance
+            # An all-zero map has no peak: a miss.
+            out["pointing_hit"][i, c] = m.max() > 0 and min(distance(bx, px, py) for bx in mine) <= tolerance
             total = m.sum()
             if total > 0:
                 mass = sum(m[y, x] for y in range(h) for x in range(w) if any(inside(bx, x, y) for bx in mine))

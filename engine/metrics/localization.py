@@ -135,7 +135,7 @@ def box_metrics(
 
     - ``pointing_hit`` bool: the peak's centre is within ``tolerance`` pixels (Euclidean; 0 inside a box) of
       a box. Pointing game, Zhang et al. 2016 (arXiv:1608.00507); default 15 px, the protocol's tolerance.
-      An all-zero map's peak is pixel (0, 0), by the ranking rule.
+      An all-zero map has no peak (the run writes its ``peak_y``/``peak_x`` as null): it is a miss.
     - ``box_energy`` float32: sum of the map over pixels inside the union of boxes / sum of the map.
       Energy-based pointing game, Score-CAM, Wang et al. 2020 (arXiv:1910.01279). NaN when the map sums to 0.
     - ``pred_box`` int32 (B, C, 4): ``largest_component_boxes(saliency, threshold)``; default 0.15 (Grad-CAM).
@@ -167,7 +167,8 @@ def box_metrics(
     cy = (peak // w).float().unsqueeze(2) + 0.5
     dx = torch.maximum(x0 - cx, cx - x1).clamp_min(0)
     dy = torch.maximum(y0 - cy, cy - y1).clamp_min(0)
-    pointing_hit = ((torch.hypot(dx, dy) <= tolerance) & applicable).any(dim=2)
+    has_peak = sal.flatten(2).amax(dim=2) > 0
+    pointing_hit = ((torch.hypot(dx, dy) <= tolerance) & applicable).any(dim=2) & has_peak
 
     centres_x = torch.arange(w, device=device, dtype=torch.float32) + 0.5
     centres_y = torch.arange(h, device=device, dtype=torch.float32) + 0.5
