@@ -10,9 +10,10 @@ semantics:
 4. Curve: softmax probability of the class. AUC: the trapezoid over fractions i / steps.
 5. Confidence: Y on the image, O on image * map; drop = max(0, Y - O) / Y, increase = O > Y.
 6. Boxes: a pixel is inside a box when its centre (x + .5, y + .5) is in [x0, x1) x [y0, y1). Pointing: the
-   peak (rank 0) centre's Euclidean distance to the nearest box <= tolerance (an all-zero map misses). Energy: mass inside the union /
-   total mass. Predicted box: pixels >= threshold * max, largest 8-connected component (flood fill; ties to
-   the component met first in raster order), its bounding box with exclusive x1, y1. IoU: best over boxes.
+   peak (rank 0) centre's Euclidean distance to the nearest box <= tolerance (an all-zero map misses).
+   Energy: mass inside the union / total mass. Predicted box: pixels >= threshold * max, largest
+   8-connected component (flood fill; ties to the component met first in raster order), its bounding box
+   with exclusive x1, y1. IoU: best over boxes.
 """
 
 from __future__ import annotations
