@@ -87,7 +87,7 @@ def compute_options(f: Callable) -> Callable:
 
 def model_options(f: Callable) -> Callable:
     """--model, --weights, --num-classes, --providers, --reshape, --token-grid, --target-layer, --method,
-    --counterfactual."""
+    --guided, --scorecam-batch, --counterfactual."""
     for deco in reversed(
         [
             click.option(
@@ -132,10 +132,27 @@ def model_options(f: Callable) -> Callable:
             ),
             click.option(
                 "--method",
-                type=click.Choice(["gradcam", "cam"]),
                 default="gradcam",
                 show_default=True,
-                help="gradcam, or cam (Zhou et al.; global-average-pool -> linear heads only, no backward pass).",
+                metavar="NAME[,NAME...]",
+                callback=_check_methods,
+                help="CAM method(s), comma-separated; several add a `method` column, one row per (image, class, "
+                "method), all from one forward and one backward: gradcam, cam (global-average-pool -> linear heads "
+                "only), gradcam++, xgradcam, layercam, hirescam, gradcam-elementwise, eigencam, eigengradcam, "
+                "scorecam (K forwards per image).",
+            ),
+            click.option(
+                "--guided",
+                is_flag=True,
+                help="Also Guided Grad-CAM: a `guided` column (3 x H x W uint8), guided backprop x each map; one "
+                "backward through the whole model per batch.",
+            ),
+            click.option(
+                "--scorecam-batch",
+                default=64,
+                show_default=True,
+                type=click.IntRange(min=1),
+                help="Score-CAM: masked images per forward.",
             ),
             click.option(
                 "--counterfactual", is_flag=True, help="Negate the gradients: regions whose removal raises the score."
@@ -144,6 +161,16 @@ def model_options(f: Callable) -> Callable:
     ):
         f = deco(f)
     return f
+
+
+def _check_methods(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """The --method list, checked and normalized ("GradCAM, layercam" -> "gradcam,layercam")."""
+    from gradcam_batch.engine.explain.methods import parse_methods
+
+    try:
+        return ",".join(parse_methods(value))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
 class BadInvocation(click.ClickException):

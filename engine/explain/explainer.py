@@ -74,6 +74,32 @@ class Explanation:
     guided: torch.Tensor | None = None  # (B, C, 3, H, W) out_dtype, guided backprop x the map (guided=True)
 
 
+def stack_methods(results: dict[str, Explanation]) -> Explanation:
+    """Several methods' Explanations as one, the methods stacked on the class axis (method-major:
+    slot ``i * C + j`` is method i, class j). ``weights`` is dropped, ``method`` joins the names."""
+    exps = list(results.values())
+    first = exps[0]
+
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(e, name) for e in exps]
+        return None if values[0] is None else torch.cat(values, dim=1)
+
+    return Explanation(
+        classes=first.classes.repeat(1, len(exps)),
+        scores=first.scores.repeat(1, len(exps)),
+        probabilities=first.probabilities.repeat(1, len(exps)),
+        cams=cat("cams"),
+        heatmaps=cat("heatmaps"),
+        cam_max=cat("cam_max"),
+        peaks=cat("peaks"),
+        weights=None,
+        target_layer=first.target_layer,
+        closed_form=first.closed_form,
+        method=",".join(results),
+        guided=cat("guided"),
+    )
+
+
 def default_score_fn(output: object) -> torch.Tensor:
     """The model output itself, when it is a (B, N) tensor, or its ``.logits`` (a Transformers ``ModelOutput``)."""
     if isinstance(output, torch.Tensor) and output.dim() == 2:

@@ -53,7 +53,11 @@ class RunConfig:
     weights_strict: bool = True  # every tensor must match by name; False allows missing and unexpected ones
     num_classes: int | None = None
     target_layer: str | None = None
-    method: str = "gradcam"
+    # A name, a comma list ("gradcam,layercam") or a sequence: one row per (image, class, method), with
+    # a `method` column when there are several (engine/explain/methods.py lists the names).
+    method: str | Sequence[str] = "gradcam"
+    guided: bool = False  # also Guided Grad-CAM, the `guided` column (a backward through the whole model)
+    scorecam_batch: int = 64  # Score-CAM's masked images per forward
     counterfactual: bool = False
     top_k: int | None = None  # None: 1, unless classes or a label column say what to explain
     classes: Sequence[int] | None = None

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
+from gradcam_batch.engine.explain.methods import parse_methods
 from gradcam_batch.engine.job.boxes import BoxSpec, box_spec
 from gradcam_batch.engine.job.config import RunConfig, RunSetupError, first_line, resolve_device
 from gradcam_batch.engine.job.schema import HEATMAP_DTYPES, RESULT_COLUMNS, output_schema
@@ -94,6 +95,7 @@ class RunPlan:
     fingerprint: str
     metrics: tuple[str, ...] = ()  # of METRICS, in that order
     boxes: BoxSpec | None = None
+    methods: tuple[str, ...] = ("gradcam",)  # output slots are method-major: (method, class)
 
     @property
     def id_column(self) -> str | None:
@@ -133,6 +135,7 @@ class RunPlan:
             top_k=self.selection.top_k,
             unit_rows=self.unit_rows,
             output=str(self.out_dir),
+            methods=list(self.methods),
         )
         return cfg
 
@@ -233,8 +236,9 @@ def _check_numbers(c: RunConfig) -> tuple[ClassSelection, Preprocess]:
         raise RunSetupError("the pointing tolerance must be >= 0 and the box threshold in (0, 1]")
     if c.heatmap_dtype not in HEATMAP_DTYPES:
         raise RunSetupError(f"heatmap dtype must be one of {', '.join(HEATMAP_DTYPES)}, got {c.heatmap_dtype!r}")
-    if c.method not in ("gradcam", "cam"):
-        raise RunSetupError(f"unknown method {c.method!r}; expected gradcam or cam")
+    parse_methods(c.method)  # a ValueError naming the known methods
+    if not isinstance(c.scorecam_batch, int) or isinstance(c.scorecam_batch, bool) or c.scorecam_batch < 1:
+        raise RunSetupError(f"scorecam batch must be a positive integer, got {c.scorecam_batch!r}")
     if c.precision not in ("fp32", "bf16", "fp16"):
         raise RunSetupError(f"unknown precision {c.precision!r}; expected fp32, bf16 or fp16")
     if c.reshape not in (None, "tokens"):
@@ -347,7 +351,8 @@ def _probe(c: RunConfig, selection: ClassSelection, prep: Preprocess, handle: Mo
     explainer = Explainer(
         handle.get(),
         target_layer=c.target_layer,
-        method=c.method,
+        # Score-CAM's K masked forwards would only slow the probe down: the other methods check the head.
+        method=[m for m in parse_methods(c.method) if m != "scorecam"] or ["gradcam"],
         compile=False,
         precision=c.precision,
         reshape=c.reshape,
@@ -374,6 +379,7 @@ def _probe(c: RunConfig, selection: ClassSelection, prep: Preprocess, handle: Mo
         raise RunSetupError(f"class {max(selection.classes)} is out of range: the model has {n} classes (0..{n - 1})")
     if selection.top_k is not None and selection.top_k > n:
         raise RunSetupError(f"top-k {selection.top_k} exceeds the number of classes of the model ({n})")
+    exp = next(iter(exp.values()))
     return _Probe(exp.target_layer, n, (int(exp.cams.shape[-2]), int(exp.cams.shape[-1])))
 
 
@@ -400,6 +406,8 @@ def _assemble(c, files, out_dir, schema, image_column, keep, selection, prep, pr
         heatmap_dtype=c.heatmap_dtype,
         metrics=metrics,
         boxes=boxes is not None,
+        methods=parse_methods(c.method),
+        guided_shape=prep.out_size if c.guided else None,
     )
     plan = RunPlan(
         config=c,
@@ -420,6 +428,7 @@ def _assemble(c, files, out_dir, schema, image_column, keep, selection, prep, pr
         fingerprint="",
         metrics=metrics,
         boxes=boxes,
+        methods=parse_methods(c.method),
     )
     return dataclasses.replace(plan, fingerprint=fingerprint(plan) if files else "")
 
@@ -483,7 +492,8 @@ def fingerprint(plan: RunPlan) -> str:
         "num_classes": c.num_classes,
         "providers": list(c.providers) if c.providers else None,
         "target_layer": plan.target_layer,
-        "method": c.method,
+        # One method hashes as before the method lists (resumable); several as their list.
+        "method": plan.methods[0] if len(plan.methods) == 1 else list(plan.methods),
         "counterfactual": c.counterfactual,
         "selection": dataclasses.asdict(plan.selection),
         "prep": [plan.prep.resize, plan.prep.crop, list(plan.prep.mean), list(plan.prep.std)]

@@ -22,11 +22,13 @@ BOX_COLUMNS = ("pointing_hit", "box_energy", "pred_box", "box_iou")
 RESULT_COLUMNS = (
     "class_index",
     "class_rank",
+    "method",
     "label",
     "score",
     "probability",
     "cam",
     "heatmap",
+    "guided",
     "peak_y",
     "peak_x",
     "cam_max",
@@ -47,6 +49,7 @@ EXTRA_TYPES = {
     "box_iou": pa.float32(),
 }
 _BY_METRIC = {"deletion": ("deletion_auc",), "insertion": ("insertion_auc",), "confidence": METRIC_COLUMNS[2:]}
+METHOD_TYPE = pa.dictionary(pa.int32(), pa.string())
 HEATMAP_DTYPES = {"uint8": (pa.uint8(), np.uint8), "float16": (pa.float16(), np.float16)}
 
 
@@ -60,6 +63,8 @@ def output_schema(
     heatmap_dtype: str = "uint8",
     metrics: tuple[str, ...] = (),
     boxes: bool = False,
+    methods: tuple[str, ...] = (),
+    guided_shape: tuple[int, int] | None = None,
 ) -> pa.Schema:
     """The schema of every output file.
 
@@ -69,6 +74,8 @@ def output_schema(
     fields = [pa.field("id", id_type)]
     fields += passthrough
     fields += [pa.field("class_index", pa.int32()), pa.field("class_rank", pa.int32())]
+    if len(methods) > 1:  # one row per (image, class, method)
+        fields.append(pa.field("method", METHOD_TYPE))
     if label_type is not None:
         fields.append(pa.field("label", label_type))
     fields += [
@@ -78,6 +85,8 @@ def output_schema(
     ]
     if heatmap_shape is not None:
         fields.append(pa.field("heatmap", pa.fixed_shape_tensor(HEATMAP_DTYPES[heatmap_dtype][0], list(heatmap_shape))))
+    if guided_shape is not None:  # Guided Grad-CAM at the input size, 3 channels, min-max normalized per map
+        fields.append(pa.field("guided", pa.fixed_shape_tensor(pa.uint8(), [3, *guided_shape])))
     fields += [
         pa.field("peak_y", pa.int32()),
         pa.field("peak_x", pa.int32()),
@@ -115,6 +124,9 @@ class ResultBatch:
     notes: list[str | None]  # (m,) a remark for explained rows (e.g. a label out of range)
     # Metric columns by name: (m, C) values (pred_box: (m, C, 4)); NaN (or has_boxes False) -> null.
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    # Several methods: the C slots are method-major, C / len(methods) classes per method.
+    methods: tuple[str, ...] = ()
+    guided: np.ndarray | None = None  # (m, C, 3, H, W) uint8
 
     @property
     def num_images(self) -> int:
@@ -145,14 +157,22 @@ def build_table(batch: ResultBatch, schema: pa.Schema) -> tuple[pa.Table, np.nda
     ok_index = np.flatnonzero(batch.ok)
     m = len(ok_index)
     # Explained rows: (image, slot) pairs that are kept.
-    ranks = _ranks(batch.scores, batch.keep) if m else np.zeros((0, 0), np.int64)
+    groups = max(1, len(batch.methods))
+    per_method = batch.classes.shape[1] // groups
+    # class_rank ranks the classes: each method's block of slots is ranked on its own.
+    ranks = (
+        _ranks(batch.scores.reshape(m * groups, -1), batch.keep.reshape(m * groups, -1)).reshape(m, -1)
+        if m
+        else np.zeros((0, 0), np.int64)
+    )
     img_of, slot_of = np.nonzero(batch.keep) if m else (np.zeros(0, np.int64), np.zeros(0, np.int64))
     row_ok = ok_index[img_of]
     rank_ok = ranks[img_of, slot_of]
     row_err = np.flatnonzero(~batch.ok)
     row_all = np.concatenate([row_ok, row_err])
     rank_all = np.concatenate([rank_ok, np.zeros(len(row_err), np.int64)])
-    order = np.lexsort((rank_all, row_all))
+    method_all = np.concatenate([slot_of // max(1, per_method), np.zeros(len(row_err), np.int64)])
+    order = np.lexsort((method_all, rank_all, row_all))
     n_ok, n_out = len(row_ok), len(row_all)
     is_ok = order < n_ok
     src = np.where(is_ok, order, 0)  # index into the explained rows (meaningless where not ok)
@@ -192,6 +212,14 @@ def build_table(batch: ResultBatch, schema: pa.Schema) -> tuple[pa.Table, np.nda
             heat = np.zeros((n_out, *heat_shape), heat_np)
         heat = np.where(is_ok[:, None, None], heat, 0).astype(heat_np)
         arrays["heatmap"] = _tensor_column(heat, is_ok, heat_shape, heat_type)
+    if "method" in schema.names:
+        idx = pa.array(method_all[order], pa.int32(), mask=~is_ok)
+        arrays["method"] = pa.DictionaryArray.from_arrays(idx, pa.array(list(batch.methods), pa.string()))
+    if "guided" in schema.names:
+        g_type = schema.field("guided").type
+        g = pick(batch.guided)
+        g = np.zeros((n_out, *g_type.shape), np.uint8) if g is None else np.where(is_ok[:, None, None, None], g, 0)
+        arrays["guided"] = _tensor_column(g.astype(np.uint8), is_ok, tuple(g_type.shape), g_type)
     peaks = pick(batch.peaks)
     cam_max = pick(batch.cam_max)
     has_peak = is_ok & (cam_max > 0) if cam_max is not None else is_ok

@@ -23,9 +23,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from gradcam_batch.engine.explain.explainer import stack_methods
 from gradcam_batch.engine.job.plan import RunPlan
 from gradcam_batch.engine.job.schema import ResultBatch, build_table
 from gradcam_batch.engine.job.source import DecodedBatch, decode_jpegs_on_device
+from gradcam_batch.kernels.reference import quantize
 
 NON_FINITE = "non-finite scores or cam (a numeric overflow; --precision fp32 avoids the fp16/bf16 ones)"
 
@@ -44,6 +46,7 @@ class DeviceResult:
     heatmaps: torch.Tensor | None  # (m, C, H, W) uint8 or float16
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # metric columns, (m, C)
     saliency: torch.Tensor | None = None  # (m, C, H, W) float32 at the input size, for the box metrics
+    guided: torch.Tensor | None = None  # (m, C, 3, H, W) uint8, Guided Grad-CAM (config.guided)
 
     def map(self, fn) -> DeviceResult:
         def one(v):
@@ -102,7 +105,9 @@ class BatchExplainer:
         self.explainer = Explainer(
             model,
             target_layer=plan.target_layer,
-            method=c.method,
+            method=plan.methods,  # a sequence: {name: Explanation}, stacked by stack_methods below
+            guided=c.guided,
+            scorecam_batch=c.scorecam_batch,
             compile=c.compile,
             precision=c.precision,
             reshape=c.reshape,
@@ -205,13 +210,16 @@ class BatchExplainer:
             labels_t = torch.from_numpy(labels)
             labels_t = labels_t.pin_memory().to(self.device, non_blocking=True) if self._cuda else labels_t
         hs = self.plan.heatmap_shape
-        exp = self.explainer(
-            x,
-            classes=self._selector(labels_t),
-            counterfactual=self.plan.config.counterfactual,
-            output_size=hs,
-            out_dtype=self._out_dtype,
-            heatmaps=hs is not None,
+        # Several methods stack on the class axis, method-major: C slots per method (schema.build_table).
+        exp = stack_methods(
+            self.explainer(
+                x,
+                classes=self._selector(labels_t),
+                counterfactual=self.plan.config.counterfactual,
+                output_size=hs,
+                out_dtype=self._out_dtype,
+                heatmaps=hs is not None,
+            )
         )
         cams = exp.cams
         finite = (
@@ -231,6 +239,7 @@ class BatchExplainer:
             heatmaps=exp.heatmaps if hs is not None else None,
             extras=extras,
             saliency=saliency if self.plan.boxes is not None else None,
+            guided=None if exp.guided is None else quantize(exp.guided.float(), torch.uint8),
         )
         if self._cuda:
             # Back to pinned host memory without waiting; finish() waits on the event, which is
@@ -321,7 +330,7 @@ class BatchExplainer:
         ok, errors, notes = pending.ok, pending.errors, pending.notes
         c_slots = max(1, self.plan.selection.slots)
         if pending.result is None:
-            arrays = _empty(c_slots, self.plan.cam_shape)
+            arrays = _empty(c_slots * len(self.plan.methods), self.plan.cam_shape)
         else:
             host = pending.result.map(lambda t: t.cpu().numpy())
             extras = dict(host.extras)
@@ -330,9 +339,9 @@ class BatchExplainer:
             arrays = {f.name: getattr(host, f.name) for f in fields(host) if f.name not in ("extras", "saliency")}
             keep = np.ones(arrays["classes"].shape, dtype=bool)
             if self.plan.label_column and self.plan.selection.slots > 1:
-                cls = arrays["classes"]
+                cls = arrays["classes"][:, :c_slots]  # every method's block holds the same classes
                 valid = np.array([nt is None for nt in notes], dtype=bool)
-                keep[:, -1] = valid & ~(cls[:, :-1] == cls[:, -1:]).any(axis=1)
+                keep[:, c_slots - 1 :: c_slots] = (valid & ~(cls[:, :-1] == cls[:, -1:]).any(axis=1))[:, None]
             arrays["keep"] = keep
             finite = arrays.pop("finite")
             arrays["extras"] = extras
@@ -343,7 +352,7 @@ class BatchExplainer:
                     errors[ok_idx[j]] = NON_FINITE
                 arrays = {k: _take(v, finite) for k, v in arrays.items()}
                 notes = [nt for nt, f in zip(notes, finite, strict=True) if f]
-        result = ResultBatch(rows=pending.rows, ok=ok, errors=errors, notes=notes, **arrays)
+        result = ResultBatch(rows=pending.rows, ok=ok, errors=errors, notes=notes, methods=self.plan.methods, **arrays)
         table, source_rows = build_table(result, self.plan.schema)
         return BatchOutput(table, images=len(ok), errors=int((~ok).sum()), source_rows=source_rows)
 

@@ -1,0 +1,85 @@
+"""`gradcam-batch run --method a,b[,...]`: a `method` column, one row per (image, class, method), the
+same maps as one-method runs, class_rank ranking the classes, the guided column and the fingerprint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+from run_support import base_args, bytes_table, invoke, png_bytes, read_output, shapes, write_table
+
+METHODS = "gradcam,gradcam++,layercam,eigencam"
+
+
+def _by_key(table: pa.Table) -> dict:
+    return {(r["id"], r["class_index"], r.get("method")): r for r in table.to_pylist()}
+
+
+def test_method_list_adds_a_method_column_and_equals_single_runs(tmp_path):
+    inp = write_table(tmp_path / "in.parquet", bytes_table(5))
+    out = tmp_path / "multi"
+    res = invoke(["run", str(inp), *base_args(tmp_path, out, "make_mlp"), "--top-k", "2", "--method", METHODS])
+    assert res.exit_code == 0, res.output
+    t = read_output(out)
+    assert t.schema.field("method").type == pa.dictionary(pa.int32(), pa.string())
+    assert t.num_rows == 5 * 2 * 4
+    rows = t.to_pylist()
+    # Input order, then class rank, then the methods in the order asked.
+    for i in range(5):
+        mine = [r for r in rows if r["id"] == f"in.parquet:{i}"]
+        assert [r["class_rank"] for r in mine] == [0] * 4 + [1] * 4
+        assert [r["method"] for r in mine] == METHODS.split(",") * 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["methods"] == METHODS.split(",")
+    multi = _by_key(t)
+    for method in METHODS.split(","):
+        single_out = tmp_path / method
+        args = [*base_args(tmp_path, single_out, "make_mlp"), "--top-k", "2", "--method", method]
+        res = invoke(["run", str(inp), *args])
+        assert res.exit_code == 0, res.output
+        single = read_output(single_out)
+        assert "method" not in single.column_names
+        for r in single.to_pylist():
+            m = multi[(r["id"], r["class_index"], method)]
+            assert m["class_rank"] == r["class_rank"] and m["score"] == r["score"]
+            np.testing.assert_allclose(np.asarray(m["cam"], np.float32), np.asarray(r["cam"], np.float32), atol=1e-3)
+            assert np.abs(np.asarray(m["heatmap"], int) - np.asarray(r["heatmap"], int)).max() <= 1
+
+
+def test_label_slot_and_guided_column_with_several_methods(tmp_path):
+    n = 4
+    data = shapes(n)
+    table = pa.table({"image": [png_bytes(im) for im in data.images], "truth": pa.array([0, 1, 2, 3], pa.int64())})
+    inp = write_table(tmp_path / "l.parquet", table)
+    out = tmp_path / "out"
+    args = ["--top-k", "1", "--label-column", "truth", "--method", "gradcam,xgradcam", "--guided"]
+    res = invoke(["run", str(inp), *base_args(tmp_path, out), *args])
+    assert res.exit_code == 0, res.output
+    t = read_output(out)
+    assert tuple(t.schema.field("guided").type.shape) == (3, 32, 32)
+    for i in range(n):
+        rows = [r for r in t.to_pylist() if r["id"] == f"l.parquet:{i}"]
+        per_method = {m: [r["class_index"] for r in rows if r["method"] == m] for m in ("gradcam", "xgradcam")}
+        assert per_method["gradcam"] == per_method["xgradcam"]  # the label slot is dropped or kept alike
+        assert len(set(per_method["gradcam"])) == len(per_method["gradcam"])
+        for r in rows:
+            g = np.asarray(r["guided"], np.uint8)
+            assert g.shape == (3 * 32 * 32,) and g.max() in (0, 255)
+
+
+def test_method_list_is_part_of_the_fingerprint(tmp_path):
+    inp = write_table(tmp_path / "in.parquet", bytes_table(3))
+    out = tmp_path / "out"
+    assert invoke(["run", str(inp), *base_args(tmp_path, out), "--method", "gradcam,layercam"]).exit_code == 0
+    # The same list, spelled differently: the same run, complete already.
+    res = invoke(["run", str(inp), *base_args(tmp_path, out), "--method", "GradCAM, layercam"])
+    assert res.exit_code == 0 and "complete already" in res.output
+    res = invoke(["run", str(inp), *base_args(tmp_path, out), "--method", "gradcam,hirescam"])
+    assert res.exit_code == 2 and "other settings" in res.output
+
+
+def test_unknown_method_is_a_usage_error(tmp_path):
+    inp = write_table(tmp_path / "in.parquet", bytes_table(2))
+    res = invoke(["run", str(inp), *base_args(tmp_path, tmp_path / "out"), "--method", "gradcam,gradcam+"])
+    assert res.exit_code == 2 and "unknown method 'gradcam+'" in res.output and "layercam" in res.output
