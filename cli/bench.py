@@ -6,7 +6,7 @@ import json
 
 import click
 
-from gradcam_batch.engine.bench import BASELINES
+from gradcam_batch.engine.bench import BASELINES, METHOD_BASELINES
 
 
 @click.command()
@@ -29,9 +29,17 @@ from gradcam_batch.engine.bench import BASELINES
 @click.option("--warmup", default=2, show_default=True, type=int, help="Untimed rounds first.")
 @click.option(
     "--baselines",
-    default=",".join(BASELINES),
-    show_default=True,
-    help="Comma-separated contenders besides gradcam-batch.",
+    help=f"Comma-separated contenders besides gradcam-batch. [default: {','.join(BASELINES)}; with --methods: "
+    f"{','.join(METHOD_BASELINES)}]",
+)
+@click.option(
+    "--methods",
+    metavar="NAME[,NAME...]",
+    help="Time these CAM methods instead of Grad-CAM alone: each against pure inference and against "
+    "pytorch-grad-cam's and torchcam's implementation of it, and the whole list in one call.",
+)
+@click.option(
+    "--scorecam-batch", default=64, show_default=True, type=int, help="Score-CAM's masked images per forward."
 )
 @click.option(
     "--vjp-strategy",
@@ -56,8 +64,8 @@ from gradcam_batch.engine.bench import BASELINES
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write the results as JSON.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the synthetic inputs.")
 def bench(
-    model_spec, weights, batch_size, image_size, top_k, device, precision, iters, warmup, baselines, vjp_strategy,
-    compile_, end_to_end, e2e_images, check, json_path, seed,
+    model_spec, weights, batch_size, image_size, top_k, device, precision, iters, warmup, baselines, methods,
+    scorecam_batch, vjp_strategy, compile_, end_to_end, e2e_images, check, json_path, seed,
 ) -> None:  # fmt: skip
     """Time Grad-CAM on synthetic batches next to pure inference and the usual libraries.
 
@@ -83,6 +91,8 @@ def bench(
         e2e_images=e2e_images,
         seed=seed,
         check=check,
+        methods=methods or (),
+        scorecam_batch=scorecam_batch,
     )
     try:
         cfg.validate()

@@ -54,14 +54,20 @@ from gradcam_batch.engine.bench import (  # noqa: E402  (names the CLI reads wit
     END_TO_END,
     INFERENCE,
     INFERENCE_COMPILED,
+    METHOD_BASELINES,
     OURS,
     PYTORCH_GRAD_CAM,
+    TORCHCAM,
 )
 from gradcam_batch.engine.explain.compiled import backbone_context, prepare_input
 from gradcam_batch.engine.explain.explainer import VJP_STRATEGIES, Explainer
 
 # The import module and PyPI name that provide each library baseline.
-_BASELINE_PACKAGES = {PYTORCH_GRAD_CAM: ("pytorch_grad_cam", "grad-cam"), CAPTUM: ("captum", "captum")}
+_BASELINE_PACKAGES = {
+    PYTORCH_GRAD_CAM: ("pytorch_grad_cam", "grad-cam"),
+    CAPTUM: ("captum", "captum"),
+    TORCHCAM: ("torchcam", "torchcam"),
+}
 PRECISIONS = ("fp32", "bf16", "fp16")
 PARITY_MIN_PEARSON = 0.999
 
@@ -137,7 +143,7 @@ class BenchConfig:
     precision: str = "fp32"
     iters: int = 10
     warmup: int = 2
-    baselines: tuple[str, ...] = BASELINES
+    baselines: tuple[str, ...] | None = None  # None: BASELINES, or METHOD_BASELINES with methods
     vjp_strategies: tuple[str, ...] = ("vmap",)
     compile: bool = False
     end_to_end: bool = False
@@ -145,6 +151,8 @@ class BenchConfig:
     n_batches: int = 4
     seed: int = 0
     check: bool = False
+    methods: tuple[str, ...] = ()  # CAM methods to time against the libraries (engine/bench/methods.py)
+    scorecam_batch: int = 64
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -162,7 +170,15 @@ class BenchConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
         self.top_k = parse_top_ks(self.top_k)
-        self.baselines = parse_names(self.baselines, BASELINES, "baseline")
+        if self.methods:
+            from gradcam_batch.engine.explain.methods import parse_methods
+
+            self.methods = parse_methods(self.methods)
+        if self.baselines is None:
+            self.baselines = METHOD_BASELINES if self.methods else BASELINES
+        self.baselines = parse_names(self.baselines, METHOD_BASELINES if self.methods else BASELINES, "baseline")
+        if self.scorecam_batch < 1:
+            raise ValueError(f"scorecam batch must be positive, got {self.scorecam_batch}")
         self.vjp_strategies = parse_names(self.vjp_strategies, VJP_STRATEGIES, "vjp strategy")
         resolve_device(self.device)
 
@@ -212,7 +228,11 @@ class BenchReport:
         """The results as an aligned plain-text table, followed by skipped/failed notes."""
         c = self.config
         ours = [r.contender for r in self.results if r.contender.startswith(OURS)]
-        base = [b for b in (PYTORCH_GRAD_CAM, CAPTUM) if any(r.contender == b for r in self.results)]
+        base = [
+            b
+            for b in (PYTORCH_GRAD_CAM, CAPTUM, TORCHCAM)
+            if any(r.contender == b or r.contender.startswith(f"{b}[") for r in self.results)
+        ]
         header = ["contender", "top-k", "img/s", "ms/batch", "x inference", *[f"x {b}" for b in base]]
         rows = [header]
         notes = []
@@ -242,6 +262,7 @@ class BenchReport:
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
         lines += notes
+        lines += _all_methods_notes(self.results)
         for p in self.parity:
             verdict = "ok" if p.passed else "FAILED"
             lines.append(
@@ -249,6 +270,20 @@ class BenchReport:
                 f"(>= {PARITY_MIN_PEARSON}) {verdict}"
             )
         return "\n".join(lines)
+
+
+def _all_methods_notes(results: list[Result]) -> list[str]:
+    """'all N methods in one call: X.XXx the time of gradcam alone', per top-k, in method mode."""
+    from gradcam_batch.engine.bench.methods import ours_name
+
+    out = []
+    for r in results:
+        if r.status == "ok" and r.contender.startswith(f"{OURS}[") and r.contender.endswith(" methods]"):
+            alone = next((o for o in results if o.contender == ours_name("gradcam") and o.top_k == r.top_k), None)
+            if alone is not None and alone.status == "ok":
+                what = r.contender[len(OURS) + 1 : -1]
+                out.append(f"top-{r.top_k}: {what} in one call take {r.median_s / alone.median_s:.2f}x gradcam's time")
+    return out
 
 
 def _fmt_ratio(x: float | None) -> str:
@@ -326,9 +361,36 @@ def _captum(model, layer, batches, classes, k, ctx) -> _Contender:
     return _Contender(CAPTUM, k, run)
 
 
-def _build_contenders(cfg, model, explainers, batches, classes, ctx) -> tuple[list[_Contender], list[Result]]:
+def _method_contenders(cfg, model, explainers, batches, classes, ctx) -> tuple[list[_Contender], list[Result]]:
+    """``--methods``: inference, our explainers (one per method, one for the list), each library's methods."""
+    from gradcam_batch.engine.bench.methods import LIBRARIES, library_name
+
+    contenders, unavailable = _inference_contenders(cfg, model, batches, ctx), []
+    layer = next(iter(explainers.values())).target_layer
+    for k in cfg.top_k:
+        for name, explainer in explainers.items():
+            contenders.append(_Contender(name, k, lambda i, e=explainer, k=k: e(batches[i], top_k=k)))
+        for lib, (known, make) in LIBRARIES.items():
+            if lib not in cfg.baselines:
+                continue
+            module, dist = _BASELINE_PACKAGES[lib]
+            for m in cfg.methods:
+                name = library_name(lib, m)
+                if m not in known:
+                    unavailable.append(Result(name, k, "skipped", f"{lib} has no {m}"))
+                elif not _installed(module):
+                    unavailable.append(Result(name, k, "skipped", f"not installed (pip install {dist})"))
+                else:
+                    try:
+                        run, release = make(model, layer, m, batches, classes, k, ctx, cfg.scorecam_batch)
+                        contenders.append(_Contender(name, k, run, release=release))
+                    except Exception as e:  # a library that cannot even be set up is reported, not fatal
+                        unavailable.append(Result(name, k, "failed", _one_line(e)))
+    return contenders, unavailable
+
+
+def _inference_contenders(cfg, model, batches, ctx) -> list[_Contender]:
     contenders: list[_Contender] = []
-    unavailable: list[Result] = []
     if INFERENCE in cfg.baselines:
         # The limit runs under the same autocast as the engine's backbone. It stays eager (the
         # reference of the ratios); with compile, the compiled model is a second row, so the
@@ -343,6 +405,12 @@ def _build_contenders(cfg, model, explainers, batches, classes, ctx) -> tuple[li
                     return m(batches[i])
 
             contenders.append(_Contender(name, None, infer))
+    return contenders
+
+
+def _build_contenders(cfg, model, explainers, batches, classes, ctx) -> tuple[list[_Contender], list[Result]]:
+    contenders: list[_Contender] = _inference_contenders(cfg, model, batches, ctx)
+    unavailable: list[Result] = []
     layer = next(iter(explainers.values())).target_layer
     for k in cfg.top_k:
         for strategy, explainer in explainers.items():
@@ -431,9 +499,22 @@ def run_bench(
         return backbone_context(device, cfg.precision)
 
     batches = make_batches(cfg, device)
-    explainers = {
-        s: Explainer(model, vjp_strategy=s, precision=cfg.precision, compile=cfg.compile) for s in cfg.vjp_strategies
-    }
+    if cfg.methods:
+        from gradcam_batch.engine.bench.methods import our_contenders
+
+        explainers = our_contenders(
+            model,
+            cfg.methods,
+            batches,
+            precision=cfg.precision,
+            compile=cfg.compile,
+            scorecam_batch=cfg.scorecam_batch,
+        )
+    else:
+        explainers = {
+            s: Explainer(model, vjp_strategy=s, precision=cfg.precision, compile=cfg.compile)
+            for s in cfg.vjp_strategies
+        }
     kmax = max(cfg.top_k)
     classes = []
     # no_grad, not inference_mode: captum feeds the targets into autograd-tracked indexing.
@@ -444,11 +525,13 @@ def run_bench(
                 raise ValueError(f"top-k {kmax} exceeds the model's {scores.shape[1]} classes")
             classes.append(scores.float().topk(kmax, dim=1).indices.clone())
     for e in explainers.values():
-        # Resolves the target layer and the graph split (and compiles) untimed, at the timed shape.
-        e(batches[0], top_k=1)
+        # Resolves the target layer and the graph split (and compiles) untimed, at the timed shape;
+        # Score-CAM's K forwards per image make one image enough there.
+        e(batches[0][:1] if "scorecam" in e.methods else batches[0], top_k=1)
     first = next(iter(explainers.values()))
 
-    contenders, results = _build_contenders(cfg, model, explainers, batches, classes, ctx)
+    build = _method_contenders if cfg.methods else _build_contenders
+    contenders, results = build(cfg, model, explainers, batches, classes, ctx)
     timer = _Timer(device)
     times: dict[int, list[float]] = {i: [] for i in range(len(contenders))}
     failed: dict[int, str] = {}
@@ -575,8 +658,10 @@ def _fill_ratios(results: list[Result]) -> None:
         if inf is not None:
             r.vs_inference = r.img_per_s / inf.img_per_s
         if r.contender.startswith(OURS):
-            for b in (PYTORCH_GRAD_CAM, CAPTUM):
-                other = ok.get((b, r.top_k))
+            # --methods: gradcam-batch[m] against library[m]; otherwise against the library's Grad-CAM.
+            method = r.contender[len(OURS) + 1 : -1] if r.contender.startswith(f"{OURS}[") else None
+            for b in (PYTORCH_GRAD_CAM, CAPTUM, TORCHCAM):
+                other = ok.get((f"{b}[{method}]", r.top_k)) or ok.get((b, r.top_k))
                 if other is not None:
                     r.speedup[b] = r.img_per_s / other.img_per_s
 
