@@ -154,3 +154,12 @@ def test_layers_command_on_a_directory(vit_dir):
     assert lines[0].startswith("preprocessing: resize to 32x32, no crop, bilinear, mean 0.5,0.5,0.5")
     assert "image processor of hf:" in lines[0]
     assert lines[-1] == "auto-detected: vit.layers.1.layernorm_before (reshape: tokens)"
+
+
+def test_num_classes_gives_a_new_head_and_weights_fill_it(vit_dir, tmp_path):
+    model = load_model(f"hf:{vit_dir}", num_classes=3)
+    assert model.classifier.out_features == 3
+    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors.save_file(model.state_dict(), str(tmp_path / "three.safetensors"))
+    again = load_model(f"hf:{vit_dir}", num_classes=3, weights=tmp_path / "three.safetensors")
+    assert torch.equal(again.classifier.weight, model.classifier.weight)

@@ -174,7 +174,7 @@ def test_data_config_becomes_the_preprocessing():
     assert model_preprocessing("torchvision:resnet18") is None
 
 
-def test_run_uses_the_data_config_unless_overridden(tmp_path):
+def test_run_uses_the_data_config(tmp_path):
     """The data config reaches Preprocess (the manifest records the plan's), and an explicit option wins."""
     data = write_table(tmp_path / "in.parquet", bytes_table(2, size=40))
     common = [str(data), "--model", "timm:vit_tiny_patch16_224", "--num-classes", "4", "--no-progress"]
