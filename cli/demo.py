@@ -5,6 +5,8 @@ box) and a small CNN trained on such images (``engine/demo/assets.py`` makes bot
 explains the sample end to end through the same pipeline as ``gradcam-batch run``, then reads the
 output back and reports the pointing game: how often the peak of the top-1 heatmap falls inside
 the labelled box. A few overlays (heatmap over image) are written for a person to look at.
+Then it audits the output (``gradcam-batch audit``) and prints the report's path and the flagged
+clusters: half of the sample's discs carry a corner watermark that the CNN learned as a shortcut.
 """
 
 from __future__ import annotations

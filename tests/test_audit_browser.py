@@ -51,8 +51,9 @@ def test_report_renders_in_chromium(tmp_path):
     dom = _chromium(tmp_path, url, "--dump-dom", "--virtual-time-budget=5000")
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout
-    assert 'data-ready="1"' in html, "the page's script did not run"
-    assert "data-errors" not in html, "the page raised a JavaScript error"
+    body = re.search(r"<body[^>]*>", html).group(0)
+    assert 'data-ready="1"' in body, "the page's script did not run"
+    assert "data-errors" not in body, "the page raised a JavaScript error"
     console_errors = [
         line for line in dom.stderr.splitlines() if "CONSOLE" in line and re.search(r"error|uncaught", line, re.I)
     ]

@@ -422,7 +422,11 @@ def gather(
             rows = np.flatnonzero(g >= 0) if ci == 0 else np.flatnonzero((g >= 0) & in_chunk[np.maximum(g, 0)])
             if not len(rows):
                 continue
-            small = np.einsum("ih,nhw,jw->nij", mh, _maps_of(t, run.map_column, (h, w), rows), mw, optimize=True)
+            # Resampled in slices, so the float32 copy of full-size maps stays small.
+            step = max(1, (16 << 20) // (h * w * 4))
+            small = np.concatenate(
+                [mh @ _maps_of(t, run.map_column, (h, w), rows[a : a + step]) @ mw.T for a in range(0, len(rows), step)]
+            )
             gr = g[rows]
             if ci == 0:
                 np.add.at(means, gr, small)

@@ -109,7 +109,8 @@ def write_report(path: Path, result, images: dict) -> None:
     }[sel["rows"]]
     parts.append("<h1>Grad-CAM audit</h1>")
     parts.append(
-        f"<p class=sub>Run <code>{_e(run['out_dir'])}</code> · model <code>{_e(run.get('model') or '–')}</code> · "
+        f'<p class=sub>Run <code title="{_e(run["out_dir"])}">{_e(Path(run["out_dir"]).name)}</code> · '
+        f"model <code>{_e(run.get('model') or '–')}</code> · "
         f"method {_e(run.get('method') or '')} · {s['totals']['audited_rows']:,} heatmaps audited ({_e(what)}) "
         f"in {s['totals']['classes']} classes · {run['error_rows']:,} error rows</p>"
     )
@@ -123,12 +124,17 @@ def write_report(path: Path, result, images: dict) -> None:
         )
         for c, k in flagged:
             proto = render.png_uri(render.heat_image(k.prototype, 72))
+            pairs = list(zip(k.sample_ids, k.sample_maps if k.sample_maps is not None else [], strict=False))[:4]
+            strip = "".join(
+                _img(render.png_uri(render.overlay_image(images.get(i), m, 72)), "sample", "px", str(i))
+                for i, m in pairs
+            )
             parts.append(
                 f'<div class=finding data-class="{c.class_index}">{_img(proto, "prototype", "px")}<div>'
                 f'<a href="#{_anchor(c)}"><b>{_e(c.title)}</b></a>, cluster {k.cluster}: '
                 f"{k.size:,} of {c.sampled:,} heatmaps ({k.share:.0%})<br>"
                 + "".join(f"<span class=flag>⚑ {_e(r)}</span><br>" for r in k.flags)
-                + "</div></div>"
+                + f"<div class=strip>{strip}</div></div></div>"
             )
         parts.append("</div>")
     else:

@@ -55,9 +55,8 @@ class SprayResult:
 def knn_affinity(x: np.ndarray, neighbors: int):
     """Binary k-nearest-neighbour graph of the rows of ``x`` (Euclidean), symmetric: (A + A^T) / 2."""
     import scipy.sparse as sp
-    from sklearn.neighbors import NearestNeighbors
-
     import sklearn
+    from sklearn.neighbors import NearestNeighbors
 
     n = len(x)
     k = min(neighbors, n - 1)
