@@ -322,6 +322,8 @@ def scan(run: RunOutput, grouper: Grouper, *, max_per_group: int, seed: int, wor
         for m in metrics:
             col = t.column(m)
             valid = col.is_valid().to_numpy(zero_copy_only=False)[sel]
+            if pa.types.is_boolean(col.type):  # pointing_hit, confidence_increase: shares of True
+                col = pc.cast(col, pa.float64())
             vals = col.fill_null(0).to_numpy(zero_copy_only=False)[sel].astype(np.float64)
             msum[m] = _grow(msum[m], n_groups)
             mn[m] = _grow(mn[m], n_groups)
