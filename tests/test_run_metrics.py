@@ -175,3 +175,29 @@ def test_a_small_png_image_with_its_box(tmp_path):
     assert res.exit_code == 0, res.output
     got = read_output(tmp_path / "o")
     assert got["box_energy"].null_count == 0 and got["pointing_hit"].null_count == 0
+
+
+def test_explain_fills_explanation_metrics():
+    import torch
+
+    from gradcam_batch import explain
+    from gradcam_batch.engine.metrics import confidence_change, deletion_insertion
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(6, 4),
+    ).eval()  # fmt: skip
+    images = torch.randn(2, 3, 16, 16)
+    exp = explain(model, images, top_k=2, metrics=("deletion", "insertion", "confidence"))
+    assert set(exp.metrics) == {"deletion_auc", "insertion_auc", "confidence_drop", "confidence_increase"}
+    saliency = exp.heatmaps  # float32, input size, normalized: the same map the metrics use
+    d, i = deletion_insertion(model, images, saliency, exp.classes)
+    drop, inc = confidence_change(model, images, saliency, exp.classes)
+    torch.testing.assert_close(exp.metrics["deletion_auc"], d)
+    torch.testing.assert_close(exp.metrics["insertion_auc"], i)
+    torch.testing.assert_close(exp.metrics["confidence_drop"], drop)
+    assert torch.equal(exp.metrics["confidence_increase"], inc)
+    assert explain(model, images).metrics is None
+    with pytest.raises(ValueError, match="unknown metric"):
+        explain(model, images, metrics=("nope",))

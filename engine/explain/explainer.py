@@ -72,6 +72,9 @@ class Explanation:
     closed_form: bool  # True when alpha came from the GAP -> linear closed form
     method: str = "gradcam"
     guided: torch.Tensor | None = None  # (B, C, 3, H, W) out_dtype, guided backprop x the map (guided=True)
+    # explain(..., metrics=...): (B, C) tensors keyed deletion_auc, insertion_auc, confidence_drop,
+    # confidence_increase (engine/metrics)
+    metrics: dict[str, torch.Tensor] | None = None
 
 
 def stack_methods(results: dict[str, Explanation]) -> Explanation:
@@ -635,6 +638,7 @@ def explain(
     precision: str = "fp32",
     guided: bool = False,
     scorecam_batch: int = DEFAULT_SCORECAM_BATCH,
+    metrics: Sequence[str] = (),
 ) -> Explanation | dict[str, Explanation]:
     """Grad-CAM (and the CAM family) for a batch of preprocessed images, for several classes per image at once.
 
@@ -658,6 +662,9 @@ def explain(
         precision: the backbone's autocast dtype: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``.
         guided: also Guided Grad-CAM (``Explanation.guided``): a backward through the whole model.
         scorecam_batch: Score-CAM's masked images per forward.
+        metrics: any of ``"deletion"``, ``"insertion"``, ``"confidence"``: fills ``Explanation.metrics``
+            with the faithfulness metrics of ``gradcam_batch.metrics`` (their defaults), computed on
+            the normalized heatmap at the input size.
 
     The set-up (layer search, graph split, head analysis) is cached per model and argument set, so
     calling ``explain()`` in a loop costs what a reused ``Explainer`` does. The cached set-up shares
@@ -701,4 +708,33 @@ def explain(
     )
     if new and isinstance(model, nn.Module):
         _store_explainer(model, key, explainer)
+    if metrics:
+        for exp in result.values() if isinstance(result, dict) else (result,):
+            exp.metrics = _faithfulness(model, images, exp, tuple(metrics), score_fn)
     return result
+
+
+def _faithfulness(model, images: torch.Tensor, exp: Explanation, names: tuple[str, ...], score_fn) -> dict:
+    """The metrics of ``engine/metrics`` on the input-size saliency of ``exp``."""
+    from gradcam_batch.engine.metrics import confidence_change, deletion_insertion
+
+    unknown = [n for n in names if n not in ("deletion", "insertion", "confidence")]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}; expected deletion, insertion or confidence")
+    cams = exp.cams.float()
+    b, c, h, w = cams.shape
+    ones = torch.ones((b * c, 1, 1), device=cams.device)
+    size = (images.shape[-2], images.shape[-1])
+    saliency = fused_cam(cams.reshape(b * c, 1, h, w), ones, size, out_dtype=torch.float32).heatmaps.reshape(
+        b, c, *size
+    )
+    scores = score_fn or default_score_fn
+    with eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
+        out: dict[str, torch.Tensor] = {}
+        if "deletion" in names or "insertion" in names:
+            d, i = deletion_insertion(model, images, saliency, exp.classes, score_fn=scores)
+            out |= {k: v for k, v in (("deletion_auc", d), ("insertion_auc", i)) if k.split("_")[0] in names}
+        if "confidence" in names:
+            drop, increase = confidence_change(model, images, saliency, exp.classes, score_fn=scores)
+            out |= {"confidence_drop": drop, "confidence_increase": increase}
+    return out
