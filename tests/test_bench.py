@@ -75,6 +75,7 @@ def test_inference_only_table_and_json(tmp_path):
     assert by_key[("gradcam-batch", 1)]["speedup"] == {}
 
 
+@pytest.mark.slow
 def test_all_baselines_with_parity_check(tmp_path):
     pytest.importorskip("pytorch_grad_cam")
     pytest.importorskip("captum")
@@ -110,6 +111,7 @@ def test_missing_baseline_is_reported_as_skipped(monkeypatch, tmp_path):
     assert all(r["img_per_s"] is None for r in skipped.values())
 
 
+@pytest.mark.slow
 def test_vjp_strategies_on_a_nonlinear_head():
     report = run_bench(
         BenchConfig(

@@ -185,6 +185,7 @@ def test_explain_function_matches_reference(case: Case, dtype: torch.dtype):
     check_against_reference(case, r, dtype, classes, 1)
 
 
+@pytest.mark.slow  # every strategy in float64 on mobilenet; tests/test_baseline_parity.py covers them fast
 @pytest.mark.parametrize("strategy", ["vmap", "loop", "batched_grad"])
 @pytest.mark.parametrize("spec", ["top5", "explicit"])
 @pytest.mark.parametrize("dtype", DTYPES)

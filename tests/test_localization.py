@@ -13,6 +13,10 @@ import torch
 from gradcam_batch import Explainer
 from gradcam_batch.engine.demo.synthetic import make_shapes, pointing_game, train_shapes_cnn
 
+# Training the CNN is the slow part (about a minute here); tests/test_demo.py checks the pointing
+# game of the shipped model in the default run.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained():

@@ -97,6 +97,7 @@ def installed(wheel, tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return target, env
 
 
+@pytest.mark.slow
 def test_installed_wheel_imports_from_the_wheel(installed, tmp_path):
     target, env = installed
     code = (
@@ -116,6 +117,7 @@ def test_installed_wheel_imports_from_the_wheel(installed, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_installed_console_script_and_module_run(installed, tmp_path):
     target, env = installed
     script = target / "bin" / "gradcam-batch"
