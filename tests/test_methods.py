@@ -311,3 +311,67 @@ def test_explain_cache_does_not_keep_the_model_alive():
     del model
     gc.collect()
     assert ref() is None
+
+
+# -- pytorch-grad-cam ----------------------------------------------------------------------------------
+_PGC = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+    "hirescam": "HiResCAM",
+    "gradcam-elementwise": "GradCAMElementWise",
+    "eigencam": "EigenCAM",
+    "eigengradcam": "EigenGradCAM",
+    "scorecam": "ScoreCAM",
+}
+
+
+@pytest.mark.slow  # Score-CAM's masked forwards of two torchvision models, twice: about a minute here
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_maps_correlate_with_pytorch_grad_cam(name: str, monkeypatch):
+    """Pearson >= 0.999 between our upsampled maps and pytorch-grad-cam's, float32, top-2.
+
+    Two settings bring pytorch-grad-cam's conventions in, each documented in methods.py: its
+    Score-CAM upsamples with align_corners=True, and its Grad-CAM++ adds 1e-6 to the denominator,
+    which dominates a random head's tiny gradients, so the last linear layer is scaled by 1e3 (the
+    formula is unchanged). The eigen methods' sign is LAPACK's there: their raw projections are
+    compared up to sign.
+    """
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    import gradcam_batch.engine.explain.methods as methods_mod
+    from gradcam_batch.engine.bench.harness import pearson
+
+    monkeypatch.setattr(methods_mod, "SCORECAM_ALIGN_CORNERS", True)
+    factory, size, b = MODELS[name]
+    model = seeded(factory)
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(1e3)
+        last.bias.mul_(1e3)
+    images = random_images(b, size, seed=8)
+    names = tuple(_PGC)
+    e = Explainer(model, method=names, scorecam_batch=128)
+    ours = e(images, top_k=2)
+    classes = ours["gradcam"].classes
+    eigen = Explainer(model, target_layer=e.target_layer, method=["eigencam", "eigengradcam"])
+    raw = eigen(images, classes=classes, relu=False, heatmaps=False)
+    layer = model.get_submodule(e.target_layer)
+    for method in names:
+        with getattr(pgc, _PGC[method])(model=model, target_layers=[layer]) as cam:
+            maps, projections = [], []
+            for r in range(classes.shape[1]):
+                targets = [ClassifierOutputTarget(int(c)) for c in classes[:, r]]
+                maps.append(torch.from_numpy(cam(input_tensor=images, targets=targets)))
+                if method.startswith("eigen"):
+                    a = cam.activations_and_grads.activations[0].numpy()
+                    g = cam.activations_and_grads.gradients[0].numpy() if method == "eigengradcam" else 1.0
+                    projections.append(torch.from_numpy(get_2d_projection(g * a)))
+        if method.startswith("eigen"):
+            r = pearson(raw[method].cams, torch.stack(projections, dim=1)).abs()
+        else:
+            r = pearson(ours[method].heatmaps, torch.stack(maps, dim=1))
+        assert float(r.min()) >= 0.999, f"{name} {method}: min Pearson {float(r.min()):.6f}"
