@@ -12,6 +12,9 @@ Where the speed comes from (see the README's design notes):
    ``gradcam_batch.kernels.fused_cam`` per method: a fused Triton kernel on CUDA, batched torch elsewhere.
 5. Several methods (``engine/explain/methods.py``) share that one backbone forward and that one VJP;
    each is a weighting function of A and g.
+
+One module past 500 lines: the Explainer's set-up, its per-batch paths (closed form, VJP, hook) and
+``explain()``'s cache share private state; the weighting functions live in ``methods.py``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ order, and raises ``RunSetupError`` with one line for the first that fails:
 
 Building a plan writes nothing. Every runner (local, Ray) takes a plan; the batch step
 (``engine/job/step.py``) reads only the plan. A plan pickles (the Ray actors receive it).
+
+One module past 500 lines because every check before a run, and the fingerprint, belong in one place.
 """
 
 from __future__ import annotations

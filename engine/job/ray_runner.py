@@ -23,6 +23,9 @@ to the actors. The cost is the pixels' trip through the object store, small besi
 ``explain_dataset(ds, ...)`` is the API for a Ray Dataset already in hand: the same two stages
 over its rows, returning a lazy Dataset of output rows. Its rows have no file and row number, so
 it needs an id column.
+
+One module past 500 lines: the two stages, the resource check and the driver loop are one runner,
+and nothing outside Ray imports them.
 """
 
 from __future__ import annotations
