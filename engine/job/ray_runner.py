@@ -385,8 +385,8 @@ _TRANSIENT_RAY = (
 )
 
 
-def _first_line(exc: BaseException) -> str:
-    """The original error behind a Ray error, in one line.
+def _original_error(exc: BaseException) -> tuple[str, str] | None:
+    """(type name, message) of the original error behind a Ray error, or None when there is none.
 
     Ray wraps an actor's exception several times (``ActorDiedError`` -> ``RayTaskError`` -> ...),
     each with the remote traceback in its text; the original ``Type: message`` line is the last
@@ -406,8 +406,14 @@ def _first_line(exc: BaseException) -> str:
             m = _ERROR_LINE.match(line.strip())
             if m and not m.group(1).startswith("ray.") and m.group(1) not in ("SystemException",):
                 found = m
+    return None if found is None else (found.group(1).rsplit(".", 1)[-1], found.group(2))
+
+
+def _first_line(exc: BaseException) -> str:
+    """The original error behind a Ray error, in one line."""
+    found = _original_error(exc)
     if found is not None:
-        name, message = found.group(1).rsplit(".", 1)[-1], found.group(2)
+        name, message = found
         # The engine's own errors already read as one line; others keep their type.
         engine_errors = ("RunSetupError", "ModelSpecError", "SourceError", "TargetLayerError")
         return message if name in engine_errors else f"{name}: {message}"
@@ -415,11 +421,19 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+_OS_ERRORS = {"OSError", "IOError", "InputReadError", "ConnectionError", "TimeoutError", "MemoryError"}
+
+
 def _is_transient(exc: BaseException) -> bool:
+    """A lost node, actor or object, or an I/O error: a rerun can get past it. An error that the
+    user's code or model raised (inside an actor too, even when Ray reports the actor dead) cannot."""
     from gradcam_batch.engine.job.local import is_transient
 
     if is_transient(exc):
         return True
+    original = _original_error(exc)
+    if original is not None:
+        return original[0] in _OS_ERRORS or original[0].endswith(("OSError", "IOError"))
     names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
     return bool(names & set(_TRANSIENT_RAY))
 
