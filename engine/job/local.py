@@ -144,6 +144,41 @@ def summary(plan: RunPlan, manifest: Manifest, session: dict, seconds: float, *,
     }
 
 
+def execute(
+    run, device_label: str, stream, *, extra_versions=None, describe=first_line, transient=is_transient
+) -> dict:
+    """The part of a run that both runners share, around their own ``stream(pending, manifest, session)``.
+
+    Locks the output, resumes or starts its manifest, streams the pending units (indices into
+    ``run.plan.units``), closes the manifest and returns the summary. A failure in ``stream``
+    becomes a ``RunFailed`` whose message is ``describe(exc)`` and that says whether a rerun helps.
+    """
+    plan = run.plan
+    t_start = time.perf_counter()
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    with OutputLock(plan.out_dir):
+        try:
+            manifest, removed = open_output(plan)
+        except (ValueError, OSError) as exc:
+            raise RunFailed(first_line(exc), transient=isinstance(exc, OSError)) from exc
+        run.manifest = manifest
+        done = manifest.completed_units()
+        pending = [i for i, u in enumerate(plan.units) if u.key not in done]
+        session = {"images": 0, "errors": 0, "rows_out": 0}
+        if pending or manifest.data["status"] != "complete":
+            start_output(manifest, device_label, extra_versions)
+            if pending:
+                try:
+                    stream(pending, manifest, session)
+                except (KeyboardInterrupt, RunFailed):
+                    raise
+                except BaseException as exc:
+                    raise RunFailed(describe(exc), transient=transient(exc)) from exc
+            close_output(manifest, session, time.perf_counter() - t_start, device_label, plan)
+        seconds = time.perf_counter() - t_start
+        return summary(plan, manifest, session, seconds, pending=len(pending), removed=removed, device=device_label)
+
+
 class LocalRun:
     """A planned run on this process's device; ``run()`` executes it. Made by ``prepare``."""
 
@@ -165,32 +200,11 @@ class LocalRun:
 
     def run(self) -> dict:
         """Explain every pending unit; returns the summary (also recorded in the manifest)."""
-        plan = self.plan
-        t_start = time.perf_counter()
-        plan.out_dir.mkdir(parents=True, exist_ok=True)
-        with OutputLock(plan.out_dir):
-            try:
-                manifest, removed = open_output(plan)
-            except (ValueError, OSError) as exc:
-                raise RunFailed(first_line(exc), transient=isinstance(exc, OSError)) from exc
-            self.manifest = manifest
-            done = manifest.completed_units()
-            pending = [u for u in plan.units if u.key not in done]
-            session = {"images": 0, "errors": 0, "rows_out": 0}
-            if pending or manifest.data["status"] != "complete":
-                start_output(manifest, str(self.device))
-                if pending:
-                    try:
-                        self._stream(pending, manifest, session)
-                    except KeyboardInterrupt:
-                        raise
-                    except BaseException as exc:
-                        raise RunFailed(first_line(exc), transient=is_transient(exc)) from exc
-                close_output(manifest, session, time.perf_counter() - t_start, str(self.device), plan)
-            seconds = time.perf_counter() - t_start
-            return summary(
-                plan, manifest, session, seconds, pending=len(pending), removed=removed, device=str(self.device)
-            )
+        return execute(
+            self,
+            str(self.device),
+            lambda pending, m, session: self._stream([self.plan.units[i] for i in pending], m, session),
+        )
 
     def _stream(self, pending, manifest: Manifest, session: dict) -> None:
         plan, c = self.plan, self.plan.config

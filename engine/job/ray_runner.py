@@ -34,7 +34,6 @@ import dataclasses
 import logging
 import os
 import re
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,10 +43,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from gradcam_batch.engine.job.config import RunConfig, RunFailed, RunSetupError
-from gradcam_batch.engine.job.local import close_output, open_output, start_output, summary
+from gradcam_batch.engine.job.config import RunConfig, RunSetupError
+from gradcam_batch.engine.job.local import execute
 from gradcam_batch.engine.job.plan import RunPlan, build_plan, plan_for_schema
-from gradcam_batch.engine.job.sink import HeatmapWriter, OutputLock, WriteItem, next_part_index
+from gradcam_batch.engine.job.sink import HeatmapWriter, WriteItem, next_part_index
 from gradcam_batch.engine.job.source import DecodedBatch, InputFile, ParquetSource, assemble_images, result_sizes
 
 # Columns that travel between the stages beside the input's own (check_column_roles keeps "__" names out).
@@ -510,34 +509,10 @@ class RayRun:
             self.close()
 
     def _run(self) -> dict:
-        plan, ray = self.plan, self.ray
-        t_start = time.perf_counter()
-        plan.out_dir.mkdir(parents=True, exist_ok=True)
-        with OutputLock(plan.out_dir):
-            try:
-                manifest, removed = open_output(plan)
-            except (ValueError, OSError) as exc:
-                raise RunFailed(str(exc), transient=isinstance(exc, OSError)) from exc
-            self.manifest = manifest
-            done = manifest.completed_units()
-            pending = [i for i, u in enumerate(plan.units) if u.key not in done]
-            session = {"images": 0, "errors": 0, "rows_out": 0}
-            if pending or manifest.data["status"] != "complete":
-                start_output(manifest, self.device_label, {"ray": ray.__version__})
-                if pending:
-                    try:
-                        self._stream(pending, manifest, session)
-                    except KeyboardInterrupt:
-                        raise
-                    except RunFailed:
-                        raise
-                    except BaseException as exc:
-                        raise RunFailed(_first_line(exc), transient=_is_transient(exc)) from None
-                close_output(manifest, session, time.perf_counter() - t_start, self.device_label, plan)
-            seconds = time.perf_counter() - t_start
-            return summary(
-                plan, manifest, session, seconds, pending=len(pending), removed=removed, device=self.device_label
-            )
+        extra = {"ray": self.ray.__version__}
+        return execute(
+            self, self.device_label, self._stream, extra_versions=extra, describe=_first_line, transient=_is_transient
+        )
 
     def _stream(self, pending: list[int], manifest, session: dict) -> None:
         plan, c = self.plan, self.plan.config
