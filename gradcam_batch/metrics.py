@@ -4,22 +4,5 @@ Plain functions on tensors: ``deletion_insertion``, ``confidence_change``, ``box
 ``rank_pixels`` (saliency descending, ties to the lower flat index ``y * W + x``).
 """
 
-from gradcam_batch.engine.metrics import (
-    box_metrics,
-    confidence_change,
-    deletion_insertion,
-    deletion_insertion_curves,
-    largest_component_boxes,
-    rank_pixels,
-    rise_blur_kernel,
-)
-
-__all__ = [
-    "box_metrics",
-    "confidence_change",
-    "deletion_insertion",
-    "deletion_insertion_curves",
-    "largest_component_boxes",
-    "rank_pixels",
-    "rise_blur_kernel",
-]
+from gradcam_batch.engine.metrics import *  # noqa: F403
+from gradcam_batch.engine.metrics import __all__  # noqa: F401
