@@ -4,6 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# The repository root must never be on sys.path. Its folders kernels/, engine/ and cli/ are the
+# sources of gradcam_batch.kernels, .engine and .cli, and on sys.path they shadow real packages of
+# those names: transformers imports Hugging Face's `kernels`, and would get ours. `python -m` and
+# `python -c` put the working directory first on sys.path, so the recipes call console scripts, and
+# PYTHONSAFEPATH=1 keeps any python started below (tests' subprocesses included) from adding it.
+# tests/test_sys_path.py runs these recipes with a probe in place of Python and checks the result.
+export PYTHONSAFEPATH := 1
+
 .PHONY: install demo test test-all test-lowest bench lint clean
 
 $(BIN)/python:
@@ -18,16 +26,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m gradcam_batch demo
+	$(BIN)/gradcam-batch demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/pytest -q
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m 'not gpu'
+	$(BIN)/pytest -q -m 'not gpu'
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest -q benchmarks -m '' --benchmark-only -p no:cacheprovider
+	$(BIN)/pytest -q benchmarks -m '' --benchmark-only -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -64,7 +72,7 @@ $(LOWEST_STAMP): $(LOWEST_VENV)/lowest.txt
 	touch $@
 
 test-lowest: $(LOWEST_STAMP)
-	$(LOWEST_BIN)/python -m pytest -q -p no:cacheprovider $(LOWEST_TESTS)
+	$(LOWEST_BIN)/pytest -q -p no:cacheprovider $(LOWEST_TESTS)
 
 clean:
 	rm -rf $(VENV) .venv-lowest build dist *.egg-info .pytest_cache

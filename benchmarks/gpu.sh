@@ -10,9 +10,11 @@
 # recorded as skipped in summary.txt instead of failing the run. Set WHEELS=DIR to install
 # the baselines (grad-cam, captum) from local wheels on a machine without a package index.
 #
-# Install: editable, without build isolation (setuptools >= 64 in the environment). When that
-# fails, the wheel in dist/ is installed instead, which needs no build backend at all; build it
-# beside the tree before the session (`pip wheel . --no-deps -w dist/`) and carry dist/ along.
+# Install: editable, without build isolation. That needs setuptools >= 70.1, or setuptools >= 64
+# with the `wheel` package (older setuptools build editables through wheel's bdist_wheel: the stock
+# setuptools 65.5 of a fresh Python 3.11 venv fails with "invalid command 'bdist_wheel'"). Without
+# either, or when it fails, the wheel in dist/ is installed instead, which needs no build backend;
+# build it beside the tree before the session (`pip wheel . --no-deps -w dist/`) and carry dist/.
 # INSTALL=wheel skips the editable attempt, INSTALL=editable never falls back. The wheel is
 # checked file by file against the tree, so a stale wheel is reported rather than benchmarked.
 #
@@ -21,6 +23,9 @@
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
+# The working directory is the repository root: `python -c` and `-m` would put it first on sys.path,
+# where its kernels/ folder shadows Hugging Face's `kernels` package (see the Makefile).
+export PYTHONSAFEPATH=1
 OUT_DIR="${1:-${OUT:-gpu-results}}"
 mkdir -p "$OUT_DIR"
 SUMMARY="$OUT_DIR/summary.txt"
@@ -90,11 +95,28 @@ for n in stale + missing:
     print("  ", n)
 sys.exit(1 if stale or missing else 0)
 '
+# Can this environment build an editable install without build isolation? (see the top)
+EDITABLE_CHECK='
+import importlib.metadata as md, importlib.util, sys
+try:
+    version = md.version("setuptools")
+except md.PackageNotFoundError:
+    sys.exit("no setuptools")
+v = tuple(int(p) if p.isdigit() else 0 for p in version.split(".")[:2])
+if v < (64, 0):
+    sys.exit(f"setuptools {version} < 64")
+if v < (70, 1) and importlib.util.find_spec("wheel") is None:
+    sys.exit(f"setuptools {version} < 70.1 without the wheel package")
+'
 INSTALLED=""
 if [[ "$INSTALL_MODE" != wheel ]]; then
-  LAST_RC=1
-  step install 120 "$PY" -m pip install --no-deps --no-build-isolation -e .
-  ((LAST_RC == 0)) && INSTALLED="editable"
+  if WHY="$("$PY" -c "$EDITABLE_CHECK" 2>&1)"; then
+    LAST_RC=1
+    step install 120 "$PY" -m pip install --no-deps --no-build-isolation -e .
+    ((LAST_RC == 0)) && INSTALLED="editable"
+  else
+    note "SKIP  install (editable): $WHY; going to the wheel"
+  fi
 fi
 if [[ -z "$INSTALLED" && "$INSTALL_MODE" != editable ]]; then
   WHEEL="$(ls -t dist/gradcam_batch-*.whl 2>/dev/null | head -n 1)"
@@ -103,8 +125,6 @@ if [[ -z "$INSTALLED" && "$INSTALL_MODE" != editable ]]; then
     step install-wheel 60 "$PY" -m pip install --no-deps --no-index --force-reinstall "$WHEEL"
     if ((LAST_RC == 0)); then
       INSTALLED="wheel $WHEEL"
-      # The tree's gradcam_batch/ folder would shadow the installed package from the working directory.
-      export PYTHONSAFEPATH=1
       step wheel-matches-tree 30 "$PY" -c "$WHEEL_CHECK" "$WHEEL"
     fi
   else

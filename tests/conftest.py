@@ -22,6 +22,11 @@ if not HAS_CUDA:
         raise RuntimeError("Triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Every Python these tests start (`sys.executable -m gradcam_batch`, `-c`, Ray workers) keeps the
+# working directory off sys.path: from the repository root it would put kernels/ ahead of Hugging
+# Face's `kernels` package (see the Makefile and gradcam_batch/source_root.py).
+os.environ["PYTHONSAFEPATH"] = "1"
+
 SEED = 0
 
 

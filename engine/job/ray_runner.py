@@ -48,6 +48,7 @@ from gradcam_batch.engine.job.local import execute
 from gradcam_batch.engine.job.plan import RunPlan, build_plan, plan_for_schema
 from gradcam_batch.engine.job.sink import HeatmapWriter, WriteItem, next_part_index
 from gradcam_batch.engine.job.source import DecodedBatch, InputFile, ParquetSource, assemble_images, result_sizes
+from gradcam_batch.source_root import drop_source_root
 
 # Columns that travel between the stages beside the input's own (check_column_roles keeps "__" names out).
 UNIT, ROW, ERROR, PIXELS, JPEG, FIRST, SIZE = "__unit", "__row", "__error", "__pixels", "__jpeg", "__first", "__size"
@@ -138,6 +139,7 @@ def _source(plan: RunPlan, files, cpus: float | None) -> ParquetSource:
 
 def read_units(batch: pa.Table, *, plan: RunPlan, cpus: float | None) -> pa.Table:
     """Stage 1 for a planned run: unit indices in, their rows read and decoded out."""
+    drop_source_root()
     source = _source(plan, plan.files, cpus)
     tables = []
     for index in batch.column("unit").to_pylist():
@@ -148,6 +150,7 @@ def read_units(batch: pa.Table, *, plan: RunPlan, cpus: float | None) -> pa.Tabl
 
 def decode_rows(batch: pa.Table, *, plan: RunPlan, cpus: float | None) -> pa.Table:
     """Stage 1 for a user's Dataset: rows with encoded images in, decoded rows out."""
+    drop_source_root()
     file = _cwd_file(plan)
     source = _source(plan, [file], cpus)
     values = batch.column(plan.image_column).to_pylist()
@@ -224,6 +227,9 @@ class ExplainActor:
     """Stage 2: one ``BatchExplainer`` per actor, loaded once; decoded rows in, output rows out."""
 
     def __init__(self, plan: RunPlan, *, tag_rows: bool = True):
+        # Ray puts the driver's working directory on the workers' sys.path; from a checkout that
+        # is the source root, whose kernels/ folder would shadow Hugging Face's `kernels`.
+        drop_source_root()
         from gradcam_batch.engine.job.config import resolve_device
         from gradcam_batch.engine.job.step import BatchExplainer
 
