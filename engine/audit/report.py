@@ -1,9 +1,13 @@
 """``index.html``: one self-contained page (inline CSS, a few lines of JS, PNGs as data URIs).
 
-Top to bottom: the findings (every flagged cluster, its prototype and the reason in words), the
-colormap legend, a sortable per-class table with flagged classes first, then one section per class:
-its mean heatmap, the 2-D view coloured by cluster, the eigenvalues with the chosen gap, and a card
-per cluster (flagged first) with its prototype and a strip of sample overlays.
+Every value from the run (ids, methods, class names, paths, the model) is escaped, in text and in
+attributes alike: a run directory may come from someone else.
+
+Top to bottom: the findings (every flagged cluster, its prototype
+and the reason in words), the colormap legend, a sortable per-class table with flagged classes
+first, then one section per class: its mean heatmap, the 2-D view coloured by cluster, the
+eigenvalues with the chosen gap, and a card per cluster (flagged first) with its prototype and a
+strip of sample overlays.
 """
 
 from __future__ import annotations
@@ -76,8 +80,8 @@ def _e(x) -> str:
 
 def _img(uri: str, alt: str, cls: str = "", title: str = "") -> str:
     t = f' title="{_e(title)}"' if title else ""
-    c = f' class="{cls}"' if cls else ""
-    return f'<img src="{uri}" alt="{_e(alt)}"{c}{t}>'
+    c = f' class="{_e(cls)}"' if cls else ""
+    return f'<img src="{_e(uri)}" alt="{_e(alt)}"{c}{t}>'
 
 
 def _fmt(v, pct: bool = False) -> str:
@@ -87,7 +91,10 @@ def _fmt(v, pct: bool = False) -> str:
 
 
 def _anchor(c) -> str:
-    return f"class-{c.class_index}-{c.method}"
+    """The class section's id: the method's characters outside [A-Za-z0-9-] as ``_hex_``, so any two
+    methods give two different ids, with no space or quote in them."""
+    method = "".join(ch if ch.isascii() and (ch.isalnum() or ch == "-") else f"_{ord(ch):x}_" for ch in c.method)
+    return f"class-{int(c.class_index)}-{method}"
 
 
 def write_report(path: Path, result, images: dict) -> None:
@@ -130,8 +137,8 @@ def write_report(path: Path, result, images: dict) -> None:
                 for i, m in pairs
             )
             parts.append(
-                f'<div class=finding data-class="{c.class_index}">{_img(proto, "prototype", "px")}<div>'
-                f'<a href="#{_anchor(c)}"><b>{_e(c.title)}</b></a>, cluster {k.cluster}: '
+                f'<div class=finding data-class="{_e(c.class_index)}">{_img(proto, "prototype", "px")}<div>'
+                f'<a href="#{_e(_anchor(c))}"><b>{_e(c.title)}</b></a>, cluster {k.cluster}: '
                 f"{k.size:,} of {c.sampled:,} heatmaps ({k.share:.0%})<br>"
                 + "".join(f"<span class=flag>⚑ {_e(r)}</span><br>" for r in k.flags)
                 + f"<div class=strip>{strip}</div></div></div>"
@@ -164,7 +171,7 @@ def write_report(path: Path, result, images: dict) -> None:
         cells = [
             (
                 c.title,
-                f'<a href="#{_anchor(c)}">{_e(c.title)}</a>'
+                f'<a href="#{_e(_anchor(c))}">{_e(c.title)}</a>'
                 + (f" · {_e(c.method)}" if len({x.method for x in classes}) > 1 else ""),
             ),
             (c.rows, f"{c.rows:,}"),
@@ -178,9 +185,8 @@ def write_report(path: Path, result, images: dict) -> None:
             v = c.metrics.get(m)
             cells.append((v if v is not None else -1, _fmt(v)))
         cls = " class=flagged" if n_flag else ""
-        parts.append(
-            f"<tr{cls} data-flagged={n_flag}>" + "".join(f'<td data-v="{_e(v)}">{h}</td>' for v, h in cells) + "</tr>"
-        )
+        row = "".join(f'<td data-v="{_e(v)}">{h}</td>' for v, h in cells)
+        parts.append(f'<tr{cls} data-flagged="{_e(n_flag)}">{row}</tr>')
     parts.append("</tbody></table></div>")
 
     # -- one section per class --
@@ -193,7 +199,7 @@ def write_report(path: Path, result, images: dict) -> None:
 
 def _class_section(c, images: dict, s: dict) -> str:
     flagged = {k.cluster for k in c.flagged}
-    out = [f'<section class="cls{" flagged" if flagged else ""}" id="{_anchor(c)}">']
+    out = [f'<section class="cls{" flagged" if flagged else ""}" id="{_e(_anchor(c))}">']
     sub = f" (SpRAy on a uniform subsample of {c.sampled:,})" if c.sampled < c.rows else ""
     es = f", {c.error_share:.1%} of its images could not be explained" if c.error_share else ""
     out.append(f"<h2>{_e(c.title)} <span class=muted>· {_e(c.method)}</span></h2>")
@@ -232,9 +238,9 @@ def _class_section(c, images: dict, s: dict) -> str:
         for rid, m in zip(k.sample_ids, k.sample_maps if k.sample_maps is not None else [], strict=False):
             strip.append(_img(render.png_uri(render.overlay_image(images.get(rid), m, 72)), "sample", "px", str(rid)))
         out.append(
-            f'<div class="card{" flagged" if k.flagged else ""}" data-cluster="{k.cluster}">'
+            f'<div class="card{" flagged" if k.flagged else ""}" data-cluster="{_e(k.cluster)}">'
             f"<div>{_img(proto, 'prototype', 'px')}</div><div>"
-            f'<h3><span class=swatch style="background:{render.cluster_colour(k.cluster)}"></span>'
+            f'<h3><span class=swatch style="background:{_e(render.cluster_colour(k.cluster))}"></span>'
             f"cluster {k.cluster} · {k.size:,} heatmaps ({k.share:.0%})</h3>"
             + "".join(f"<div class=flag>⚑ {_e(r)}</div>" for r in k.flags)
             + f"<div class=stats>spread {k.spread:.3f} · most mass in the {_e(where[0])} ({where[1]:.0%})"
