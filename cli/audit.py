@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gradcam_batch.cli.options import parse_int_list
+from gradcam_batch.cli.options import BadInvocation, parse_int_list
 
 
 def _clusters(text: str) -> int | None:
@@ -53,11 +53,17 @@ def audit(out_dir, report_dir, classes_text, method, rows, clusters_text, max_pe
     """Audit a run's heatmaps: per-class summaries, SpRAy clusters, flags, and REPORT_DIR/index.html."""
     from pathlib import Path
 
-    from gradcam_batch.engine.audit import AuditConfig, AuditInputError, SprayParams, run_audit
+    from gradcam_batch.engine.audit import AuditConfig, AuditError, SprayParams, run_audit
 
     names = None
     if class_names:
-        names = tuple(line.strip() for line in Path(class_names).read_text().splitlines() if line.strip())
+        try:
+            text = Path(class_names).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadInvocation(f"--class-names {class_names}: not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise BadInvocation(f"--class-names {class_names}: {exc.strerror or exc}") from None
+        names = tuple(line.strip() for line in text.splitlines() if line.strip())
     classes = parse_int_list(classes_text, what="--classes")
     cfg = AuditConfig(
         out_dir=out_dir,
@@ -82,12 +88,16 @@ def audit(out_dir, report_dir, classes_text, method, rows, clusters_text, max_pe
     )
     try:
         result = run_audit(cfg)
-    except AuditInputError as exc:
-        raise click.ClickException(str(exc)) from None
+    except AuditError as exc:
+        raise BadInvocation(str(exc)) from None
     echo_findings(result)
 
 
 def echo_findings(result) -> None:
+    from gradcam_batch.engine.audit import partial_line
+
+    if result.summary["run"]["partial"]:
+        click.echo(partial_line(result.summary["run"]["partial"]))
     t = result.summary["totals"]
     click.echo(
         f"audited {t['audited_rows']:,} heatmaps in {t['classes']} classes: {t['clusters']} clusters, "

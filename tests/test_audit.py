@@ -206,7 +206,7 @@ def test_errors_and_bad_inputs(tmp_path):
     with pytest.raises(AuditInputError, match="no part"):
         audit(tmp_path, None)
     res = invoke(["audit", str(tmp_path), "-o", str(tmp_path / "r")])
-    assert res.exit_code == 1 and "holds no part-*.parquet" in res.output
+    assert res.exit_code == 2 and "holds no part-*.parquet" in res.output
 
 
 def test_cli(planted, tmp_path):

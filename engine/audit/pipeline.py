@@ -8,6 +8,7 @@ spread, metric means) -> ``_flag`` -> the files: ``clusters.parquet``, ``summary
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from threadpoolctl import threadpool_limits
 from gradcam_batch.engine.audit import flags as flag_rules
 from gradcam_batch.engine.audit.flags import FlagParams
 from gradcam_batch.engine.audit.reader import Grouper, RunOutput, Selection, gather, scan
+from gradcam_batch.engine.audit.report_files import UNFLAGGED, ReportFiles
+from gradcam_batch.engine.audit.run_output import row_groups
 from gradcam_batch.engine.audit.spray import SprayParams, spray
 
 FORMAT = "gradcam-batch-audit/1"
@@ -94,6 +97,7 @@ class ClassAudit:
     eigenvalues: np.ndarray
     view: str
     clusters: list[ClusterAudit]
+    nonfinite: int = 0  # rows skipped because their map holds a NaN or an Inf (not in ``rows``)
     embedding: np.ndarray | None = None  # (sampled, 2)
     labels: np.ndarray | None = None  # (sampled,)
     worst_ids: list = field(default_factory=list)
@@ -120,6 +124,7 @@ class ClassAudit:
             "method": self.method,
             "rows": self.rows,
             "errors": self.errors,
+            "nonfinite": self.nonfinite,
             "error_share": None if self.error_share is None else round(self.error_share, 4),
             "sampled": self.sampled,
             "subsampled": self.sampled < self.rows,
@@ -252,14 +257,14 @@ def _class_names(cfg: AuditConfig, run: RunOutput) -> dict[int, str]:
         return {}
     # A kept ``class_name`` column names the image's label: read it off rows whose class is the label.
     names: dict[int, str] = {}
-    for path in run.files:
-        t = pq.read_table(path, columns=["class_index", "label", "class_name"])
-        cls = t.column("class_index").fill_null(-1).to_numpy()
-        lab = t.column("label").fill_null(-2).to_numpy()
-        nm = t.column("class_name").to_pylist()
-        for i in np.flatnonzero(cls == lab):
-            if nm[i] is not None:
-                names.setdefault(int(cls[i]), str(nm[i]))
+    with contextlib.closing(row_groups(run.files, ["class_index", "label", "class_name"])) as batches:
+        for _, _, _, t in batches:
+            cls = t.column("class_index").fill_null(-1).to_numpy()
+            lab = t.column("label").fill_null(-2).to_numpy()
+            nm = t.column("class_name").to_pylist()
+            for i in np.flatnonzero(cls == lab):
+                if nm[i] is not None:
+                    names.setdefault(int(cls[i]), str(nm[i]))
     return names
 
 
@@ -281,33 +286,63 @@ def audit(out_dir: str | Path, report_dir: str | Path | None = None, **options) 
 
 def run_audit(cfg: AuditConfig) -> AuditResult:
     t0 = time.perf_counter()
-    run = RunOutput.open(cfg.out_dir)
+    run = RunOutput.open(cfg.out_dir, inputs=cfg.images)
     sel = Selection(rows=cfg.rows, classes=cfg.classes, method=cfg.method)
     grouper = Grouper(run, sel)
     sp = cfg.spray
     size = (min(sp.size, run.map_shape[0]), min(sp.size, run.map_shape[1]))
     stats = scan(run, grouper, max_per_group=cfg.max_per_class, seed=sp.seed)
+    grouper.check(stats)
     names = _class_names(cfg, run)
     report_dir = Path(cfg.report_dir) if cfg.report_dir else None
-    tmp_clusters = None
-    writer = None
-    if report_dir is not None:
-        report_dir.mkdir(parents=True, exist_ok=True)
-        tmp_clusters = report_dir / ".clusters.parquet.tmp"
+    with contextlib.nullcontext() if report_dir is None else ReportFiles(report_dir) as files:
+        result = _audit(cfg, run, grouper, stats, names, size, files)
+        if files is not None:
+            flagged = {(c.class_index, c.method, k.cluster) for c in result.classes for k in c.flagged}
+            files.finish_clusters(flagged, _cluster_schema(run))
+            images: dict = {}
+            if cfg.overlays:
+                from gradcam_batch.engine.audit.images import load_images
+
+                wanted = [i for c in result.classes for k in c.clusters for i in k.sample_ids]
+                wanted += [i for c in result.classes for i in c.worst_ids]
+                images, note = load_images(run.config, wanted, cfg.images)
+                if note:
+                    result.summary["notes"].append(note)
+            result.summary["seconds"] = round(time.perf_counter() - t0, 3)
+            files.tmp("summary.json").write_text(json.dumps(result.summary, indent=1) + "\n")
+            from gradcam_batch.engine.audit import report
+
+            report.write_report(files.tmp("index.html"), result, images)
+            files.publish()
+        else:
+            result.summary["seconds"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _cluster_schema(run: RunOutput) -> pa.Schema:
     id_type = run.schema.field("id").type if "id" in run.schema.names else pa.string()
-    schema = pa.schema([pa.field("id", id_type), *CLUSTER_SCHEMA])
+    return pa.schema([pa.field("id", id_type), *CLUSTER_SCHEMA])
+
+
+def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> AuditResult:
+    """SpRAy per group, the flags and the summary; with ``files``, each group's clusters go to a temporary file."""
+    sp = cfg.spray
+    schema = _cluster_schema(run)
     classes: list[ClassAudit] = []
+    writer = None
     try:
         for chunk in gather(run, grouper, stats, size=size, memory_mb=cfg.memory_mb):
             for g, gm in sorted(chunk.items()):
                 class_index, method = stats.keys[g]
                 with threadpool_limits(limits=cfg.threads):
                     res = spray(gm.maps, sp)
+                rows = int(stats.rows[g]) - gm.nonfinite
                 cls = ClassAudit(
                     class_index=class_index,
                     class_name=names.get(class_index),
                     method=method,
-                    rows=int(stats.rows[g]),
+                    rows=rows,
                     errors=int(stats.errors[g]),
                     sampled=len(gm.maps),
                     mean_heatmap=gm.mean,
@@ -318,6 +353,7 @@ def run_audit(cfg: AuditConfig) -> AuditResult:
                     eigenvalues=res.eigenvalues,
                     view=res.view,
                     clusters=[],
+                    nonfinite=gm.nonfinite,
                     embedding=res.embedding,
                     labels=res.labels,
                     worst_ids=gm.worst_ids,
@@ -326,14 +362,14 @@ def run_audit(cfg: AuditConfig) -> AuditResult:
                 )
                 _clusters(cls, gm.maps, gm.metrics, cfg.samples, gm.ids)
                 classes.append(cls)
-                if tmp_clusters is not None and len(gm.maps):
+                if files is not None and len(gm.maps):
                     if writer is None:
-                        writer = pq.ParquetWriter(tmp_clusters, schema, compression="zstd")
+                        writer = pq.ParquetWriter(files.tmp(UNFLAGGED), schema, compression="zstd")
                     n = len(gm.maps)
                     writer.write_table(
                         pa.table(
                             {
-                                "id": pa.array(gm.ids, id_type),
+                                "id": pa.array(gm.ids, schema.field("id").type),
                                 "class_index": pa.array(np.full(n, class_index), pa.int32()),
                                 "method": pa.array([method] * n, pa.string()),
                                 "cluster": pa.array(res.labels, pa.int32()),
@@ -358,6 +394,12 @@ def run_audit(cfg: AuditConfig) -> AuditResult:
             f"uniform subsample of {cfg.max_per_class:,} each (seed {sp.seed}); counts, means and metric means "
             "cover every row"
         )
+    nonfinite = sum(c.nonfinite for c in classes)
+    if nonfinite:
+        notes.append(
+            f"{nonfinite:,} map{'s' if nonfinite != 1 else ''} with NaN or Inf values were skipped: they are left out "
+            "of the counts, the mean heatmaps and the clusters (the metric means still include their rows)"
+        )
     summary = {
         "format": FORMAT,
         "run": {
@@ -371,6 +413,7 @@ def run_audit(cfg: AuditConfig) -> AuditResult:
             "map_column": run.map_column,
             "map_shape": list(run.map_shape),
             "metric_columns": list(run.metrics),
+            "partial": run.partial,
         },
         "selection": {
             "rows": grouper.rows,
@@ -384,6 +427,7 @@ def run_audit(cfg: AuditConfig) -> AuditResult:
             "classes": len(classes),
             "audited_rows": int(sum(c.rows for c in classes)),
             "sampled_rows": int(sum(c.sampled for c in classes)),
+            "nonfinite_maps": int(nonfinite),
             "clusters": int(sum(len(c.clusters) for c in classes)),
             "flagged_clusters": int(sum(len(c.flagged) for c in classes)),
             "flagged_classes": int(sum(1 for c in classes if c.flagged)),
@@ -391,47 +435,7 @@ def run_audit(cfg: AuditConfig) -> AuditResult:
         "notes": notes,
         "classes": [c.to_dict() for c in classes],
     }
-    result = AuditResult(classes=classes, summary=summary, report_dir=report_dir)
-    if report_dir is not None:
-        _finish_clusters(tmp_clusters, report_dir / "clusters.parquet", classes, schema)
-        images: dict = {}
-        if cfg.overlays:
-            from gradcam_batch.engine.audit.images import load_images
-
-            wanted = [i for c in classes for k in c.clusters for i in k.sample_ids]
-            wanted += [i for c in classes for i in c.worst_ids]
-            images, note = load_images(run.config, wanted, cfg.images)
-            if note:
-                notes.append(note)
-        summary["seconds"] = round(time.perf_counter() - t0, 3)
-        (report_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        from gradcam_batch.engine.audit.report import write_report
-
-        write_report(report_dir / "index.html", result, images)
-    else:
-        summary["seconds"] = round(time.perf_counter() - t0, 3)
-    return result
-
-
-def _finish_clusters(tmp: Path, path: Path, classes: list[ClassAudit], schema: pa.Schema) -> None:
-    """Copy the clusters written during the run into ``clusters.parquet``, with ``flagged`` filled in."""
-    flagged = {(c.class_index, c.method, k.cluster) for c in classes for k in c.flagged}
-    if not tmp.exists():
-        pq.write_table(schema.empty_table(), path)
-        return
-    with pq.ParquetWriter(path, schema, compression="zstd") as out:
-        pf = pq.ParquetFile(tmp)
-        for rg in range(pf.metadata.num_row_groups):
-            t = pf.read_row_group(rg)
-            keys = zip(
-                t.column("class_index").to_pylist(),
-                t.column("method").to_pylist(),
-                t.column("cluster").to_pylist(),
-                strict=True,
-            )
-            t = t.set_column(t.schema.get_field_index("flagged"), "flagged", pa.array([k in flagged for k in keys]))
-            out.write_table(t)
-    tmp.unlink()
+    return AuditResult(classes=classes, summary=summary, report_dir=None if files is None else files.dir)
 
 
 __all__ = ["AuditConfig", "AuditResult", "ClassAudit", "ClusterAudit", "audit", "run_audit"]

@@ -12,30 +12,25 @@
    fit ``memory_mb``, the groups are split into chunks and the map column is read once per chunk.
 
 Memory is the row-group batch plus the picked small maps, whatever the number of rows.
+
+A map with a NaN or an Inf (which a run never writes as ``ok``, but a damaged or foreign output
+can hold) is skipped in pass 2 and counted per group.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-# Metric columns of the run (the metrics issue's names); each is used when present.
-FLOAT_METRICS = ("deletion_auc", "insertion_auc", "confidence_drop", "box_energy", "box_iou")
-BOOL_METRICS = ("confidence_increase", "pointing_hit")
-METRICS = FLOAT_METRICS + BOOL_METRICS
-BOX_METRICS = ("pointing_hit", "box_energy", "box_iou")
+from gradcam_batch.engine.audit.run_output import BOX_METRICS, METRICS, AuditInputError, RunOutput, row_groups
+
 SELECTIONS = ("auto", "label", "top1", "all")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
-
-
-class AuditInputError(ValueError):
-    """The output directory cannot be audited as asked (no run, no maps, an unknown method)."""
 
 
 def row_keys(positions: np.ndarray, seed: int) -> np.ndarray:
@@ -65,63 +60,6 @@ def resample_matrix(n_in: int, n_out: int) -> np.ndarray:
     m[np.arange(n_out), lo] += 1 - frac
     m[np.arange(n_out), hi] += frac
     return m
-
-
-@dataclass
-class RunOutput:
-    """What the audit needs to know about a run's output directory."""
-
-    out_dir: Path
-    files: list[Path]
-    schema: pa.Schema
-    config: dict  # the run's resolved config from its manifest ({} when there is none)
-    totals: dict
-    map_column: str  # "heatmap", or "cam" where the run stored no heatmap
-    map_shape: tuple[int, int]
-    has_label: bool
-    has_method: bool
-    metrics: tuple[str, ...]  # the metric columns this run has
-
-    @classmethod
-    def open(cls, out_dir: str | Path) -> RunOutput:
-        from gradcam_batch.engine.job.sink import Manifest
-
-        out = Path(out_dir)
-        if not out.is_dir():
-            raise AuditInputError(f"{out} is not a directory")
-        try:
-            manifest = Manifest.load(out)
-        except ValueError as exc:
-            raise AuditInputError(str(exc)) from None
-        if manifest is not None:
-            files = [out / f["name"] for f in manifest.files]
-            config, totals = manifest.data.get("config", {}), manifest.data.get("totals", {})
-        else:  # part files without a manifest (copied elsewhere, or written by another tool)
-            files, config, totals = sorted(out.glob("part-*.parquet")), {}, {}
-        files = [f for f in files if f.exists()]
-        if not files:
-            raise AuditInputError(f"{out} holds no part-*.parquet files of a gradcam-batch run")
-        schema = pq.read_schema(files[0])
-        names = set(schema.names)
-        missing = {"class_index", "status"} - names
-        if missing:
-            raise AuditInputError(f"{files[0].name} lacks the column(s) {sorted(missing)}: not a gradcam-batch output")
-        map_column = "heatmap" if "heatmap" in names else "cam"
-        if map_column not in names:
-            raise AuditInputError(f"{files[0].name} has neither a heatmap nor a cam column")
-        shape = tuple(int(s) for s in schema.field(map_column).type.shape)
-        return cls(
-            out_dir=out,
-            files=files,
-            schema=schema,
-            config=config,
-            totals=totals,
-            map_column=map_column,
-            map_shape=shape,  # type: ignore[arg-type]
-            has_label="label" in names,
-            has_method="method" in names,
-            metrics=tuple(m for m in METRICS if m in names),
-        )
 
 
 @dataclass(frozen=True)
@@ -155,6 +93,7 @@ class GroupStats:
     worst_metric: str | None
     errors_total: int
     rows_total: int
+    methods: tuple[str, ...] = ()  # the run's methods (from its manifest, else those its rows name)
 
     def metric_means(self, g: int) -> dict[str, float | None]:
         return {
@@ -202,19 +141,6 @@ class _BottomK:
         return out
 
 
-def _batches(files: Sequence[Path], columns: list[str], skip: set[tuple[int, int]] = frozenset()) -> Iterator:
-    """(file index, row group index, first global row position, record batch) for every row group."""
-    base = 0
-    for fi, path in enumerate(files):
-        pf = pq.ParquetFile(path)
-        for rg in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(rg).num_rows
-            if (fi, rg) not in skip:
-                table = pf.read_row_group(rg, columns=columns)
-                yield fi, rg, base, table
-            base += n
-
-
 class Grouper:
     """Maps the rows of a batch to audited groups (-1: not audited)."""
 
@@ -223,9 +149,8 @@ class Grouper:
         self.rows = sel.resolved_rows(run)
         self.classes = None if sel.classes is None else np.asarray(sorted(set(sel.classes)), np.int64)
         self.method = sel.method
-        self.default_method = str(run.config.get("method") or "gradcam")
-        if sel.method is not None and not run.has_method and sel.method != self.default_method:
-            raise AuditInputError(f"the run explained with method {self.default_method!r}, not {sel.method!r}")
+        # A one-method run has no method column: its rows are keyed by the manifest's method.
+        self.single_method = None if run.has_method else run.methods[0]
         self.index: dict[tuple[int, str], int] = {}
 
     @property
@@ -236,9 +161,25 @@ class Grouper:
         return cols
 
     def methods(self, t: pa.Table) -> np.ndarray:
+        """Each row's method ("" for an error row, which has none)."""
         if self.run.has_method:
-            return np.asarray(t.column("method").fill_null(self.default_method).to_numpy(zero_copy_only=False), object)
-        return np.full(t.num_rows, self.default_method, object)
+            return np.asarray(t.column("method").fill_null("").to_numpy(zero_copy_only=False), object)
+        return np.full(t.num_rows, self.single_method, object)
+
+    def check(self, stats: GroupStats) -> None:
+        """A ``--method`` or ``--classes`` that the run lacks is an error, not an audit of nothing."""
+        if self.method is not None and self.method not in stats.methods:
+            raise AuditInputError(
+                f"the run has no heatmaps of method {self.method!r}; its methods: {', '.join(stats.methods) or 'none'}"
+            )
+        if self.classes is not None:
+            missing = sorted(set(self.classes.tolist()) - {c for c, _ in stats.keys})
+            if missing:
+                what = {"label": "its label's heatmap", "top1": "its top-1 heatmap", "all": "every heatmap"}[self.rows]
+                raise AuditInputError(
+                    f"the run has no heatmaps of class {', '.join(map(str, missing))} among those audited "
+                    f"(--rows {self.rows}: {what} of each image)"
+                )
 
     def audited(self, t: pa.Table) -> np.ndarray:
         """Bool mask of the rows the audit looks at."""
@@ -292,49 +233,56 @@ def scan(run: RunOutput, grouper: Grouper, *, max_per_group: int, seed: int, wor
     mn = {m: np.zeros(0, np.int64) for m in metrics}
     picker, worst = _BottomK(max_per_group), _BottomK(worst_n)
     errors_total = rows_total = 0
-    for _, _, base, t in _batches(run.files, columns):
-        rows_total += t.num_rows
-        g = grouper.groups(t, add=True)
-        n_groups = len(grouper.index)
-        rows, errors, prob = _grow(rows, n_groups), _grow(errors, n_groups), _grow(prob, n_groups)
-        is_err = pc.equal(t.column("status"), "error").to_numpy(zero_copy_only=False)
-        errors_total += int(is_err.sum())
-        if is_err.any() and run.has_label and grouper.rows == "label":
-            # An error row has no class; with labels it counts against its label's class.
-            lab = t.column("label").fill_null(-1).to_numpy().astype(np.int64)
-            for c in lab[is_err]:
-                key = (int(c), grouper.method or grouper.default_method)
-                if key in grouper.index:
-                    errors[grouper.index[key]] += 1
-                elif c >= 0 and (grouper.classes is None or c in grouper.classes):
-                    grouper.index[key] = len(grouper.index)
-                    rows, errors, prob = (_grow(a, len(grouper.index)) for a in (rows, errors, prob))
-                    errors[grouper.index[key]] += 1
-        sel = g >= 0
-        if not sel.any():
-            continue
-        gs = g[sel]
-        n_groups = len(grouper.index)
-        rows[:n_groups] += np.bincount(gs, minlength=n_groups)
-        if "probability" in t.column_names:
-            p = t.column("probability").fill_null(0).to_numpy()[sel].astype(np.float64)
-            prob[:n_groups] += np.bincount(gs, p, minlength=n_groups)
-        for m in metrics:
-            col = t.column(m)
-            valid = col.is_valid().to_numpy(zero_copy_only=False)[sel]
-            if pa.types.is_boolean(col.type):  # pointing_hit, confidence_increase: shares of True
-                col = pc.cast(col, pa.float64())
-            vals = col.fill_null(0).to_numpy(zero_copy_only=False)[sel].astype(np.float64)
-            msum[m] = _grow(msum[m], n_groups)
-            mn[m] = _grow(mn[m], n_groups)
-            msum[m][:n_groups] += np.bincount(gs, np.where(valid, vals, 0.0), minlength=n_groups)
-            mn[m][:n_groups] += np.bincount(gs, valid.astype(np.float64), minlength=n_groups).astype(np.int64)
-            if m == worst_metric:
-                pos = base + np.flatnonzero(sel)[valid]
-                worst.add(gs[valid], vals[valid], pos)
-        pos = base + np.flatnonzero(sel)
-        picker.add(gs, row_keys(pos, seed), pos)
+    label_errors: dict[int, int] = {}
+    seen_methods: dict[str, None] = {}
+    with contextlib.closing(row_groups(run.files, columns)) as batches:
+        for _, _, base, t in batches:
+            rows_total += t.num_rows
+            g = grouper.groups(t, add=True)
+            n_groups = len(grouper.index)
+            rows, prob = _grow(rows, n_groups), _grow(prob, n_groups)
+            is_err = pc.equal(t.column("status"), "error").to_numpy(zero_copy_only=False)
+            errors_total += int(is_err.sum())
+            if is_err.any() and run.has_label and grouper.rows == "label":
+                # An error row has no class; with labels it counts against its label's class.
+                for c in t.column("label").fill_null(-1).to_numpy()[is_err].astype(np.int64).tolist():
+                    label_errors[c] = label_errors.get(c, 0) + 1
+            if run.has_method:
+                seen_methods.update(dict.fromkeys(m for m in pc.unique(t.column("method")).to_pylist() if m))
+            sel = g >= 0
+            if not sel.any():
+                continue
+            gs = g[sel]
+            rows[:n_groups] += np.bincount(gs, minlength=n_groups)
+            if "probability" in t.column_names:
+                p = t.column("probability").fill_null(0).to_numpy()[sel].astype(np.float64)
+                prob[:n_groups] += np.bincount(gs, p, minlength=n_groups)
+            for m in metrics:
+                col = t.column(m)
+                valid = col.is_valid().to_numpy(zero_copy_only=False)[sel]
+                if pa.types.is_boolean(col.type):  # pointing_hit, confidence_increase: shares of True
+                    col = pc.cast(col, pa.float64())
+                vals = col.fill_null(0).to_numpy(zero_copy_only=False)[sel].astype(np.float64)
+                msum[m] = _grow(msum[m], n_groups)
+                mn[m] = _grow(mn[m], n_groups)
+                msum[m][:n_groups] += np.bincount(gs, np.where(valid, vals, 0.0), minlength=n_groups)
+                mn[m][:n_groups] += np.bincount(gs, valid.astype(np.float64), minlength=n_groups).astype(np.int64)
+                if m == worst_metric:
+                    pos = base + np.flatnonzero(sel)[valid]
+                    worst.add(gs[valid], vals[valid], pos)
+            pos = base + np.flatnonzero(sel)
+            picker.add(gs, row_keys(pos, seed), pos)
+    methods = run.methods or tuple(seen_methods)
+    # An error row has no method either: it counts against the group of its label for every audited method.
+    audited_methods = methods if grouper.method is None else [m for m in methods if m == grouper.method]
+    for c, n in sorted(label_errors.items()):
+        if c >= 0 and (grouper.classes is None or c in grouper.classes):
+            for m in audited_methods:
+                g = grouper.index.setdefault((c, m), len(grouper.index))
+                errors = _grow(errors, g + 1)
+                errors[g] += n
     n_groups = len(grouper.index)
+    rows, errors, prob = _grow(rows, n_groups), _grow(errors, n_groups), _grow(prob, n_groups)
     return GroupStats(
         keys=list(grouper.index),
         rows=rows[:n_groups],
@@ -347,6 +295,7 @@ def scan(run: RunOutput, grouper: Grouper, *, max_per_group: int, seed: int, wor
         worst_metric=worst_metric,
         errors_total=errors_total,
         rows_total=rows_total,
+        methods=methods,
     )
 
 
@@ -357,25 +306,32 @@ class GroupMaps:
     maps: np.ndarray  # (n, s, s) float32 in [0, 1]: the picked rows, in row order
     ids: list  # the picked rows' ids
     positions: np.ndarray  # the picked rows' global positions
-    mean: np.ndarray  # (s, s) float64: the mean map over all audited rows of the group
+    mean: np.ndarray  # (s, s) float64: the mean map over all audited rows of the group with finite maps
+    nonfinite: int = 0  # the group's rows whose map holds a NaN or an Inf: skipped
     metrics: dict[str, np.ndarray] = field(default_factory=dict)  # the picked rows' metric values (NaN: null)
     worst_ids: list = field(default_factory=list)
     worst_maps: np.ndarray | None = None  # (w, H, W) uint8 at the stored resolution
     worst_values: list = field(default_factory=list)  # the worst rows' values of ``GroupStats.worst_metric``
 
 
-def _maps_of(t: pa.Table, column: str, shape: tuple[int, int], rows: np.ndarray) -> np.ndarray:
-    """The selected rows' maps as float32 in [0, 1]; a cam is min-max normalized like a heatmap."""
+def _maps_of(t: pa.Table, column: str, shape: tuple[int, int], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The selected rows' maps as float32 in [0, 1], and which are finite (the others are zeros here).
+
+    A cam is min-max normalized like a heatmap.
+    """
     col = t.column(column).take(pa.array(rows, pa.int64())).combine_chunks()
     storage = col.storage if isinstance(col, pa.ExtensionArray) else col
     flat = storage.flatten().to_numpy(zero_copy_only=False)
     maps = flat.reshape(len(rows), *shape).astype(np.float32)
     if column == "heatmap" and storage.type.value_type == pa.uint8():
-        return maps / 255.0
+        return maps / 255.0, np.ones(len(rows), bool)
+    finite = np.isfinite(maps).all(axis=(1, 2))
+    maps[~finite] = 0.0
     lo = maps.min(axis=(1, 2), keepdims=True)
     hi = maps.max(axis=(1, 2), keepdims=True)
     rng = hi - lo
-    return np.where(rng > 1e-5 * np.maximum(hi, 1e-30), (maps - lo) / np.where(rng > 0, rng, 1), 0.0).astype(np.float32)
+    maps = np.where(rng > 1e-5 * np.maximum(hi, 1e-30), (maps - lo) / np.where(rng > 0, rng, 1), 0.0)
+    return maps.astype(np.float32), finite
 
 
 def gather(
@@ -401,7 +357,8 @@ def gather(
         chunks[-1].append(g)
         used += n
     means = np.zeros((len(stats.keys), *size), np.float64)
-    row_starts = _row_group_starts(run.files)
+    nonfinite = np.zeros(len(stats.keys), np.int64)
+    row_starts = _row_group_starts(run.row_groups)
     for ci, chunk in enumerate(chunks):
         in_chunk = np.zeros(len(stats.keys), bool)
         in_chunk[chunk] = True
@@ -419,41 +376,49 @@ def gather(
         worst_sets = {g: set(stats.worst[g].tolist()) for g in chunk}
         picked_sets = {g: set(stats.picked[g].tolist()) for g in chunk}
         columns = [*grouper.columns, "id", run.map_column, *run.metrics]
-        for _, _, base, t in _batches(run.files, columns, skip):
-            g = grouper.groups(t, add=False)
-            rows = np.flatnonzero(g >= 0) if ci == 0 else np.flatnonzero((g >= 0) & in_chunk[np.maximum(g, 0)])
-            if not len(rows):
-                continue
-            # Resampled in slices, so the float32 copy of full-size maps stays small.
-            step = max(1, (16 << 20) // (h * w * 4))
-            small = np.concatenate(
-                [mh @ _maps_of(t, run.map_column, (h, w), rows[a : a + step]) @ mw.T for a in range(0, len(rows), step)]
-            )
-            gr = g[rows]
-            if ci == 0:
-                np.add.at(means, gr, small)
-            pos = base + rows
-            ids = t.column("id").take(pa.array(rows, pa.int64())).to_pylist()
-            mvals = np.stack(
-                [
-                    t.column(m).take(pa.array(rows, pa.int64())).cast(pa.float64()).fill_null(np.nan).to_numpy()
-                    for m in run.metrics
-                ]
-                or [np.zeros(len(rows))],
-                axis=1,
-            )
-            for i, (gi, p) in enumerate(zip(gr.tolist(), pos.tolist(), strict=True)):
-                if gi not in found:
+        with contextlib.closing(row_groups(run.files, columns, skip)) as batches:
+            for _, _, base, t in batches:
+                g = grouper.groups(t, add=False)
+                rows = np.flatnonzero(g >= 0) if ci == 0 else np.flatnonzero((g >= 0) & in_chunk[np.maximum(g, 0)])
+                if not len(rows):
                     continue
-                if p in picked_sets[gi]:
-                    found[gi][0].append(small[i])
-                    found[gi][1].append(ids[i])
-                    found[gi][2].append(p)
-                    found[gi][3].append(mvals[i])
-                if p in worst_sets[gi]:
-                    raw = _maps_of(t, run.map_column, (h, w), np.asarray([rows[i]]))[0]
-                    value = float(mvals[i][run.metrics.index(stats.worst_metric)])
-                    worst_found[gi][p] = (ids[i], np.round(raw * 255).astype(np.uint8), value)
+                # Resampled in slices, so the float32 copy of full-size maps stays small.
+                step = max(1, (16 << 20) // (h * w * 4))
+                small, finite = [], []
+                for a in range(0, len(rows), step):
+                    maps, ok = _maps_of(t, run.map_column, (h, w), rows[a : a + step])
+                    small.append(mh @ maps @ mw.T)
+                    finite.append(ok)
+                small, finite = np.concatenate(small), np.concatenate(finite)
+                if not finite.all():
+                    if ci == 0:
+                        np.add.at(nonfinite, g[rows[~finite]], 1)
+                    rows, small = rows[finite], small[finite]
+                gr = g[rows]
+                if ci == 0:
+                    np.add.at(means, gr, small)
+                pos = base + rows
+                ids = t.column("id").take(pa.array(rows, pa.int64())).to_pylist()
+                mvals = np.stack(
+                    [
+                        t.column(m).take(pa.array(rows, pa.int64())).cast(pa.float64()).fill_null(np.nan).to_numpy()
+                        for m in run.metrics
+                    ]
+                    or [np.zeros(len(rows))],
+                    axis=1,
+                )
+                for i, (gi, p) in enumerate(zip(gr.tolist(), pos.tolist(), strict=True)):
+                    if gi not in found:
+                        continue
+                    if p in picked_sets[gi]:
+                        found[gi][0].append(small[i])
+                        found[gi][1].append(ids[i])
+                        found[gi][2].append(p)
+                        found[gi][3].append(mvals[i])
+                    if p in worst_sets[gi]:
+                        raw = _maps_of(t, run.map_column, (h, w), np.asarray([rows[i]]))[0][0]
+                        value = float(mvals[i][run.metrics.index(stats.worst_metric)])
+                        worst_found[gi][p] = (ids[i], np.round(raw * 255).astype(np.uint8), value)
         out = {}
         for g in chunk:
             maps, ids, pos, mv = found[g]
@@ -463,7 +428,8 @@ def gather(
                 maps=np.stack(maps).astype(np.float32) if maps else np.zeros((0, *size), np.float32),
                 ids=ids,
                 positions=np.asarray(pos, np.int64),
-                mean=means[g] / max(int(stats.rows[g]), 1),
+                mean=means[g] / max(int(stats.rows[g] - nonfinite[g]), 1),
+                nonfinite=int(nonfinite[g]),
                 metrics={m: mv_arr[:, j] for j, m in enumerate(run.metrics)},
                 worst_ids=[worst_found[g][p][0] for p in order],
                 worst_maps=np.stack([worst_found[g][p][1] for p in order]) if order else None,
@@ -472,12 +438,10 @@ def gather(
         yield out
 
 
-def _row_group_starts(files: Sequence[Path]) -> dict[tuple[int, int], tuple[int, int]]:
+def _row_group_starts(row_groups: Sequence[tuple[int, ...]]) -> dict[tuple[int, int], tuple[int, int]]:
     out, base = {}, 0
-    for fi, path in enumerate(files):
-        meta = pq.ParquetFile(path).metadata
-        for rg in range(meta.num_row_groups):
-            n = meta.row_group(rg).num_rows
+    for fi, sizes in enumerate(row_groups):
+        for rg, n in enumerate(sizes):
             out[(fi, rg)] = (base, base + n)
             base += n
     return out

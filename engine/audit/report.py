@@ -3,7 +3,7 @@
 Every value from the run (ids, methods, class names, paths, the model) is escaped, in text and in
 attributes alike: a run directory may come from someone else.
 
-Top to bottom: the findings (every flagged cluster, its prototype
+Top to bottom: a banner when the run is partial, the findings (every flagged cluster, its prototype
 and the reason in words), the colormap legend, a sortable per-class table with flagged classes
 first, then one section per class: its mean heatmap, the 2-D view coloured by cluster, the
 eigenvalues with the chosen gap, and a card per cluster (flagged first) with its prototype and a
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gradcam_batch.engine.audit import flags as flag_rules
 from gradcam_batch.engine.audit import render
+from gradcam_batch.engine.audit.run_output import partial_line
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d1d1f;background:#f6f6f8}
@@ -25,6 +26,7 @@ h1{font-size:24px;margin:8px 0 4px}h2{font-size:19px;margin:0 0 6px}h3{font-size
 .sub{color:#555;margin:0 0 14px}.muted{color:#666}
 .box{background:#fff;border:1px solid #ddd;border-radius:8px;padding:14px 16px;margin:14px 0}
 .findings{border-left:6px solid #D55E00}.findings.none{border-left-color:#009E73}
+.partial{border-left:6px solid #E69F00;background:#fff8e6}
 .finding{display:flex;gap:14px;align-items:center;padding:8px 0;border-top:1px solid #eee}
 .finding:first-of-type{border-top:0}
 .flag{color:#a33b00;font-weight:600}
@@ -115,6 +117,8 @@ def write_report(path: Path, result, images: dict) -> None:
         "all": "every explained class of each image",
     }[sel["rows"]]
     parts.append("<h1>Grad-CAM audit</h1>")
+    if run.get("partial"):
+        parts.append(f'<div class="box partial" id=partial><b>{_e(partial_line(run["partial"]))}</b></div>')
     parts.append(
         f'<p class=sub>Run <code title="{_e(run["out_dir"])}">{_e(Path(run["out_dir"]).name)}</code> · '
         f"model <code>{_e(run.get('model') or '–')}</code> · "

@@ -1,0 +1,100 @@
+"""The report directory's files, written all or nothing.
+
+``clusters.parquet``, ``summary.json`` and ``index.html`` are written under temporary names and
+renamed into place together at the end. An audit that stops on the way (bad input, a read-only
+file system, an interrupt) leaves the directory as it found it: an earlier report stays whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gradcam_batch.engine.audit.run_output import AuditOutputError
+
+UNFLAGGED = "clusters-unflagged.parquet"  # the clusters as SpRAy gives them, before the flags are known
+
+
+class ReportFiles:
+    """A context for writing a report into ``report_dir``: ``tmp(name)`` to write, ``publish()`` at the end.
+
+    On an exception the temporary files go, and so do the directories made here. An ``OSError``
+    (the directory cannot be made or written) becomes one ``AuditOutputError`` line.
+    """
+
+    NAMES = ("clusters.parquet", "summary.json", "index.html")
+
+    def __init__(self, report_dir: Path):
+        self.dir = Path(report_dir)
+        self.created: list[Path] = []  # the directories made here, deepest first
+
+    def tmp(self, name: str) -> Path:
+        return self.dir / f".{name}.tmp"
+
+    def __enter__(self) -> ReportFiles:
+        missing, p = [], self.dir
+        while not p.exists() and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        self.created = missing
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self._cleanup()
+            raise self._error(exc) from None
+        return self
+
+    def publish(self) -> None:
+        for name in self.NAMES:
+            os.replace(self.tmp(name), self.dir / name)
+
+    def __exit__(self, typ, exc, tb) -> None:
+        if exc is None:
+            return
+        self._cleanup()
+        if isinstance(exc, OSError):
+            raise self._error(exc) from None
+
+    def _cleanup(self) -> None:
+        for name in (*self.NAMES, UNFLAGGED):
+            with contextlib.suppress(OSError):
+                self.tmp(name).unlink(missing_ok=True)
+        for d in self.created:
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                continue  # mkdir stopped above it
+            except OSError:
+                break  # not empty: someone else's now
+
+    def _error(self, exc: OSError) -> AuditOutputError:
+        return AuditOutputError(f"cannot write the report into {self.dir}: {exc.strerror or exc}")
+
+    def finish_clusters(self, flagged: set[tuple[int, str, int]], schema: pa.Schema) -> None:
+        """Copy the clusters written during the audit into ``clusters.parquet``, ``flagged`` filled in.
+
+        ``flagged`` holds the flagged clusters' (class_index, method, cluster).
+        """
+        tmp, path = self.tmp(UNFLAGGED), self.tmp("clusters.parquet")
+        if not tmp.exists():
+            pq.write_table(schema.empty_table(), path)
+            return
+        with pq.ParquetWriter(path, schema, compression="zstd") as out, pq.ParquetFile(tmp) as pf:
+            for rg in range(pf.metadata.num_row_groups):
+                t = pf.read_row_group(rg)
+                keys = zip(
+                    t.column("class_index").to_pylist(),
+                    t.column("method").to_pylist(),
+                    t.column("cluster").to_pylist(),
+                    strict=True,
+                )
+                flags = pa.array([k in flagged for k in keys])
+                out.write_table(t.set_column(t.schema.get_field_index("flagged"), "flagged", flags))
+        tmp.unlink()
+
+
+__all__ = ["UNFLAGGED", "ReportFiles"]
