@@ -37,7 +37,7 @@ from gradcam_batch.engine.explain.compiled import (
     check_precision,
     prepare_input,
 )
-from gradcam_batch.engine.explain.layers import TargetLayerError, default_reshape, detect_target_layer, layer_name_of
+from gradcam_batch.engine.explain.layers import TargetLayerError, layer_name_of
 from gradcam_batch.engine.explain.methods import (
     DEFAULT_SCORECAM_BATCH,
     METHODS,
@@ -48,7 +48,8 @@ from gradcam_batch.engine.explain.methods import (
     scorecam_weights,
 )
 from gradcam_batch.engine.explain.split import LinearHead, SplitError, SplitModel, analyze_head, split_at
-from gradcam_batch.engine.explain.tokens import RESHAPES, detect_token_layer, map_to_tokens, parse_grid, tokens_to_map
+from gradcam_batch.engine.explain.tokens import RESHAPES, map_to_tokens, parse_grid, tokens_to_map
+from gradcam_batch.engine.explain.trunk import last_feature_map, layer_reshape, notice
 from gradcam_batch.engine.explain.vjp import AutoVjp
 from gradcam_batch.kernels import DEFAULT_EPS, fused_cam
 from gradcam_batch.kernels.reference import quantize
@@ -239,8 +240,8 @@ class Explainer:
         self.compile = bool(compile)
         self.compile_mode = check_compile_mode(compile_mode)
         self.precision = check_precision(precision)
-        if reshape is None:  # timm and Transformers ViT-family models: the token reshape
-            reshape = default_reshape(model)
+        # None: decided at set-up from the target layer's output (engine/explain/trunk.py): "tokens" for a
+        # (B, N, D) or (B, H, W, C) layer, the plain 4-D path otherwise.
         if reshape not in RESHAPES:
             raise ValueError(f"unknown reshape {reshape!r}; expected None or 'tokens'")
         self.reshape = reshape
@@ -272,10 +273,15 @@ class Explainer:
             self.target_layer = self.model.resolve_target_layer(self.target_layer, images[:1])
             self._prepared = True
             return
-        if self.target_layer is None and self.reshape == "tokens":
-            self.target_layer = detect_token_layer(self.model, images[:1], self._score_fn, self.token_grid)
-        elif self.target_layer is None:
-            self.target_layer = detect_target_layer(self.model, images[:1], self._score_fn)
+        if self.target_layer is None:
+            found = last_feature_map(
+                self.model, images[:1], self._score_fn, reshape=self.reshape, token_grid=self.token_grid
+            )
+            self.target_layer, self.reshape = found.layer, found.reshape
+            if found.note:
+                notice(self.model, found.note)
+        elif self.reshape is None:
+            self.reshape = layer_reshape(self.model, self.target_layer, images[:1])
         try:
             self._split = split_at(self.model, self.target_layer)
         except SplitError as exc:
@@ -683,7 +689,8 @@ def explain(
         model: a classifier (any ``nn.Module``); left exactly as it was.
         images: (B, 3, H, W) float tensor on the model's device, already normalized.
         target_layer: a module name from ``model.named_modules()``, the module itself, or None to
-            pick the last 4-D spatial map that the scores depend on.
+            pick the trunk's last feature map: the map, or the tokens, that the network pools or reads a
+            class token from into the classifier (engine/explain/trunk.py).
         classes: None for the ``top_k`` highest scores per image, a (B, C) LongTensor of class
             indices per image, or a (C,) LongTensor of classes for every image.
         method: a name, or a sequence of names (the result is then ``{name: Explanation}``, all from
@@ -695,7 +702,8 @@ def explain(
         output_size: (H, W) of the heatmaps; default the input's size.
         normalize: min-max normalize each heatmap to [0, 1]; a constant map becomes 0.
         out_dtype: heatmap dtype: float32 (default), float16 or uint8 (round(255 * x)).
-        reshape: ``"tokens"`` for a transformer target layer with (B, N, D) output (see engine/explain/tokens.py).
+        reshape: ``"tokens"`` for a transformer target layer with (B, N, D) output (see engine/explain/tokens.py);
+            None decides from the target layer's output.
         precision: the backbone's autocast dtype: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``.
         guided: also Guided Grad-CAM (``Explanation.guided``): a backward through the whole model.
         scorecam_batch: Score-CAM's masked images per forward.
