@@ -150,6 +150,22 @@ def test_segmentation_models_take_the_backbones_last_map(name):
     assert captured["layer"] is handed
 
 
+def test_segformer_takes_its_last_stage():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.SegformerConfig(
+        depths=[1, 1, 1, 1],
+        hidden_sizes=[8, 16, 24, 32],
+        num_attention_heads=[1, 1, 1, 1],
+        decoder_hidden_size=32,
+        num_labels=4,
+    )
+    model = transformers.SegformerForSemanticSegmentation(config).eval()
+    found = last_feature_map(model, _images(64))  # the logits of a ModelOutput, (B, 4, 16, 16)
+    assert found.readout == "decoder" and found.layer.startswith("segformer.")  # the encoder, not decode_head
+    assert found.shape in ((1, 32, 2, 2), (1, 4, 32))  # the last stage: 32 channels at 1/32 of 64 px
+
+
 def test_a_dense_model_in_one_container_keeps_the_frontier():
     """When the top-level module's input is the image, there is no decoder to step out of."""
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
