@@ -55,15 +55,16 @@ def layers(
 ) -> None:
     """List candidate target layers (name, type, output shape); '*' marks the auto-detected one.
 
-    A candidate outputs a 4-D (B, K, h, w) map with h*w > 1 that the scores depend on; for token
-    models, (B, N, D) tokens whose patch tokens the scores depend on. For ONNX models the names are
-    tensor names, to pass as --target-layer. The first line is the preprocessing `run` uses for this
-    model when no --resize, --crop, --mean, --std or --interpolation is given.
+    A candidate is a feature map whose positions the scores depend on: a 4-D (B, K, h, w) map with
+    h*w > 1, or (B, N, D) tokens (on their patch tokens). The marked one is the trunk's last feature
+    map. For ONNX models the names are tensor names, to pass as --target-layer. The first line is the
+    preprocessing `run` uses for this model when no --resize, --crop, --mean, --std or --interpolation
+    is given.
     """
     import torch
 
     from gradcam_batch.engine.explain.explainer import default_score_fn, eval_mode
-    from gradcam_batch.engine.explain.layers import default_reshape, probe_layers
+    from gradcam_batch.engine.explain.layers import probe_layers
     from gradcam_batch.engine.models.loader import load_model, model_preprocessing
 
     size = _parse_size(input_size) if input_size is not None else None
@@ -89,7 +90,6 @@ def layers(
     sample = torch.zeros(1, 3, h, w)
     try:
         if isinstance(model, torch.nn.Module):
-            reshape = reshape or default_reshape(model)
             with eval_mode(model):
                 infos = probe_layers(model, sample, default_score_fn, reshape=reshape)
         else:
@@ -113,7 +113,8 @@ def layers(
     if chosen is None:
         click.echo("auto-detection found no layer: pass --target-layer")
     else:
-        click.echo(f"auto-detected: {chosen}" + (" (reshape: tokens)" if reshape == "tokens" else ""))
+        tokens = next(i.layout for i in infos if i.chosen) in ("tokens", "grid")
+        click.echo(f"auto-detected: {chosen}" + (" (reshape: tokens)" if tokens else ""))
 
 
 __all__ = ["layers"]

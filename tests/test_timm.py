@@ -134,9 +134,11 @@ def test_swin_channels_last_grid():
         img_size=64, window_size=2, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), num_classes=5
     ).eval()
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
-    exp = Explainer(model)(images, top_k=2)
+    explainer = Explainer(model)
+    assert explainer.reshape is None  # decided at set-up, from the graph
+    exp = explainer(images, top_k=2)
     assert exp.target_layer == "norm" and exp.cams.shape == (2, 2, 2, 2)
-    assert Explainer(model).reshape == "tokens"
+    assert explainer.reshape == "tokens"
     ref = _hand_tokens(model, "norm", images, exp.classes, n_extra=0, channels_last=True)
     assert ref.abs().max() > 0
     torch.testing.assert_close(exp.cams / ref.abs().max(), ref / ref.abs().max(), atol=1e-4, rtol=0)
