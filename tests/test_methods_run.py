@@ -7,7 +7,12 @@ import json
 
 import numpy as np
 import pyarrow as pa
-from run_support import base_args, bytes_table, invoke, png_bytes, read_output, shapes, write_table
+import pytest
+import torch
+from run_support import base_args, bytes_table, invoke, model_file, png_bytes, read_output, shapes, write_table
+
+from gradcam_batch.engine.explain.explainer import explain
+from gradcam_batch.engine.job.source import IMAGENET_MEAN, IMAGENET_STD
 
 METHODS = "gradcam,gradcam++,layercam,eigencam"
 
@@ -58,6 +63,7 @@ def test_label_slot_and_guided_column_with_several_methods(tmp_path):
     assert res.exit_code == 0, res.output
     t = read_output(out)
     assert tuple(t.schema.field("guided").type.shape) == (3, 32, 32)
+    levels = set()
     for i in range(n):
         rows = [r for r in t.to_pylist() if r["id"] == f"l.parquet:{i}"]
         per_method = {m: [r["class_index"] for r in rows if r["method"] == m] for m in ("gradcam", "xgradcam")}
@@ -65,7 +71,33 @@ def test_label_slot_and_guided_column_with_several_methods(tmp_path):
         assert len(set(per_method["gradcam"])) == len(per_method["gradcam"])
         for r in rows:
             g = np.asarray(r["guided"], np.uint8)
-            assert g.shape == (3 * 32 * 32,) and g.max() in (0, 255)
+            assert g.shape == (3 * 32 * 32,) and g.max() in (0, 255)  # min-max normalized (0: a constant map)
+            levels |= set(np.unique(g).tolist())
+    assert len(levels) > 16  # grey levels, not only {0, 255}
+
+
+@pytest.mark.parametrize("heatmap_dtype", ["uint8", "float16"])
+def test_guided_column_equals_the_python_api(tmp_path, heatmap_dtype):
+    """The run's guided column is explain(..., guided=True) quantized once to uint8: within 1 LSB, not binary."""
+    data = shapes(3)
+    inp = write_table(tmp_path / "g.parquet", pa.table({"image": [png_bytes(im) for im in data.images]}))
+    out = tmp_path / "out"
+    args = ["--top-k", "2", "--guided", "--heatmap-dtype", heatmap_dtype]
+    res = invoke(["run", str(inp), *base_args(tmp_path, out), *args])
+    assert res.exit_code == 0, res.output
+    t = read_output(out)
+    ns: dict = {}
+    exec(model_file(tmp_path).read_text(), ns)
+    model = ns["make"]().eval()
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = (torch.from_numpy(np.stack(data.images)).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    classes = torch.tensor(np.asarray(t["class_index"].to_pylist()).reshape(3, 2))
+    exp = explain(model, x, classes=classes, guided=True)
+    want = torch.floor(exp.guided * 255 + 0.5).clamp(0, 255).numpy().reshape(6, -1)
+    got = t["guided"].combine_chunks().to_numpy_ndarray().reshape(6, -1).astype(int)
+    assert np.abs(got - want).max() <= 1
+    assert len(np.unique(got)) > 2  # a grey-level map, not {0, 255}
 
 
 def test_method_list_is_part_of_the_fingerprint(tmp_path):

@@ -239,7 +239,7 @@ class BatchExplainer:
             heatmaps=exp.heatmaps if hs is not None else None,
             extras=extras,
             saliency=saliency if self.plan.boxes is not None else None,
-            guided=None if exp.guided is None else quantize(exp.guided.float(), torch.uint8),
+            guided=None if exp.guided is None else _guided_uint8(exp.guided),
         )
         if self._cuda:
             # Back to pinned host memory without waiting; finish() waits on the event, which is
@@ -358,6 +358,12 @@ class BatchExplainer:
 
     def __call__(self, batch: DecodedBatch) -> BatchOutput:
         return self.finish(self.launch(batch))
+
+
+def _guided_uint8(guided: torch.Tensor) -> torch.Tensor:
+    """The guided column's uint8 from ``Explanation.guided``, which is already in the run's heatmap dtype:
+    quantized once (uint8 as it is; a float16 map in [0, 1] to uint8)."""
+    return guided if guided.dtype == torch.uint8 else quantize(guided.float(), torch.uint8)
 
 
 def _take(v, mask: np.ndarray):
