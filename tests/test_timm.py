@@ -210,3 +210,23 @@ def test_layers_command_prints_the_preprocessing():
     assert res.exit_code == 0, res.output
     assert "auto-detected: blocks.11.norm1 (reshape: tokens)" in res.output
     assert "* blocks.11.norm1" in res.output and "LayerNorm   1x197x192" in res.output
+
+
+def test_fingerprint_holds_the_weights_and_timms_version_not_its_init_file(tmp_path, monkeypatch):
+    import dataclasses
+
+    from gradcam_batch.engine.job.config import RunConfig
+    from gradcam_batch.engine.job.plan import build_plan
+
+    inp = write_table(tmp_path / "in.parquet", bytes_table(1))
+    cfg = RunConfig(inputs=[str(inp)], output=str(tmp_path / "o"), model="timm:resnet10t", num_classes=3,
+                    resize=32, crop=32, heatmap_size=None)  # fmt: skip
+    base = build_plan(cfg).fingerprint
+    assert build_plan(cfg).fingerprint == base  # a seeded random init: the same weights every time
+    weights = tmp_path / "w.pt"
+    model = load_model("timm:resnet10t", num_classes=3)
+    torch.save(model.state_dict(), weights)
+    with_weights = dataclasses.replace(cfg, weights=str(weights))
+    assert build_plan(with_weights).fingerprint != base  # the file's path and hash, the same tensors
+    monkeypatch.setattr(timm, "__version__", "0.0.1")
+    assert build_plan(cfg).fingerprint != base

@@ -7,8 +7,9 @@ order, and raises ``RunSetupError`` with one line for the first that fails:
 2. the preprocessing;
 3. the inputs, their columns and the column roles (every file, same types), the output directory
    (never inside an input directory), the planned units;
-4. the model: it is loaded and one blank image goes through the ``Explainer``, which finds the
-   target layer, the class count and the cam size; classes and top-k are checked against them;
+4. the model: it is loaded, its weights hashed (``state_digest``), and one blank image goes through
+   the ``Explainer``, which finds the target layer, the class count and the cam size; classes and
+   top-k are checked against them;
 5. the output schema and the fingerprint, and, when the output directory holds a run, that it is
    the same run (resume) or ``overwrite`` is set.
 
@@ -25,6 +26,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,8 @@ from gradcam_batch.engine.job.source import (
     image_kind,
     plan_units,
 )
+from gradcam_batch.engine.models.loader import random_weights_note
+from gradcam_batch.engine.models.weights import state_digest
 
 MAX_UNIT_ROWS = 4096
 METRICS = ("deletion", "insertion", "confidence")
@@ -98,6 +102,9 @@ class RunPlan:
     metrics: tuple[str, ...] = ()  # of METRICS, in that order
     boxes: BoxSpec | None = None
     methods: tuple[str, ...] = ("gradcam",)  # output slots are method-major: (method, class)
+    # sha256 of the probed model's state dict; None for a model that is not an nn.Module (ONNX).
+    # A worker that loads the model again (a Ray actor) checks that it got these weights.
+    model_digest: str | None = None
 
     @property
     def id_column(self) -> str | None:
@@ -343,6 +350,7 @@ class _Probe:
     target_layer: str
     model_classes: int
     cam_shape: tuple[int, int]
+    model_digest: str | None
 
 
 def _probe(c: RunConfig, selection: ClassSelection, prep: Preprocess, handle: ModelHandle) -> _Probe:
@@ -350,8 +358,14 @@ def _probe(c: RunConfig, selection: ClassSelection, prep: Preprocess, handle: Mo
     from gradcam_batch.engine.explain.explainer import Explainer
 
     device = handle.device
+    model = handle.get()
+    note = random_weights_note(c.model, c.weights, c.num_classes)
+    if note is not None:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    # Hashed as loaded, before anything else touches it; a Ray actor hashes its own load the same way.
+    digest = state_digest(model) if isinstance(model, torch.nn.Module) else None
     explainer = Explainer(
-        handle.get(),
+        model,
         target_layer=c.target_layer,
         # Score-CAM's K masked forwards would only slow the probe down: the other methods check the head.
         method=[m for m in parse_methods(c.method) if m != "scorecam"] or ["gradcam"],
@@ -382,7 +396,7 @@ def _probe(c: RunConfig, selection: ClassSelection, prep: Preprocess, handle: Mo
     if selection.top_k is not None and selection.top_k > n:
         raise RunSetupError(f"top-k {selection.top_k} exceeds the number of classes of the model ({n})")
     exp = next(iter(exp.values()))
-    return _Probe(exp.target_layer, n, (int(exp.cams.shape[-2]), int(exp.cams.shape[-1])))
+    return _Probe(exp.target_layer, n, (int(exp.cams.shape[-2]), int(exp.cams.shape[-1])), digest)
 
 
 def _assemble(c, files, out_dir, schema, image_column, keep, selection, prep, probe, unit_rows, units) -> RunPlan:
@@ -431,6 +445,7 @@ def _assemble(c, files, out_dir, schema, image_column, keep, selection, prep, pr
         metrics=metrics,
         boxes=boxes,
         methods=parse_methods(c.method),
+        model_digest=probe.model_digest,
     )
     return dataclasses.replace(plan, fingerprint=fingerprint(plan) if files else "")
 
@@ -447,12 +462,26 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# The library that builds a spec's architecture: its version is part of the fingerprint.
+_SPEC_LIBRARIES = {"torchvision:": "torchvision", "timm:": "timm", "hf:": "transformers"}
+
+
 def _model_files(spec: str) -> list[str]:
-    """The local files whose content defines a model spec (the model file, or the factory's source)."""
+    """The local files whose content defines a model spec, beside its weights (which the state digest covers).
+
+    A model file; a factory's source; the JSON files of an ``hf:`` directory (its config and
+    preprocessor config). ``torchvision:`` and ``timm:`` architectures are defined by their
+    library's version.
+    """
     p = Path(spec)
     if p.is_file():
         return [str(p)]
-    if ":" in spec and not spec.startswith("torchvision:"):
+    if spec.startswith("hf:"):
+        d = Path(spec[len("hf:") :]).expanduser()
+        return sorted(str(f) for f in d.iterdir() if f.suffix == ".json" and f.is_file()) if d.is_dir() else []
+    if spec.startswith(tuple(_SPEC_LIBRARIES)):
+        return []
+    if ":" in spec:
         target = spec.rpartition(":")[0]
         if target.endswith(".py"):
             return [target] if Path(target).is_file() else []
@@ -462,6 +491,15 @@ def _model_files(spec: str) -> list[str]:
         if with_spec is not None and with_spec.origin and Path(with_spec.origin).is_file():
             return [with_spec.origin]
     return []
+
+
+def _library_versions(spec: str) -> dict[str, str]:
+    """{library: version} of the library that builds the spec's architecture (none for other specs)."""
+    for prefix, name in _SPEC_LIBRARIES.items():
+        if spec.startswith(prefix):
+            with contextlib.suppress(ImportError):
+                return {name: str(getattr(importlib.import_module(name), "__version__", "unknown"))}
+    return {}
 
 
 def _input_stamp(f: InputFile) -> list:
@@ -477,7 +515,9 @@ def _input_stamp(f: InputFile) -> list:
 def fingerprint(plan: RunPlan) -> str:
     """What decides the output's content: a resumed run must match it exactly.
 
-    Weights and model files count by content (sha256), inputs by size and modification time.
+    The model counts by content: the sha256 of its loaded state dict (whatever the weights' source,
+    a seeded random initialization included), of its model or factory file or ``hf:`` config files,
+    and its library's version; inputs count by size and modification time.
     Options that change only rounding or speed (device, batch size, compile, workers, decode
     memory) are left out, so that a run can be resumed on another machine or runner.
     """
@@ -491,6 +531,9 @@ def fingerprint(plan: RunPlan) -> str:
         "model": c.model,
         "model_files": [sha256_file(p) for p in _model_files(c.model)],
         "weights": sha256_file(c.weights) if c.weights and Path(c.weights).is_file() else c.weights,
+        "weights_strict": c.weights_strict,
+        "model_state": plan.model_digest,
+        "libraries": _library_versions(c.model),
         "num_classes": c.num_classes,
         "providers": list(c.providers) if c.providers else None,
         "target_layer": plan.target_layer,

@@ -24,9 +24,11 @@ import pyarrow as pa
 import torch
 
 from gradcam_batch.engine.explain.explainer import stack_methods
+from gradcam_batch.engine.job.config import RunSetupError
 from gradcam_batch.engine.job.plan import RunPlan
 from gradcam_batch.engine.job.schema import ResultBatch, build_table
 from gradcam_batch.engine.job.source import DecodedBatch, decode_jpegs_on_device
+from gradcam_batch.engine.models.weights import state_digest
 from gradcam_batch.kernels.reference import quantize
 
 NON_FINITE = "non-finite scores or cam (a numeric overflow; --precision fp32 avoids the fp16/bf16 ones)"
@@ -102,6 +104,14 @@ class BatchExplainer:
                 providers=c.providers,
                 weights_strict=c.weights_strict,
             )
+            # A worker's own load (a Ray actor) must explain the weights the plan hashed: a weights
+            # file replaced since, or a factory that builds other weights each time, would mix models.
+            if plan.model_digest is not None and state_digest(model) != plan.model_digest:
+                raise RunSetupError(
+                    f"the model {c.model} loaded here has weights that differ from the weights the run was "
+                    "planned with (a weights or model file changed since, or the factory does not build the "
+                    "same weights each time)"
+                )
         self.explainer = Explainer(
             model,
             target_layer=plan.target_layer,
