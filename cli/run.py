@@ -74,6 +74,13 @@ def _is_default(ctx: click.Context, name: str) -> bool:
 )
 @click.option("--heatmap-dtype", type=click.Choice(["uint8", "float16"]), default="uint8", show_default=True)
 @click.option(
+    "--cam-dtype",
+    type=click.Choice(["float16", "float32"]),
+    default="float16",
+    show_default=True,
+    help="The cam column's dtype; float32 keeps cams above float16's 65504 (those are error rows in float16).",
+)
+@click.option(
     "--rows-per-file", default=10_000, show_default=True, type=click.IntRange(min=1), help="Output rows per file."
 )
 @click.option(

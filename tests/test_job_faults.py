@@ -81,6 +81,19 @@ FAULTY = textwrap.dedent(
         return NaNForBright()
 
 
+    class HugeForBright(Net):
+        # Scores and cams 1e9 times larger for bright images: finite in float32, past float16's 65504.
+        def forward(self, x):
+            a = self.features(x)
+            bright = (x[:, 0, 0, 0] > 1.5).float()[:, None, None, None]
+            return self.fc((a * (1 + bright * 1e9)).mean(dim=(2, 3)))
+
+
+    def huge_for_bright():
+        torch.manual_seed(0)
+        return HugeForBright()
+
+
     def thousand():
         torch.manual_seed(0)
         return Net(num_classes=1000)
@@ -177,6 +190,7 @@ def test_rewritten_input_and_device_jpeg_change_the_fingerprint(tmp_path):
     from dataclasses import replace
 
     assert build_plan(replace(cfg, device_jpeg=True)).fingerprint != base
+    assert build_plan(replace(cfg, cam_dtype="float32")).fingerprint != base
     assert build_plan(replace(cfg, batch_size=3, workers=1)).fingerprint == base  # speed only
     st = inp.stat()
     os.utime(inp, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten in place, same size
@@ -251,6 +265,40 @@ def test_non_finite_scores_become_error_rows(tmp_path):
     assert err["heatmap"].null_count == 2 and err["peak_y"].null_count == 2
     ok = got.filter(pa.compute.equal(got["status"], "ok"))
     assert ok.num_rows == 2 * (n - 2) and np.isfinite(ok["score"].to_numpy()).all()
+
+
+def test_non_finite_advice_follows_the_precision(tmp_path):
+    t = _brighten(bytes_table(4), [1])
+    inp = write_table(tmp_path / "in.parquet", t)
+    res = invoke(["run", str(inp), *_args(tmp_path, tmp_path / "fp32", "nan_for_bright")])
+    assert res.exit_code == 0, res.output
+    (fp32,) = [e for e in read_output(tmp_path / "fp32")["error"].to_pylist() if e]
+    assert fp32.startswith("non-finite scores") and "fp32" in fp32 and "--precision fp32" not in fp32
+    res = invoke(["run", str(inp), *_args(tmp_path, tmp_path / "bf16", "nan_for_bright"), "--precision", "bf16"])
+    assert res.exit_code == 0, res.output
+    (bf16,) = [e for e in read_output(tmp_path / "bf16")["error"].to_pylist() if e]
+    assert bf16.startswith("non-finite scores") and "--precision fp32" in bf16
+
+
+def test_a_cam_past_float16s_range_is_an_error_row_or_stored_as_float32(tmp_path):
+    t = _brighten(bytes_table(4), [2])
+    inp = write_table(tmp_path / "in.parquet", t)
+    res = invoke(["run", str(inp), *_args(tmp_path, tmp_path / "f16", "huge_for_bright")])
+    assert res.exit_code == 0, res.output
+    got = read_output(tmp_path / "f16")
+    assert got["status"].to_pylist() == ["ok", "ok", "error", "ok"]
+    error = got["error"].to_pylist()[2]
+    assert "65504" in error and "--cam-dtype float32" in error
+    ok = got.filter(pa.compute.equal(got["status"], "ok"))
+    assert np.isfinite(ok["cam"].combine_chunks().to_numpy_ndarray()).all()
+    res = invoke(["run", str(inp), *_args(tmp_path, tmp_path / "f32", "huge_for_bright"), "--cam-dtype", "float32"])
+    assert res.exit_code == 0, res.output
+    got = read_output(tmp_path / "f32")
+    assert got["status"].to_pylist() == ["ok"] * 4
+    assert got.schema.field("cam").type.value_type == pa.float32()
+    cams = got["cam"].combine_chunks().to_numpy_ndarray()
+    assert np.isfinite(cams).all() and cams[2].max() > 65504
+    np.testing.assert_allclose(cams[2].max(), got["cam_max"].to_numpy()[2], rtol=1e-5)
 
 
 # -- commands ------------------------------------------------------------------------------------------

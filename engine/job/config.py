@@ -80,6 +80,7 @@ class RunConfig:
     workers: int | None = None  # decode threads (per process)
     heatmap_size: tuple[int, int] | int | None | str = "input"  # "input": the preprocessed image size
     heatmap_dtype: str = "uint8"
+    cam_dtype: str = "float16"  # the `cam` column; "float32" keeps cams past float16's 65504
     rows_per_file: int = 10_000
     overwrite: bool = False
     limit: int | None = None

@@ -38,7 +38,7 @@ import torch
 from gradcam_batch.engine.explain.methods import parse_methods
 from gradcam_batch.engine.job.boxes import BoxSpec, box_spec
 from gradcam_batch.engine.job.config import RunConfig, RunSetupError, first_line, resolve_device
-from gradcam_batch.engine.job.schema import HEATMAP_DTYPES, RESULT_COLUMNS, output_schema
+from gradcam_batch.engine.job.schema import CAM_DTYPES, HEATMAP_DTYPES, RESULT_COLUMNS, output_schema
 from gradcam_batch.engine.job.sink import Manifest, own_files
 from gradcam_batch.engine.job.source import (
     InputFile,
@@ -245,6 +245,8 @@ def _check_numbers(c: RunConfig) -> tuple[ClassSelection, Preprocess]:
         raise RunSetupError("the pointing tolerance must be >= 0 and the box threshold in (0, 1]")
     if c.heatmap_dtype not in HEATMAP_DTYPES:
         raise RunSetupError(f"heatmap dtype must be one of {', '.join(HEATMAP_DTYPES)}, got {c.heatmap_dtype!r}")
+    if c.cam_dtype not in CAM_DTYPES:
+        raise RunSetupError(f"cam dtype must be one of {', '.join(CAM_DTYPES)}, got {c.cam_dtype!r}")
     parse_methods(c.method)  # a ValueError naming the known methods
     if not isinstance(c.scorecam_batch, int) or isinstance(c.scorecam_batch, bool) or c.scorecam_batch < 1:
         raise RunSetupError(f"scorecam batch must be a positive integer, got {c.scorecam_batch!r}")
@@ -420,6 +422,7 @@ def _assemble(c, files, out_dir, schema, image_column, keep, selection, prep, pr
         cam_shape=probe.cam_shape,
         heatmap_shape=heatmap_shape,
         heatmap_dtype=c.heatmap_dtype,
+        cam_dtype=c.cam_dtype,
         metrics=metrics,
         boxes=boxes is not None,
         methods=parse_methods(c.method),

@@ -8,7 +8,8 @@ thread, each Ray actor on its batches); no runner has per-batch code of its own.
    (top-k or listed classes, plus the label slot), the ``Explainer`` call, a finiteness check,
    and the results' copy back to pinned host memory. Nothing in it waits for the device.
 2. ``finish``: waits for that copy, turns invalid labels into notes or error rows, non-finite
-   results into error rows, and builds the table (``engine/job/schema.py``).
+   results (and cams past the range of the cam column's dtype) into error rows that say what
+   helps, and builds the table (``engine/job/schema.py``).
 
 Calling ``launch`` for batch i+1 before ``finish`` for batch i overlaps the device with the host.
 ``step(batch)`` does both.
@@ -31,7 +32,26 @@ from gradcam_batch.engine.job.source import DecodedBatch, decode_jpegs_on_device
 from gradcam_batch.engine.models.weights import state_digest
 from gradcam_batch.kernels.reference import quantize
 
-NON_FINITE = "non-finite scores or cam (a numeric overflow; --precision fp32 avoids the fp16/bf16 ones)"
+# Why an explained image becomes an error row after all: bits of DeviceResult.faults.
+SCORES_NOT_FINITE, CAM_NOT_FINITE, CAM_OUT_OF_RANGE = 1, 2, 4
+FLOAT16_MAX = 65504
+
+
+def fault_message(faults: int, precision: str) -> str:
+    """The ``error`` of an image whose results are not finite (``faults``: the bits above), with what helps.
+
+    In fp16/bf16 a non-finite score or cam is most likely an overflow of the reduced precision, which
+    ``--precision fp32`` avoids; in fp32 the model itself gives NaN or infinity, and no run option helps.
+    A cam that is finite but past float16's largest value fits a float32 cam column.
+    """
+    if faults & (SCORES_NOT_FINITE | CAM_NOT_FINITE):
+        what = "scores" if faults & SCORES_NOT_FINITE else "cam"
+        if precision != "fp32":
+            return f"non-finite {what} (likely an overflow in --precision {precision}; --precision fp32 avoids it)"
+        if what == "scores":
+            return "non-finite scores: the model gives NaN or infinity for this image in fp32 (check its weights)"
+        return "non-finite cam: NaN or infinite activations or gradients at the target layer, in fp32"
+    return f"cam values above float16's largest ({FLOAT16_MAX}) for the cam column; --cam-dtype float32 stores them"
 
 
 @dataclass
@@ -41,10 +61,10 @@ class DeviceResult:
     classes: torch.Tensor  # (m, C) int64
     scores: torch.Tensor  # (m, C) float32
     probabilities: torch.Tensor  # (m, C) float32
-    cams: torch.Tensor  # (m, C, h, w) float16
+    cams: torch.Tensor  # (m, C, h, w) in the cam column's dtype (float16 or float32)
     cam_max: torch.Tensor  # (m, C) float32
     peaks: torch.Tensor  # (m, C, 2) int64
-    finite: torch.Tensor  # (m,) bool
+    faults: torch.Tensor  # (m,) uint8: 0, or the bits SCORES_NOT_FINITE, CAM_NOT_FINITE, CAM_OUT_OF_RANGE
     heatmaps: torch.Tensor | None  # (m, C, H, W) uint8 or float16
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # metric columns, (m, C)
     saliency: torch.Tensor | None = None  # (m, C, H, W) float32 at the input size, for the box metrics
@@ -129,6 +149,7 @@ class BatchExplainer:
         sel = plan.selection
         self._fixed = torch.tensor(sel.classes, dtype=torch.long, device=self.device) if sel.classes else None
         self._out_dtype = torch.uint8 if c.heatmap_dtype == "uint8" else torch.float16
+        self._cam_dtype = torch.float32 if c.cam_dtype == "float32" else torch.float16
 
     # -- host side ------------------------------------------------------------------------------------
 
@@ -231,21 +252,25 @@ class BatchExplainer:
                 heatmaps=hs is not None,
             )
         )
-        cams = exp.cams
-        finite = (
-            torch.isfinite(exp.scores).all(1)
-            & torch.isfinite(exp.probabilities).all(1)
-            & torch.isfinite(cams.flatten(1)).all(1)
+        # Checked as computed and as stored: a cam past float16's range is finite before the cast, inf after.
+        cams = exp.cams.to(self._cam_dtype)
+        scores_ok = torch.isfinite(exp.scores).all(1) & torch.isfinite(exp.probabilities).all(1)
+        cam_ok = torch.isfinite(exp.cams.flatten(1)).all(1)
+        stored_ok = torch.isfinite(cams.flatten(1)).all(1)
+        faults = (
+            (~scores_ok).to(torch.uint8) * SCORES_NOT_FINITE
+            + (~cam_ok).to(torch.uint8) * CAM_NOT_FINITE
+            + (cam_ok & ~stored_ok).to(torch.uint8) * CAM_OUT_OF_RANGE
         )
         extras, saliency = self._metrics(x, exp) if self.plan.needs_saliency else ({}, None)
         result = DeviceResult(
             classes=exp.classes,
             scores=exp.scores.float(),
             probabilities=exp.probabilities.float(),
-            cams=cams.half(),
+            cams=cams,
             cam_max=exp.cam_max.float(),
             peaks=exp.peaks,
-            finite=finite,
+            faults=faults,
             heatmaps=exp.heatmaps if hs is not None else None,
             extras=extras,
             saliency=saliency if self.plan.boxes is not None else None,
@@ -353,13 +378,14 @@ class BatchExplainer:
                 valid = np.array([nt is None for nt in notes], dtype=bool)
                 keep[:, c_slots - 1 :: c_slots] = (valid & ~(cls[:, :-1] == cls[:, -1:]).any(axis=1))[:, None]
             arrays["keep"] = keep
-            finite = arrays.pop("finite")
+            faults = arrays.pop("faults")
             arrays["extras"] = extras
-            if not finite.all():
+            if faults.any():
                 ok_idx = np.flatnonzero(ok)
-                for j in np.flatnonzero(~finite):
+                for j in np.flatnonzero(faults):
                     ok[ok_idx[j]] = False
-                    errors[ok_idx[j]] = NON_FINITE
+                    errors[ok_idx[j]] = fault_message(int(faults[j]), self.plan.config.precision)
+                finite = faults == 0
                 arrays = {k: _take(v, finite) for k, v in arrays.items()}
                 notes = [nt for nt, f in zip(notes, finite, strict=True) if f]
         result = ResultBatch(rows=pending.rows, ok=ok, errors=errors, notes=notes, methods=self.plan.methods, **arrays)
@@ -396,4 +422,4 @@ def _empty(c_slots: int, cam_shape: tuple[int, int]) -> dict:
     }
 
 
-__all__ = ["NON_FINITE", "BatchExplainer", "BatchOutput", "DeviceResult", "PendingBatch"]
+__all__ = ["BatchExplainer", "BatchOutput", "DeviceResult", "PendingBatch", "fault_message"]
