@@ -748,8 +748,17 @@ class DecodedBatch:
 
 
 def oriented_size(data: bytes) -> tuple[int, int]:
-    """(W, H) of an encoded image as shown, from its header: EXIF orientations 5 to 8 swap them."""
-    img = Image.open(io.BytesIO(data))
+    """(W, H) of an encoded image as shown, from its header: EXIF orientations 5 to 8 swap them.
+
+    ``DecodeError`` when the header cannot be read: a JPEG left for the device decoder reaches here
+    before any decode, and a corrupt one must become its row's error, not the run's.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise DecodeError("cannot identify image format (not an image, or corrupt)") from None
+    except Exception as exc:
+        raise DecodeError(f"cannot read the image header: {_first_line(exc)}") from None
     w, h = img.size
     with contextlib.suppress(Exception):
         if img.getexif().get(0x0112) in (5, 6, 7, 8):
