@@ -331,6 +331,57 @@ def test_run_failed_carries_its_advice():
     assert "fails the same way" in RunFailed("x", transient=False).advice
 
 
+# -- host syncs: what the CPU can check, and the CUDA checks beside them ---------------------------------
+
+
+def _dropping_label_table(n: int) -> pa.Table:
+    """A label-only selection drops the image whose label is out of range (row 11) on the device side."""
+    t = bytes_table(n)
+    labels = t["label"].to_pylist()
+    labels[11] = 99
+    return t.set_column(t.schema.get_field_index("label"), "label", pa.array(labels, pa.int64()))
+
+
+def test_host_data_reaches_the_device_through_one_pinned_non_blocking_copy():
+    from unittest import mock
+
+    from gradcam_batch.engine.job.step import to_device
+
+    t = mock.MagicMock()
+    cuda = torch.device("cuda", 0)
+    assert to_device(t, cuda) is t.pin_memory.return_value.to.return_value
+    t.pin_memory.assert_called_once_with()
+    t.pin_memory.return_value.to.assert_called_once_with(cuda, non_blocking=True)
+    cpu = torch.arange(3)
+    assert to_device(cpu, torch.device("cpu")) is cpu
+
+
+def test_a_batch_that_drops_an_image_copies_its_index_through_to_device(tmp_path, monkeypatch):
+    from gradcam_batch.engine.job import step as step_module
+    from gradcam_batch.engine.job.source import ParquetSource
+
+    inp = write_table(tmp_path / "in.parquet", _dropping_label_table(16))
+    cfg = RunConfig(inputs=[str(inp)], output=str(tmp_path / "o"), model=f"{model_file(tmp_path)}:make_mlp",
+                    resize=32, crop=32, label_column="label")  # fmt: skip
+    plan = build_plan(cfg)
+    step = step_module.BatchExplainer(plan, "cpu")
+    source = ParquetSource(plan.files, plan.image_column, plan.row_columns, plan.prep, batch_size=8)
+    batch = list(source.batches(plan.units))[1]
+    copied: list[torch.Tensor] = []
+    real = step_module.to_device
+
+    def spy(t, device):
+        copied.append(t)
+        return real(t, device)
+
+    monkeypatch.setattr(step_module, "to_device", spy)
+    out = step.finish(step.launch(batch))
+    assert out.errors == 1 and out.table["status"].to_pylist()[3] == "error"
+    kept = [i for i in range(8) if i != 3]
+    assert any(t.dtype == torch.int64 and t.tolist() == kept for t in copied)  # the index of the kept images
+    assert any(t.dtype == torch.uint8 and t.shape[0] == 8 for t in copied)  # the images
+
+
 # -- CUDA: what the CPU cannot show -----------------------------------------------------------------
 
 
@@ -354,6 +405,29 @@ def test_the_batch_step_does_not_sync_the_host(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert step.finish(pending).table.num_rows >= 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_batch_that_drops_an_image_does_not_sync_the_host(tmp_path):
+    from gradcam_batch.engine.job.source import ParquetSource
+    from gradcam_batch.engine.job.step import BatchExplainer
+
+    inp = write_table(tmp_path / "in.parquet", _dropping_label_table(16))
+    cfg = RunConfig(inputs=[str(inp)], output=str(tmp_path / "o"), model=f"{model_file(tmp_path)}:make_mlp",
+                    resize=32, crop=32, label_column="label", device="cuda")  # fmt: skip
+    plan = build_plan(cfg)
+    step = BatchExplainer(plan, "cuda")
+    source = ParquetSource(plan.files, plan.image_column, plan.row_columns, plan.prep, batch_size=8)
+    batches = list(source.batches(plan.units))
+    step(batches[0])  # warm-up: lazy set-up may sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = step.launch(batches[1])  # row 11 (the batch's 4th) is dropped on the device
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    out = step.finish(pending)
+    assert out.errors == 1 and out.table.num_rows == 8
 
 
 @pytest.mark.gpu

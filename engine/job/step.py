@@ -196,9 +196,7 @@ class BatchExplainer:
         pending = PendingBatch(batch, rows, ok, errors, [], None)
         if len(batch.images) == 0:
             return pending
-        x = torch.from_numpy(batch.images)
-        if self._cuda:
-            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = to_device(torch.from_numpy(batch.images), self.device)
         ok_idx = np.flatnonzero(batch.ok)
         use = np.ones(len(ok_idx), dtype=bool)  # decoded images that go on to the model
         if batch.jpegs:
@@ -230,16 +228,13 @@ class BatchExplainer:
         if not use.any():
             return pending
         if not use.all():
-            x = x[torch.from_numpy(np.flatnonzero(use)).to(x.device)]
+            x = x[to_device(torch.from_numpy(np.flatnonzero(use)), self.device)]
             labels = labels[use] if labels is not None else None
 
         x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
         if self._cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        labels_t = None
-        if labels is not None:
-            labels_t = torch.from_numpy(labels)
-            labels_t = labels_t.pin_memory().to(self.device, non_blocking=True) if self._cuda else labels_t
+        labels_t = None if labels is None else to_device(torch.from_numpy(labels), self.device)
         hs = self.plan.heatmap_shape
         # Several methods stack on the class axis, method-major: C slots per method (schema.build_table).
         exp = stack_methods(
@@ -396,6 +391,17 @@ class BatchExplainer:
         return self.finish(self.launch(batch))
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host sync: on CUDA through pinned memory, non-blocking.
+
+    Every host-to-device copy of ``launch`` goes through here: from pageable memory, CUDA copies
+    synchronously, and the host would wait for the device's queue at that point.
+    """
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 def _guided_uint8(guided: torch.Tensor) -> torch.Tensor:
     """The guided column's uint8 from ``Explanation.guided``, which is already in the run's heatmap dtype:
     quantized once (uint8 as it is; a float16 map in [0, 1] to uint8)."""
@@ -422,4 +428,4 @@ def _empty(c_slots: int, cam_shape: tuple[int, int]) -> dict:
     }
 
 
-__all__ = ["BatchExplainer", "BatchOutput", "DeviceResult", "PendingBatch", "fault_message"]
+__all__ = ["BatchExplainer", "BatchOutput", "DeviceResult", "PendingBatch", "fault_message", "to_device"]
