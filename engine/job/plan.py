@@ -37,7 +37,7 @@ import torch
 
 from gradcam_batch.engine.explain.methods import parse_methods
 from gradcam_batch.engine.job.boxes import BoxSpec, box_spec
-from gradcam_batch.engine.job.config import RunConfig, RunSetupError, first_line, resolve_device
+from gradcam_batch.engine.job.config import RunConfig, RunSetupError, RunWarning, first_line, resolve_device
 from gradcam_batch.engine.job.schema import CAM_DTYPES, HEATMAP_DTYPES, RESULT_COLUMNS, output_schema
 from gradcam_batch.engine.job.sink import Manifest, own_files
 from gradcam_batch.engine.job.source import (
@@ -363,7 +363,7 @@ def _probe(c: RunConfig, selection: ClassSelection, prep: Preprocess, handle: Mo
     model = handle.get()
     note = random_weights_note(c.model, c.weights, c.num_classes)
     if note is not None:
-        warnings.warn(note, UserWarning, stacklevel=2)
+        warnings.warn(RunWarning(note, "random-weights"), stacklevel=2)
     # Hashed as loaded, before anything else touches it; a Ray actor hashes its own load the same way.
     digest = state_digest(model) if isinstance(model, torch.nn.Module) else None
     explainer = Explainer(

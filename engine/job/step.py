@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 
 from gradcam_batch.engine.explain.explainer import stack_methods
-from gradcam_batch.engine.job.config import RunSetupError
+from gradcam_batch.engine.job.config import RunSetupError, WarnOnce
 from gradcam_batch.engine.job.plan import RunPlan
 from gradcam_batch.engine.job.schema import ResultBatch, build_table
 from gradcam_batch.engine.job.source import DecodedBatch, decode_jpegs_on_device
@@ -150,6 +150,7 @@ class BatchExplainer:
         self._fixed = torch.tensor(sel.classes, dtype=torch.long, device=self.device) if sel.classes else None
         self._out_dtype = torch.uint8 if c.heatmap_dtype == "uint8" else torch.float16
         self._cam_dtype = torch.float32 if c.cam_dtype == "float32" else torch.float16
+        self.warn = WarnOnce()  # fallbacks met in the batches, once per run each (a Ray actor forwards them)
 
     # -- host side ------------------------------------------------------------------------------------
 
@@ -205,6 +206,7 @@ class BatchExplainer:
                 self.plan.prep,
                 self.device,
                 max_image_pixels=self.plan.config.max_image_pixels,
+                warn=self.warn,
             )
             for (pos, _), img, err in zip(batch.jpegs, decoded, errs, strict=True):
                 if img is None:
