@@ -3,7 +3,10 @@ same maps as one-method runs, class_rank ranking the classes, the guided column 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import textwrap
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +15,8 @@ import torch
 from run_support import base_args, bytes_table, invoke, model_file, png_bytes, read_output, shapes, write_table
 
 from gradcam_batch.engine.explain.explainer import explain
+from gradcam_batch.engine.job.config import RunConfig, RunWarning
+from gradcam_batch.engine.job.plan import build_plan
 from gradcam_batch.engine.job.source import IMAGENET_MEAN, IMAGENET_STD
 
 METHODS = "gradcam,gradcam++,layercam,eigencam"
@@ -98,6 +103,71 @@ def test_guided_column_equals_the_python_api(tmp_path, heatmap_dtype):
     got = t["guided"].combine_chunks().to_numpy_ndarray().reshape(6, -1).astype(int)
     assert np.abs(got - want).max() <= 1
     assert len(np.unique(got)) > 2  # a grey-level map, not {0, 255}
+
+
+ACTIVATIONS = textwrap.dedent(
+    """
+    import torch
+    import torch.nn as nn
+
+
+    class Net(nn.Module):
+        def __init__(self, act, functional=False):
+            super().__init__()
+            self.conv1, self.act, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), act, nn.Conv2d(8, 8, 3, padding=1)
+            self.functional = functional
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            a = self.act(self.conv1(x))
+            a = self.conv2(a)
+            a = torch.relu(a) if self.functional else a
+            return self.fc(a.mean(dim=(2, 3)))
+
+
+    def gelu():
+        torch.manual_seed(0)
+        return Net(nn.GELU())
+
+
+    def relu_and_functional():
+        torch.manual_seed(0)
+        return Net(nn.ReLU(), functional=True)
+
+
+    def relu():
+        torch.manual_seed(0)
+        return Net(nn.ReLU())
+    """
+)
+
+
+def _guided_warnings(tmp_path, factory: str) -> list[str]:
+    path = tmp_path / "models" / "acts.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(ACTIVATIONS)
+    inp = write_table(tmp_path / "in.parquet", bytes_table(2))
+    cfg = RunConfig(inputs=[str(inp)], output=str(tmp_path / "o"), model=f"{path}:{factory}", resize=32, crop=32,
+                    guided=True)  # fmt: skip
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        build_plan(cfg)
+        build_plan(dataclasses.replace(cfg, guided=False))  # nothing to say without --guided
+    return [str(w.message) for w in record if issubclass(w.category, RunWarning) and "guided" in str(w.message)]
+
+
+def test_guided_on_a_model_without_nn_relu_warns_that_it_changes_nothing(tmp_path):
+    (said,) = _guided_warnings(tmp_path, "gelu")
+    assert "no nn.ReLU" in said and "changes nothing" in said and "\n" not in said
+
+
+def test_guided_names_the_functional_relus_it_leaves_plain(tmp_path):
+    (said,) = _guided_warnings(tmp_path, "relu_and_functional")
+    assert "1 nn.ReLU call" in said and "1 functional relu call" in said
+
+
+def test_guided_on_nn_relus_only_says_nothing(tmp_path):
+    assert _guided_warnings(tmp_path, "relu") == []
 
 
 def test_method_list_is_part_of_the_fingerprint(tmp_path):

@@ -397,8 +397,76 @@ def _probe(c: RunConfig, selection: ClassSelection, prep: Preprocess, handle: Mo
         raise RunSetupError(f"class {max(selection.classes)} is out of range: the model has {n} classes (0..{n - 1})")
     if selection.top_k is not None and selection.top_k > n:
         raise RunSetupError(f"top-k {selection.top_k} exceeds the number of classes of the model ({n})")
+    if c.guided and isinstance(model, torch.nn.Module):
+        _check_guided(model, x)
     exp = next(iter(exp.values()))
     return _Probe(exp.target_layer, n, (int(exp.cams.shape[-2]), int(exp.cams.shape[-1])), digest)
+
+
+# How a forward can apply a ReLU without an nn.ReLU module: guided backprop does not see these.
+_RELU_FUNCTIONS = {torch.relu, torch.relu_, torch.nn.functional.relu, torch.nn.functional.relu_}
+_RELU_FUNCTIONS |= {torch.Tensor.relu, torch.Tensor.relu_}
+
+
+class _ReluCalls(torch.overrides.TorchFunctionMode):
+    """Counts the relu calls of a forward: an nn.ReLU module's own call is one of them (its F.relu)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _RELU_FUNCTIONS:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _check_guided(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Warn when guided backprop would change little or nothing: it acts on ``nn.ReLU`` modules only.
+
+    One forward counts the ``nn.ReLU`` modules called and the relu calls outside them (``torch.relu``,
+    ``F.relu``, ``Tensor.relu``). Other activations (GELU, SiLU, ReLU6, LeakyReLU, ...) have no guided
+    rule here, so a model built on them keeps its plain gradient wherever they are.
+    """
+    module_calls = 0
+
+    def count(*_):
+        nonlocal module_calls
+        module_calls += 1
+
+    handles = [m.register_forward_pre_hook(count) for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+    relus = _ReluCalls()
+    try:
+        with torch.no_grad(), relus:
+            model(x)
+    except Exception:
+        return  # the probe's own forward succeeded; this count is advice only
+    finally:
+        for h in handles:
+            h.remove()
+    functional = max(0, relus.calls - module_calls)
+    if module_calls == 0:
+        others = f"its {functional} functional relu calls and other activations" if functional else "other activations"
+        warnings.warn(
+            RunWarning(
+                "--guided: the model calls no nn.ReLU module, so guided backpropagation changes nothing: the "
+                "guided column is the plain input gradient times the map (guided backprop acts on nn.ReLU "
+                f"modules; {others} keep their plain gradient)",
+                "guided-no-relu",
+            ),
+            stacklevel=3,
+        )
+    elif functional:
+        s_m, s_f = ("" if module_calls == 1 else "s"), ("" if functional == 1 else "s")
+        warnings.warn(
+            RunWarning(
+                f"--guided: guided backpropagation acts on the model's {module_calls} nn.ReLU call{s_m}, not on "
+                f"its {functional} functional relu call{s_f} (torch.relu, F.relu, Tensor.relu), whose gradient "
+                "stays plain",
+                "guided-functional-relu",
+            ),
+            stacklevel=3,
+        )
 
 
 def _assemble(c, files, out_dir, schema, image_column, keep, selection, prep, probe, unit_rows, units) -> RunPlan:
