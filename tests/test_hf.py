@@ -166,30 +166,31 @@ def test_num_classes_gives_a_new_head_and_weights_fill_it(vit_dir, tmp_path):
 
 
 def test_fingerprint_sees_the_directorys_weights_and_config(vit_dir, tmp_path, monkeypatch):
-    import dataclasses
     import json
     import shutil
     import sys
 
     from gradcam_batch.engine.job.config import RunConfig
-    from gradcam_batch.engine.job.plan import build_plan
+    from gradcam_batch.engine.job.plan import build_plan, fingerprint
 
     d = shutil.copytree(vit_dir, tmp_path / "vit")
     inp = write_table(tmp_path / "in.parquet", bytes_table(2))
     cfg = RunConfig(inputs=[str(inp)], output=str(tmp_path / "o"), model=f"hf:{d}", resize=32, crop=32)
-    base = build_plan(cfg).fingerprint
-    assert build_plan(cfg).fingerprint == base
+    plan = build_plan(cfg)
+    base = plan.fingerprint
+    original = (d / "config.json").read_text()
+    config = json.loads(original)
+    config["layer_norm_eps"] = 1e-3  # no weight changes, the model's output does
+    (d / "config.json").write_text(json.dumps(config))
+    assert fingerprint(plan) != base
+    (d / "config.json").write_text(original)
+    assert fingerprint(plan) == base
+    # Another transformers, another run (the module as loaded now: transformers may replace its own entry).
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "0.0.1")
+    assert fingerprint(plan) != base
+    monkeypatch.undo()
     model = load_model(f"hf:{d}")
     with torch.no_grad():
         model.classifier.bias += 1.0
-    model.save_pretrained(str(d))  # replaces model.safetensors
-    changed = build_plan(cfg).fingerprint
-    assert changed != base
-    config = json.loads((d / "config.json").read_text())
-    config["layer_norm_eps"] = 1e-3  # no weight changes, the model's output does
-    (d / "config.json").write_text(json.dumps(config))
-    assert build_plan(cfg).fingerprint != changed
-    now = build_plan(cfg).fingerprint
-    # Another transformers, another run (the module as loaded now: transformers may replace its own entry).
-    monkeypatch.setattr(sys.modules["transformers"], "__version__", "0.0.1")
-    assert build_plan(dataclasses.replace(cfg)).fingerprint != now
+    model.save_pretrained(str(d))  # replaces model.safetensors (and rewrites config.json as it was)
+    assert build_plan(cfg).fingerprint != base

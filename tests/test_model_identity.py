@@ -104,6 +104,7 @@ def test_a_factory_is_built_seeded_too(tmp_path):
     assert state_digest(a) == state_digest(b)
 
 
+@pytest.mark.slow
 def test_two_random_init_runs_give_the_same_scores_and_resume(tmp_path):
     pytest.importorskip("torchvision")
     inp = write_table(tmp_path / "in.parquet", bytes_table(3))

@@ -13,6 +13,7 @@ import torch
 from gradcam_batch.engine.bench.harness import pearson
 from gradcam_batch.engine.explain.explainer import Explainer
 from gradcam_batch.engine.models.loader import ModelSpecError, load_model, model_preprocessing
+from gradcam_batch.engine.models.weights import state_digest
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("pytorch_grad_cam")
@@ -213,20 +214,15 @@ def test_layers_command_prints_the_preprocessing():
 
 
 def test_fingerprint_holds_the_weights_and_timms_version_not_its_init_file(tmp_path, monkeypatch):
-    import dataclasses
-
     from gradcam_batch.engine.job.config import RunConfig
-    from gradcam_batch.engine.job.plan import build_plan
+    from gradcam_batch.engine.job.plan import build_plan, fingerprint
 
     inp = write_table(tmp_path / "in.parquet", bytes_table(1))
     cfg = RunConfig(inputs=[str(inp)], output=str(tmp_path / "o"), model="timm:resnet10t", num_classes=3,
                     resize=32, crop=32, heatmap_size=None)  # fmt: skip
-    base = build_plan(cfg).fingerprint
-    assert build_plan(cfg).fingerprint == base  # a seeded random init: the same weights every time
-    weights = tmp_path / "w.pt"
-    model = load_model("timm:resnet10t", num_classes=3)
-    torch.save(model.state_dict(), weights)
-    with_weights = dataclasses.replace(cfg, weights=str(weights))
-    assert build_plan(with_weights).fingerprint != base  # the file's path and hash, the same tensors
+    plan = build_plan(cfg)
+    model = load_model("timm:resnet10t", num_classes=3)  # a seeded random init: the plan's weights
+    assert plan.model_digest == state_digest(model)
+    assert fingerprint(plan) == plan.fingerprint
     monkeypatch.setattr(timm, "__version__", "0.0.1")
-    assert build_plan(cfg).fingerprint != base
+    assert fingerprint(plan) != plan.fingerprint
