@@ -74,6 +74,13 @@ def _is_default(ctx: click.Context, name: str) -> bool:
 )
 @click.option("--heatmap-dtype", type=click.Choice(["uint8", "float16"]), default="uint8", show_default=True)
 @click.option(
+    "--cam-dtype",
+    type=click.Choice(["float16", "float32"]),
+    default="float16",
+    show_default=True,
+    help="The cam column's dtype; float32 keeps cams above float16's 65504 (those are error rows in float16).",
+)
+@click.option(
     "--rows-per-file", default=10_000, show_default=True, type=click.IntRange(min=1), help="Output rows per file."
 )
 @click.option(
@@ -177,6 +184,7 @@ def run(ctx: click.Context, inputs, **opts) -> None:
     from PIL import Image
 
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    warnings.formatwarning = format_run_warning
     try:
         job = _prepare_ray(config, opts["workers"], **ray_opts) if use_ray else prepare(config)
     except RunSetupError as exc:
@@ -196,6 +204,15 @@ def run(ctx: click.Context, inputs, **opts) -> None:
         raise click.ClickException(
             f"{summary['totals']['errors']} images could not be explained (rows with status='error')"
         )
+
+
+def format_run_warning(message, category, filename, lineno, line=None, _default=warnings.formatwarning) -> str:
+    """A run's own warnings (``RunWarning``) as one line on stderr; other warnings as Python formats them."""
+    from gradcam_batch.engine.job.config import RunWarning
+
+    if isinstance(category, type) and issubclass(category, RunWarning):
+        return f"warning: {message}\n"
+    return _default(message, category, filename, lineno, line)
 
 
 _RAY_OPTIONS = ("use_ray", "ray_address", "num_gpus_per_worker", "num_cpus_per_worker", "num_cpus_per_read")

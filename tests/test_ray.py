@@ -10,6 +10,7 @@ ONNX, ViT and user-Dataset runs, and the two-node cluster (``tests/test_ray_clus
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import subprocess
@@ -465,3 +466,35 @@ def test_metrics_and_boxes_match_local(cluster, dataset, tmp_path):
         np.testing.assert_allclose(y, x, atol=1e-4, equal_nan=True, err_msg=name)
     for name in ("pointing_hit", "pred_box", "confidence_increase", "id", "class_index", "status"):
         assert a[name].equals(b[name]), name
+
+
+@pytest.mark.slow
+def test_an_actors_warnings_reach_the_driver_once(cluster, tmp_path):
+    """A device-JPEG fallback happens in the actors; the driver says each kind once, as a local run does."""
+    import warnings
+
+    from PIL import Image
+
+    from gradcam_batch.engine.job.config import RunWarning
+
+    rng = np.random.default_rng(0)
+    jpegs = []
+    for _ in range(12):
+        buf = io.BytesIO()
+        Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(buf, "JPEG")
+        jpegs.append(buf.getvalue())
+    jpegs[5] = jpegs[5][:200]  # a truncated JPEG: the device decoder refuses it, and so does Pillow
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"image": pa.array(jpegs, pa.binary())}), tmp_path / "in" / "j.parquet", row_group_size=4)
+    over = {"label_column": None, "keep_columns": [], "device_jpeg": True, "batch_size": 4, "heatmap_size": None}
+    said = {}
+    two_actors = RayOptions(workers=2, num_cpus_per_worker=0.5)
+    for name, run in (("local", run_job), ("ray", lambda c: run_ray(c, two_actors))):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            run(_config(tmp_path / "in", tmp_path / name, **over))
+        said[name] = sorted(w.message.key for w in record if issubclass(w.category, RunWarning))
+    assert said["ray"] == said["local"] == ["jpeg-batch", "jpeg-image"]
+    a, b = _read(tmp_path / "local"), _read(tmp_path / "ray")
+    assert b["status"].to_pylist().count("error") == 1
+    assert_same_rows(a, b)

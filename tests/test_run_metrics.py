@@ -177,6 +177,35 @@ def test_a_small_png_image_with_its_box(tmp_path):
     assert got["box_energy"].null_count == 0 and got["pointing_hit"].null_count == 0
 
 
+def test_a_corrupt_jpeg_on_the_device_route_with_boxes_is_an_error_row(tmp_path):
+    """A corrupt file that starts like a JPEG passes the device check; its header, read for the box
+    geometry, then fails. That is the row's error, not the run's (which a rerun would only repeat)."""
+    pytest.importorskip("torchvision")
+    pytest.importorskip("scipy")
+    arr = (np.random.default_rng(0).random((40, 40, 3)) * 60).astype(np.uint8)
+    arr[4:20, 4:20] = 255
+    good = png_bytes(arr, "JPEG", quality=95)
+    corrupt = b"\xff\xd8\xff" + bytes(range(256)) * 4
+    boxes = [[[4.0, 4.0, 20.0, 20.0]]] * 3
+    t = pa.table({"image": pa.array([good, corrupt, good], pa.binary()), "box": pa.array(boxes)})
+    inp = write_table(tmp_path / "in.parquet", t)
+    res = invoke(["run", str(inp), *base_args(tmp_path, tmp_path / "o"), "--box-column", "box", "--device-jpeg"])
+    assert res.exit_code == 0, res.output
+    got = read_output(tmp_path / "o")
+    assert got["status"].to_pylist() == ["ok", "error", "ok"]
+    assert "cannot identify image format" in got["error"].to_pylist()[1]
+    assert got["box_energy"].null_count == 1
+
+
+def test_an_image_error_that_escapes_is_not_transient():
+    from PIL import UnidentifiedImageError
+
+    from gradcam_batch.engine.job.local import is_transient
+
+    assert not is_transient(UnidentifiedImageError("cannot identify image file"))
+    assert is_transient(OSError(28, "No space left on device"))
+
+
 def test_explain_fills_explanation_metrics():
     import torch
 

@@ -42,10 +42,18 @@ from gradcam_batch.engine.job.step import BatchExplainer
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether a rerun can get past ``exc``: I/O errors, a full disk, an interrupt."""
+    """Whether a rerun can get past ``exc``: I/O errors, a full disk, an interrupt.
+
+    Pillow's ``UnidentifiedImageError`` is an ``OSError`` about an image's content: the same
+    bytes fail the same way on every rerun.
+    """
+    from PIL import UnidentifiedImageError
+
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        if isinstance(exc, UnidentifiedImageError):
+            return False
         if isinstance(exc, (OSError, KeyboardInterrupt, MemoryError)):
             return True
         exc = exc.__cause__ or exc.__context__

@@ -10,7 +10,9 @@ It is driven by the plan's units (``RunPlan.units``: row ranges of the input fil
       -> iter_batches() on the driver -> HeatmapWriter     # the sink and manifest of the local runner
 
 Each row carries its unit and its row number from the read, so its file, its default id and the
-unit it completes are known exactly. The driver writes a unit once all its rows are back, through
+unit it completes are known exactly. Warnings raised in an actor (a decode fallback, a compile
+fallback) ride on its next output rows to the driver, which says each once, as the local runner
+does; Ray's own log forwarding is off by default. The driver writes a unit once all its rows are back, through
 the same ``HeatmapWriter`` and manifest as the local runner (``engine/job/local.py``): resume works
 per unit, and each runner resumes the other's output. The driver holds the output directory's lock.
 
@@ -30,7 +32,10 @@ and nothing outside Ray imports them.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -43,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from gradcam_batch.engine.job.config import RunConfig, RunSetupError
+from gradcam_batch.engine.job.config import RunConfig, RunSetupError, RunWarning
 from gradcam_batch.engine.job.local import execute
 from gradcam_batch.engine.job.plan import RunPlan, build_plan, plan_for_schema
 from gradcam_batch.engine.job.sink import HeatmapWriter, WriteItem, next_part_index
@@ -52,7 +57,8 @@ from gradcam_batch.source_root import drop_source_root
 
 # Columns that travel between the stages beside the input's own (check_column_roles keeps "__" names out).
 UNIT, ROW, ERROR, PIXELS, JPEG, FIRST, SIZE = "__unit", "__row", "__error", "__pixels", "__jpeg", "__first", "__size"
-_INTERNAL = (UNIT, ROW, FIRST)
+WARNINGS = "__warnings"  # an actor's new warnings, as JSON [[category, key, message], ...] on one row
+_INTERNAL = (UNIT, ROW, FIRST, WARNINGS)
 _NO_UNIT = -1  # rows of a user's Dataset
 
 
@@ -223,8 +229,45 @@ def _sizes(part: pa.Table) -> np.ndarray | None:
     return part.column(SIZE).combine_chunks().flatten().to_numpy().reshape(-1, 2)
 
 
+class WarningRelay:
+    """Warnings recorded in one process, each kind once (``RunWarning.key``, else the text), to pass on."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.pending: list[list[str]] = []
+
+    @contextlib.contextmanager
+    def record(self):
+        with warnings.catch_warnings(record=True) as caught:
+            try:
+                yield
+            finally:
+                for w in caught:
+                    key = getattr(w.message, "key", None) or str(w.message)
+                    if key not in self.seen:
+                        self.seen.add(key)
+                        self.pending.append([w.category.__name__, key, str(w.message)])
+
+    def take(self) -> list[list[str]]:
+        out, self.pending = self.pending, []
+        return out
+
+
+def say_warning(category: str, key: str, message: str) -> None:
+    """Warn on this process (the driver) as the actor did: a ``RunWarning`` keeps its key."""
+    if category == RunWarning.__name__:
+        warnings.warn(RunWarning(message, key), stacklevel=2)
+        return
+    cls = getattr(builtins, category, None)
+    warnings.warn(message, cls if isinstance(cls, type) and issubclass(cls, Warning) else UserWarning, stacklevel=2)
+
+
 class ExplainActor:
-    """Stage 2: one ``BatchExplainer`` per actor, loaded once; decoded rows in, output rows out."""
+    """Stage 2: one ``BatchExplainer`` per actor, loaded once; decoded rows in, output rows out.
+
+    With ``tag_rows`` (a planned run, whose driver reads the rows) the warnings raised here go to
+    the driver on the output rows (``WARNINGS``); for a user's Dataset they stay with the worker.
+    """
 
     def __init__(self, plan: RunPlan, *, tag_rows: bool = True):
         # Ray puts the driver's working directory on the workers' sys.path; from a checkout that
@@ -235,29 +278,40 @@ class ExplainActor:
 
         self.plan = plan
         self.tag_rows = tag_rows
-        self.step = BatchExplainer(plan, resolve_device(plan.config.device))
+        self.relay = WarningRelay()
+        with self.relay.record() if tag_rows else contextlib.nullcontext():
+            self.step = BatchExplainer(plan, resolve_device(plan.config.device))
 
     def __call__(self, table: pa.Table) -> pa.Table:
         outs = []
-        for db, index in decoded_batches(table, self.plan):
-            out = self.step(db)
-            t = out.table
-            if self.tag_rows:
-                src = out.source_rows
-                first = np.ones(len(src), dtype=bool)
-                first[1:] = src[1:] != src[:-1]
-                t = t.append_column(UNIT, pa.array(np.full(len(src), index, np.int32)))
-                t = t.append_column(ROW, pa.array(db.row_index[src].astype(np.int64)))
-                t = t.append_column(FIRST, pa.array(first))
-            outs.append(t)
-        return pa.concat_tables(outs) if outs else _empty_output(self.plan, self.tag_rows)
+        with self.relay.record() if self.tag_rows else contextlib.nullcontext():
+            for db, index in decoded_batches(table, self.plan):
+                out = self.step(db)
+                t = out.table
+                if self.tag_rows:
+                    src = out.source_rows
+                    first = np.ones(len(src), dtype=bool)
+                    first[1:] = src[1:] != src[:-1]
+                    t = t.append_column(UNIT, pa.array(np.full(len(src), index, np.int32)))
+                    t = t.append_column(ROW, pa.array(db.row_index[src].astype(np.int64)))
+                    t = t.append_column(FIRST, pa.array(first))
+                outs.append(t)
+        if not outs:
+            return _empty_output(self.plan, self.tag_rows)  # the warnings wait for rows to ride on
+        result = pa.concat_tables(outs)
+        if self.tag_rows:
+            said = [None] * result.num_rows
+            if result.num_rows and self.relay.pending:
+                said[0] = json.dumps(self.relay.take())
+            result = result.append_column(WARNINGS, pa.array(said, pa.string()))
+        return result
 
 
 def _empty_output(plan: RunPlan, tagged: bool) -> pa.Table:
     schema = plan.schema
     if tagged:
         schema = schema.append(pa.field(UNIT, pa.int32())).append(pa.field(ROW, pa.int64()))
-        schema = schema.append(pa.field(FIRST, pa.bool_()))
+        schema = schema.append(pa.field(FIRST, pa.bool_())).append(pa.field(WARNINGS, pa.string()))
     return schema.empty_table()
 
 
@@ -459,8 +513,14 @@ class RayRun:
             if value is not None and value < 0:
                 raise RunSetupError(f"{name} must be >= 0, got {value}")
         # The driver probes the model on the CPU: it must not hold GPU memory that an actor needs,
-        # and a Ray Client driver may have no GPU at all.
-        self.plan = build_plan(config, device="cpu")
+        # and a Ray Client driver may have no GPU at all. Its warnings pass through the relay that
+        # the actors' warnings pass through, so that a warning both give is said once.
+        self.relay = WarningRelay()
+        try:
+            with self.relay.record():
+                self.plan = build_plan(config, device="cpu")
+        finally:
+            self._say_warnings([])
         if len({type(f.filesystem).__name__ for f in self.plan.files}) > 1:
             raise RunSetupError("with --ray all inputs must be on one filesystem (all local, or one URI scheme)")
         from gradcam_batch.engine.job.sink import Manifest
@@ -500,6 +560,16 @@ class RayRun:
     @property
     def device_label(self) -> str:
         return f"ray ({self.workers} x {self.gpus:g} GPU)" if self.gpus else f"ray ({self.workers} x CPU)"
+
+    def _say_warnings(self, payloads: list[str]) -> None:
+        """Say the warnings recorded here and those of the actors' rows (JSON), each kind once."""
+        for payload in payloads:
+            for category, key, message in json.loads(payload):
+                if key not in self.relay.seen:
+                    self.relay.seen.add(key)
+                    self.relay.pending.append([category, key, message])
+        for category, key, message in self.relay.take():
+            say_warning(category, key, message)
 
     def close(self) -> None:
         """Shut down the Ray that this run started (not one that was running before)."""
@@ -541,6 +611,7 @@ class RayRun:
             bar = tqdm(total=sum(plan.units[i].rows for i in pending), unit="img", dynamic_ncols=True, smoothing=0.1)
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                self._say_warnings(batch.column(WARNINGS).drop_null().to_pylist())
                 units = batch.column(UNIT).to_numpy()
                 firsts = batch.column(FIRST).to_numpy(zero_copy_only=False)
                 for index in dict.fromkeys(units.tolist()):

@@ -661,32 +661,76 @@ def jpeg_fits_device(data: bytes, max_image_pixels: int | None) -> bool:
     return w * h <= max_image_pixels
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says that the device ran out of memory (torch's error, or nvJPEG's allocator's)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "allocator_failure" in text
+
+
 def decode_jpegs_on_device(
     jpegs: Sequence[bytes],
     prep: Preprocess,
     device: torch.device,
     *,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    warn: Callable[[str, str], object] | None = None,
 ) -> tuple[list[torch.Tensor | None], list[str | None]]:
     """Decode JPEGs with torchvision on ``device`` (nvJPEG on CUDA), then resize and crop there.
 
-    Returns per image an (H, W, 3) uint8 tensor on ``device`` or None with the reason. A batch that
-    nvJPEG refuses as a whole is retried image by image; an image it cannot decode (CMYK,
-    unusual sampling, corrupt) falls back to Pillow on the host.
+    Returns per image an (H, W, 3) uint8 tensor on ``device`` or None with the reason. What does
+    not decode on the device falls back to Pillow on the host, which decides whether the image is
+    bad (an error row) or only beyond the device decoder (CMYK, unusual sampling). Each fallback
+    is reported through ``warn(kind, message)``, which the batch step says once per run per kind:
+
+    - ``"jpeg-oom"``: the device ran out of memory. That says nothing about the images, so none is
+      retried on the device (one by one would fail the same way) and the batch decodes on the host:
+      the output is right, only slower. Failing the batch instead would stop the run, and a rerun
+      would meet the same batch at the same memory.
+    - ``"jpeg-batch"``: the batched call refused the batch; the images are retried one at a time.
+    - ``"jpeg-image"``: an image failed on the device; Pillow decodes it, or makes it an error row.
     """
     import torch.nn.functional as F
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    def say(kind: str, message: str) -> None:
+        if warn is not None:
+            warn(kind, message)
+
+    def out_of_memory(exc: BaseException) -> None:
+        say(
+            "jpeg-oom",
+            f"device JPEG decode ran out of memory on {device} ({_first_line(exc)}); those batches were "
+            "decoded by Pillow on the host instead (slower, same output; a smaller --batch-size keeps "
+            "them on the device)",
+        )
+
     datas = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in jpegs]
+    decoded: list[torch.Tensor | None]
     try:
         decoded = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-    except Exception:
-        decoded = []
-        for d in datas:
-            try:
-                decoded.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
-            except Exception:
-                decoded.append(None)
+    except Exception as exc:
+        decoded = [None] * len(datas)
+        if is_out_of_memory(exc):
+            out_of_memory(exc)
+        else:
+            say(
+                "jpeg-batch",
+                f"device JPEG decode refused a batch ({_first_line(exc)}); its images were decoded one at a time",
+            )
+            for i, d in enumerate(datas):
+                try:
+                    decoded[i] = decode_jpeg(d, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+                except Exception as one:
+                    if is_out_of_memory(one):
+                        out_of_memory(one)
+                        break  # the rest of the batch goes to the host
+                    say(
+                        "jpeg-image",
+                        f"device JPEG decode failed on some images (first: {_first_line(one)}); Pillow decoded "
+                        "them on the host, or made them error rows",
+                    )
     out: list[torch.Tensor | None] = []
     errors: list[str | None] = []
     for raw, img in zip(jpegs, decoded, strict=True):
@@ -748,8 +792,17 @@ class DecodedBatch:
 
 
 def oriented_size(data: bytes) -> tuple[int, int]:
-    """(W, H) of an encoded image as shown, from its header: EXIF orientations 5 to 8 swap them."""
-    img = Image.open(io.BytesIO(data))
+    """(W, H) of an encoded image as shown, from its header: EXIF orientations 5 to 8 swap them.
+
+    ``DecodeError`` when the header cannot be read: a JPEG left for the device decoder reaches here
+    before any decode, and a corrupt one must become its row's error, not the run's.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise DecodeError("cannot identify image format (not an image, or corrupt)") from None
+    except Exception as exc:
+        raise DecodeError(f"cannot read the image header: {_first_line(exc)}") from None
     w, h = img.size
     with contextlib.suppress(Exception):
         if img.getexif().get(0x0112) in (5, 6, 7, 8):
@@ -1024,6 +1077,7 @@ __all__ = [
     "detect_image_column",
     "discover_inputs",
     "image_kind",
+    "is_out_of_memory",
     "is_permanent_os_error",
     "jpeg_fits_device",
     "plan_units",
