@@ -66,6 +66,8 @@ def test_uncommitted_files_are_deleted_and_redone(tmp_path):
     man["status"] = "running"
     man_path.write_text(json.dumps(man))
     (out / ".part-00003.parquet.tmp").write_bytes(b"PAR1 half a file")
+    # The writer names each file in the log before it creates it: that makes both files the run's.
+    (out / "commits.jsonl").write_text('{"open":"part-00002.parquet"}\n{"open":"part-00003.parquet"}\n')
     # A damaged uncommitted part (a crash mid-rename cannot produce one, but nothing trusts it).
     (out / last["name"]).write_bytes(b"junk")
 
