@@ -11,6 +11,7 @@ import click
 
 from gradcam_batch.cli.options import (
     BadInvocation,
+    Interrupted,
     compute_options,
     model_options,
     parse_floats3,
@@ -152,6 +153,13 @@ def run(ctx: click.Context, inputs, **opts) -> None:
       gradcam-batch run data/ -o out/ --model torchvision:resnet50 --weights r50.pt \\
           --top-k 3 --label-column label --keep-columns path
     """
+    try:
+        _run(ctx, inputs, opts)
+    except KeyboardInterrupt:  # Ctrl-C: the whole units written so far are committed
+        raise Interrupted() from None
+
+
+def _run(ctx: click.Context, inputs, opts: dict) -> None:
     from gradcam_batch.engine.job.config import RunFailed, RunSetupError
     from gradcam_batch.engine.job.local import prepare, summary_line
 
