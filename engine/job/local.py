@@ -154,10 +154,34 @@ def metric_means(out_dir: Path, files: list[dict], schema) -> dict:
     }
 
 
+def malformed_box_images(out_dir: Path, files: list[dict], plan: RunPlan) -> int | None:
+    """How many explained images of the committed files have a malformed box (None: the run has no boxes).
+
+    Each row of such an image carries the note (``boxes.BOX_NOTE``); one row per image and method has
+    class rank 0.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from gradcam_batch.engine.job.boxes import BOX_NOTE
+
+    if plan.boxes is None:
+        return None
+    rows = 0
+    for f in files:
+        t = pq.read_table(out_dir / f["name"], columns=["class_rank", "status", "error"])
+        first = pc.and_(pc.equal(t["class_rank"], 0), pc.equal(t["status"], "ok"))
+        rows += pc.sum(pc.and_(first, pc.match_substring(t["error"], BOX_NOTE))).as_py() or 0
+    return rows // len(plan.methods)
+
+
 def close_output(manifest: Manifest, session: dict, seconds: float, device_label: str, plan: RunPlan) -> None:
     means = metric_means(plan.out_dir, manifest.files, plan.schema)
     if means:
         manifest.data["metric_means"] = means
+    malformed = malformed_box_images(plan.out_dir, manifest.files, plan)
+    if malformed is not None:
+        manifest.data["malformed_boxes"] = malformed
     rate = session["images"] / seconds if seconds > 0 else 0.0
     throughput = {"images": session["images"], "seconds": round(seconds, 3), "images_per_s": round(rate, 2)}
     manifest.data["sessions"].append({**throughput, "device": device_label, "ended": time.time()})
@@ -182,6 +206,7 @@ def summary(plan: RunPlan, manifest: Manifest, session: dict, seconds: float, *,
         "target_layer": plan.target_layer,
         "device": device,
         "metric_means": manifest.data.get("metric_means"),
+        "malformed_boxes": manifest.data.get("malformed_boxes"),  # images of the output; None without boxes
     }
 
 
@@ -384,6 +409,8 @@ def summary_line(summary: dict) -> str:
     }
     shown = [labels[k].format(v) for k, v in means.items() if k in labels and v is not None]
     metrics = f"; {', '.join(shown)}" if shown else ""
+    if summary.get("malformed_boxes"):
+        metrics += f"; {_count(summary['malformed_boxes'], 'image')} with malformed boxes (no box metrics; see error)"
     return (
         f"explained {_count(summary['images'], 'image')} ({_count(summary['rows_out'], 'row')}, "
         f"{_count(summary['errors'], 'error')}) in "
