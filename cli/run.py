@@ -73,7 +73,13 @@ def _is_default(ctx: click.Context, name: str) -> bool:
 @click.option(
     "--heatmap-size", default="input", show_default=True, help="N, HxW, input (the model's input size), or none."
 )
-@click.option("--heatmap-dtype", type=click.Choice(["uint8", "float16"]), default="uint8", show_default=True)
+@click.option(
+    "--heatmap-dtype",
+    type=click.Choice(["uint8", "float16"]),
+    default="uint8",
+    show_default=True,
+    help="Heatmap values: uint8 is round(255 x) of the [0, 1] map.",
+)
 @click.option(
     "--rows-per-file", default=10_000, show_default=True, type=click.IntRange(min=1), help="Output rows per file."
 )
@@ -119,7 +125,13 @@ def _is_default(ctx: click.Context, name: str) -> bool:
     help="Ground-truth boxes (list<list<float>[4]>, list<float>[4], HF struct<bbox, category>, or four coordinate "
     "columns): adds pointing_hit, box_energy, pred_box, box_iou.",
 )
-@click.option("--box-format", type=click.Choice(["xyxy", "coco"]), default="xyxy", show_default=True)
+@click.option(
+    "--box-format",
+    type=click.Choice(["xyxy", "coco"]),
+    default="xyxy",
+    show_default=True,
+    help="Box coordinates: x0,y0,x1,y1 or COCO's x,y,width,height.",
+)
 @click.option(
     "--pointing-tolerance",
     default=15.0,
