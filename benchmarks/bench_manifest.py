@@ -1,9 +1,9 @@
 """Bytes the manifest costs over a long run: the commit log against a rewrite per commit.
 
 Opens and commits the part files of a run of ``--units`` input units (``--units-per-file`` each)
-through ``Manifest.note_open`` and ``Manifest.commit_file``, as the writer does, and counts the manifest bytes written. ``--old REF``
-runs the same commits through the sink of a git revision (the manifest that rewrote
-``manifest.json`` on every commit) and counts that too, side by side::
+through ``Manifest.note_open`` and ``Manifest.commit_file``, as the writer does, and counts the
+manifest bytes written. ``--old REF`` runs the same commits through the sink of a git revision
+(the manifest that rewrote ``manifest.json`` on every commit) and counts that too, side by side::
 
     python benchmarks/bench_manifest.py --units 20000 --old b06807e
 """

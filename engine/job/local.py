@@ -59,7 +59,7 @@ def open_output(plan: RunPlan) -> tuple[Manifest, list[str]]:
 
     The directory is checked again, under the lock, as the plan checked it: ``RunSetupError`` when
     it changed since (nothing deleted then). A resume deletes the uncommitted files of the run
-    there, an overwrite all the run's files; nothing else (``sink.survey``). Returns the manifest
+    there, an overwrite all the run's files; nothing else (``outdir.survey``). Returns the manifest
     and the names of the uncommitted files deleted. Both runners call this, so the output of one
     can be resumed by the other.
     """

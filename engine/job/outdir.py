@@ -184,7 +184,8 @@ def remove_own(s: OutputSurvey, names: list[str]) -> None:
     A crash part-way then leaves a manifest whose listed files are missing (an overwrite takes it
     up again) or nothing of the run at all, never a part file that nothing names.
     """
-    assert set(names) <= set(s.own) and LOCK not in names, "only the run's own files, never the held lock"
+    if not set(names) <= set(s.own) or LOCK in names:  # a guard that survives python -O
+        raise RuntimeError(f"refusing to delete {sorted(set(names) - set(s.own)) or [LOCK]}: not the run's own")
     order = {COMMIT_LOG: 1, MANIFEST: 2}
     for name in sorted(names, key=lambda n: order.get(n, 0)):
         with contextlib.suppress(FileNotFoundError):
