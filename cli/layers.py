@@ -6,6 +6,8 @@ import re
 
 import click
 
+from gradcam_batch.cli.options import BadInvocation
+
 
 def _parse_size(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
@@ -71,8 +73,8 @@ def layers(
     try:
         prep = model_preprocessing(model_spec)
         model = load_model(model_spec, weights=weights, num_classes=num_classes, weights_strict=weights_strict)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:  # ModelSpecError: a bad invocation, exit 2 as in `run`
+        raise BadInvocation(str(exc)) from None
     if prep is None:
         click.echo(
             "preprocessing: run's defaults: resize shorter side to 256, center crop 224x224, bilinear, "
@@ -83,7 +85,7 @@ def layers(
         size = size or prep.input_size
     static = getattr(model, "input_size", None)  # an ONNX model exported at a fixed size
     if size is not None and static is not None and tuple(size) != tuple(static):
-        raise click.ClickException(
+        raise BadInvocation(
             f"the model takes {static[0]}x{static[1]} inputs only; drop --input-size or pass {static[0]}x{static[1]}"
         )
     h, w = size or static or (224, 224)
@@ -96,7 +98,7 @@ def layers(
             infos = model.probe_layers(sample)
     except (ValueError, TypeError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise click.ClickException(f"probe forward at input size {h}x{w} failed: {first}") from None
+        raise BadInvocation(f"probe forward at input size {h}x{w} failed: {first}") from None
 
     rows = [i for i in infos if show_all or i.candidate or i.chosen]
     if not rows:

@@ -158,7 +158,8 @@ def resumed(cluster, dataset, single, tmp_path_factory):
     manifest["files"] = [first]
     manifest["status"] = "running"
     (out / "manifest.json").write_text(json.dumps(manifest))
-    (out / ".part-00001.parquet.tmp").write_bytes(b"partial")  # a killed run's leftovers
+    (out / ".part-00001.parquet.tmp").write_bytes(b"partial")  # a killed run's leftovers...
+    (out / "commits.jsonl").write_text('{"open":"part-00001.parquet"}\n')  # ...named in its log: the run's
     summary = run_ray(_config(dataset, out), RayOptions(workers=1))
     return out, summary, first
 
@@ -273,6 +274,20 @@ def test_setup_errors_are_one_line(cluster, dataset, tmp_path):
     with pytest.raises(RunSetupError, match="no CPU left for the read tasks"):
         run_ray(_config(dataset, tmp_path / "o"), RayOptions(workers=2))
     assert not (tmp_path / "o").exists()
+
+
+def test_an_output_changed_after_the_checks_is_a_setup_error(cluster, dataset, tmp_path):
+    """The runners share ``execute``: under the lock, the output is checked again, as the plan did."""
+    from gradcam_batch.engine.job.ray_runner import prepare_ray
+
+    out = tmp_path / "o"
+    job = prepare_ray(_config(dataset, out), RayOptions(workers=1))
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # lands after the plan was checked
+    with pytest.raises(RunSetupError, match=r"not empty and holds no gradcam-batch run \(notes.txt\)"):
+        job.run()
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_check_schedulable_names_the_missing_resource():
@@ -498,3 +513,43 @@ def test_an_actors_warnings_reach_the_driver_once(cluster, tmp_path):
     a, b = _read(tmp_path / "local"), _read(tmp_path / "ray")
     assert b["status"].to_pylist().count("error") == 1
     assert_same_rows(a, b)
+
+
+@pytest.mark.slow
+def test_a_real_sigint_stops_a_ray_run_with_the_resume_line(dataset, tmp_path):
+    import os
+    import signal
+    import time
+
+    from gradcam_batch.engine.job.sink import Manifest
+
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "gradcam_batch", "run", str(dataset), "-o", str(out), "--model",
+           demo_assets.MODEL_SPEC, "--weights", str(demo_assets.CHECKPOINT), "--image-column", "image",
+           "--batch-size", "4", "--rows-per-file", "4", "--resize", "48", "--crop", "48", "--no-progress",
+           "--ray", "--workers", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if (out / "manifest.json").exists() and Manifest.load(out).files:
+                    break
+            except ValueError:
+                pass
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "Error: interrupted; rerun the same command to resume", stderr[-3000:]
+    assert "Aborted" not in stderr
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ids = _read(out)["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 40

@@ -4,14 +4,16 @@
 order, and raises ``RunSetupError`` with one line for the first that fails:
 
 1. the numbers (batch size, top-k, limit, ...) and the class selection;
-2. the preprocessing;
+2. the preprocessing, and the input and heatmap sizes against ``MAX_SIDE``;
 3. the inputs, their columns and the column roles (every file, same types), the output directory
-   (never inside an input directory), the planned units;
+   (never inside an input directory; a directory, or creatable as one, and writable), the planned
+   units;
 4. the model: it is loaded, its weights hashed (``state_digest``), and one blank image goes through
    the ``Explainer``, which finds the target layer, the class count and the cam size; classes and
    top-k are checked against them;
-5. the output schema and the fingerprint, and, when the output directory holds a run, that it is
-   the same run (resume) or ``overwrite`` is set.
+5. the output schema and the fingerprint, and what the output directory holds (``sink.survey``):
+   nothing, the same run (resume), or a run that ``overwrite`` replaces. A foreign file stops it
+   where the run would have to delete it or could mistake it for its own.
 
 Building a plan writes nothing. Every runner (local, Ray) takes a plan; the batch step
 (``engine/job/step.py``) reads only the plan. A plan pickles (the Ray actors receive it).
@@ -26,6 +28,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,8 +41,8 @@ import torch
 from gradcam_batch.engine.explain.methods import parse_methods
 from gradcam_batch.engine.job.boxes import BoxSpec, box_spec
 from gradcam_batch.engine.job.config import RunConfig, RunSetupError, RunWarning, first_line, resolve_device
+from gradcam_batch.engine.job.outdir import output_problem, survey
 from gradcam_batch.engine.job.schema import CAM_DTYPES, HEATMAP_DTYPES, RESULT_COLUMNS, output_schema
-from gradcam_batch.engine.job.sink import Manifest, own_files
 from gradcam_batch.engine.job.source import (
     InputFile,
     Preprocess,
@@ -54,6 +57,10 @@ from gradcam_batch.engine.models.loader import random_weights_note
 from gradcam_batch.engine.models.weights import state_digest
 
 MAX_UNIT_ROWS = 4096
+# The largest side, in pixels, of the model input (crop, resize) and of the heatmap. A bound far
+# above any classifier's input that keeps a typo (--crop 100000: a 120 GB probe input) from
+# allocating; the README states it.
+MAX_SIDE = 8192
 METRICS = ("deletion", "insertion", "confidence")
 _HASH_CHUNK = 1 << 20
 
@@ -272,7 +279,39 @@ def _check_numbers(c: RunConfig) -> tuple[ClassSelection, Preprocess]:
         )
     except (ValueError, TypeError) as exc:
         raise RunSetupError(first_line(exc)) from None
+    check_sizes(prep, c.heatmap_size)
     return selection, prep
+
+
+def check_sizes(prep: Preprocess, heatmap_size) -> None:
+    """Every side of the resize, the crop and the heatmap size is at most ``MAX_SIDE`` pixels."""
+    for name, size in (("resize", prep.resize), ("crop", prep.crop), ("heatmap size", heatmap_size)):
+        if isinstance(size, int) and not isinstance(size, bool):
+            sides = (size,)
+        elif isinstance(size, (tuple, list)) and all(isinstance(v, int) for v in size):
+            sides = tuple(size)
+        else:
+            continue  # None, "input", or a value that a later check refuses
+        if sides and max(sides) > MAX_SIDE:
+            shown = "x".join(str(v) for v in sides)
+            raise RunSetupError(f"{name} {shown} is above the limit of {MAX_SIDE} pixels a side")
+
+
+def check_writable(out_dir: Path, shown: str) -> None:
+    """``out_dir`` is a writable directory, or can be made one: its nearest existing ancestor is a
+    writable directory. Reads only (``os.access``: a read-only mount fails it even for root)."""
+    p = out_dir
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise RunSetupError(f"the output {shown} cannot be made: {p} is not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        why = "Read-only file system" if read_only else "Permission denied"
+        raise RunSetupError(f"cannot write the output {shown}: {p}: {why}")
 
 
 def check_column_roles(schema: pa.Schema, *, image_column: str, keep: Sequence[str], label_column: str | None) -> None:
@@ -308,6 +347,7 @@ def _build(c: RunConfig, device, model) -> RunPlan:
             raise RunSetupError(f"the output directory {c.output} holds the input {f.uri}; choose another")
     if out_dir.exists() and not out_dir.is_dir():
         raise RunSetupError(f"the output {c.output} exists and is not a directory")
+    check_writable(out_dir, c.output)
     first = files[0].schema
     image_column = c.image_column or detect_image_column(first)
     keep = tuple(dict.fromkeys(c.keep_columns))
@@ -636,30 +676,24 @@ def fingerprint(plan: RunPlan) -> str:
 
 
 def check_output(plan: RunPlan) -> None:
-    """The output directory is empty, absent, or holds this same run (or ``overwrite`` is set). Reads only."""
-    out, c = plan.out_dir, plan.config
-    if out is None or not out.exists() or c.overwrite:
+    """The output directory is absent or empty, holds this same run, or a run that ``overwrite``
+    replaces, and no foreign file is in the way (``sink.output_problem``). Reads only."""
+    if plan.out_dir is None:
         return
-    manifest = Manifest.load(out)
-    if manifest is None:
-        others = [p.name for p in out.iterdir() if p not in own_files(out) and p.name != ".lock"]
-        if others:
-            raise RunSetupError(
-                f"the output directory {c.output} is not empty and holds no gradcam-batch run; choose another"
-            )
-    elif manifest.data.get("fingerprint") != plan.fingerprint:
-        raise RunSetupError(
-            f"{c.output} holds a run with other settings, model or inputs; pass --overwrite to replace it, "
-            "or choose another output directory"
-        )
+    problem = output_problem(survey(plan.out_dir), fingerprint=plan.fingerprint, overwrite=plan.config.overwrite)
+    if problem is not None:
+        raise RunSetupError(problem)
 
 
 __all__ = [
     "ClassSelection",
     "ModelHandle",
     "RunPlan",
+    "MAX_SIDE",
     "build_plan",
     "check_column_roles",
+    "check_sizes",
+    "check_writable",
     "fingerprint",
     "plan_for_schema",
 ]

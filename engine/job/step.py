@@ -319,15 +319,19 @@ class BatchExplainer:
         with torch.inference_mode(), autocast:
             return self.explainer._score_fn(self.explainer.model(x)).float()
 
-    def _box_metrics(self, pending: PendingBatch, host: DeviceResult, ok: np.ndarray) -> dict[str, np.ndarray]:
-        """Pointing game, box energy, the paper's box and its IoU, on the host (``engine/metrics``)."""
+    def _box_metrics(
+        self, pending: PendingBatch, host: DeviceResult, ok: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], list[str | None]]:
+        """Pointing game, box energy, the paper's box and its IoU, on the host (``engine/metrics``);
+        and per explained image, the note on a malformed box (``engine/job/boxes.py``)."""
         from gradcam_batch.engine.job.boxes import read_boxes, to_input_frame
         from gradcam_batch.engine.metrics import box_metrics
 
         batch, plan = pending.batch, self.plan
-        boxes, cats = read_boxes(batch.rows, plan.boxes)
+        boxes, cats, box_notes = read_boxes(batch.rows, plan.boxes)
         sizes = batch.sizes if batch.sizes is not None else np.full((batch.num_rows, 2), -1)
-        framed = [to_input_frame(boxes[r], cats[r], tuple(sizes[r]), plan.prep) for r in np.flatnonzero(ok)]
+        explained = np.flatnonzero(ok)
+        framed = [to_input_frame(boxes[r], cats[r], tuple(sizes[r]), plan.prep) for r in explained]
         have_cats = any(ct is not None for _, ct in framed)
         out = box_metrics(
             torch.from_numpy(host.saliency),
@@ -337,7 +341,7 @@ class BatchExplainer:
             categories=[None if ct is None else torch.from_numpy(ct) for _, ct in framed] if have_cats else None,
             classes=torch.from_numpy(host.classes) if have_cats else None,
         )
-        return {k: v.numpy() for k, v in out.items()}
+        return {k: v.numpy() for k, v in out.items()}, [box_notes[r] for r in explained]
 
     def _selector(self, labels: torch.Tensor | None):
         """scores (B, N) -> classes (B, C): the fixed classes or the top-k, then the label slot."""
@@ -366,14 +370,18 @@ class BatchExplainer:
         else:
             host = pending.result.map(lambda t: t.cpu().numpy())
             extras = dict(host.extras)
+            box_notes = None
             if self.plan.boxes is not None:
-                extras.update(self._box_metrics(pending, host, ok))
+                box_extras, box_notes = self._box_metrics(pending, host, ok)
+                extras.update(box_extras)
             arrays = {f.name: getattr(host, f.name) for f in fields(host) if f.name not in ("extras", "saliency")}
             keep = np.ones(arrays["classes"].shape, dtype=bool)
             if self.plan.label_column and self.plan.selection.slots > 1:
                 cls = arrays["classes"][:, :c_slots]  # every method's block holds the same classes
                 valid = np.array([nt is None for nt in notes], dtype=bool)
                 keep[:, c_slots - 1 :: c_slots] = (valid & ~(cls[:, :-1] == cls[:, -1:]).any(axis=1))[:, None]
+            if box_notes is not None:  # after the label notes decided which label slots to keep
+                notes = ["; ".join(n for n in pair if n) or None for pair in zip(notes, box_notes, strict=True)]
             arrays["keep"] = keep
             faults = arrays.pop("faults")
             arrays["extras"] = extras
