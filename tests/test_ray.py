@@ -223,8 +223,10 @@ def test_counterfactual_without_heatmaps_matches_local(cluster, dataset, tmp_pat
 
 
 def test_every_option_reaches_the_batch_step(cluster, dataset, tmp_path):
-    """Each RunConfig field, set away from its default where a run allows, arrives on an actor as sent."""
-    from gradcam_batch.engine.job.ray_runner import ExplainActor
+    """Each RunConfig field, set away from its default where a run allows, arrives on an actor as
+    sent, and shows in what the actor computes: its output rows equal this process's, and carry the
+    options' effects (heatmap size and dtype, the classes, the id column, counterfactual maps)."""
+    from gradcam_batch.engine.job.ray_runner import ExplainActor, decode_rows
 
     cfg = _config(
         dataset,
@@ -245,13 +247,16 @@ def test_every_option_reaches_the_batch_step(cluster, dataset, tmp_path):
         extra={"note": "x"},
     )
     plan = build_plan(cfg, device="cpu")
+    rows = pq.read_table(next(dataset.glob("a.parquet"))).slice(0, 8)
+    decoded = decode_rows(rows, plan=plan, cpus=1)  # no unit: the output rows come untagged
 
     @ray.remote
-    def on_an_actor(plan):
-        step = ExplainActor(plan).step
-        return dataclasses.asdict(step.plan.config), step.plan.fingerprint, step.explainer.method
+    def on_an_actor(plan, decoded):
+        actor = ExplainActor(plan, tag_rows=False)
+        step = actor.step
+        return dataclasses.asdict(step.plan.config), step.plan.fingerprint, step.explainer.method, actor(decoded)
 
-    seen, fingerprint, method = ray.get(on_an_actor.remote(plan))
+    seen, fingerprint, method, out = ray.get(on_an_actor.remote(plan, decoded))
     sent = dataclasses.asdict(cfg)
     assert seen.keys() == sent.keys() == {f.name for f in dataclasses.fields(RunConfig)}
     for name in sent:
@@ -259,6 +264,19 @@ def test_every_option_reaches_the_batch_step(cluster, dataset, tmp_path):
         want = sent[name]
         assert (list(got) if isinstance(got, tuple) else got) == (list(want) if isinstance(want, tuple) else want), name
     assert fingerprint == plan.fingerprint and method == "cam"
+    # The effects, in the actor's output.
+    here = ExplainActor(plan, tag_rows=False)(decoded)
+    assert_same_rows(here, out)
+    heat = out.schema.field("heatmap").type
+    assert tuple(heat.shape) == (20, 24) and heat.value_type == pa.float16()
+    ok = out.filter(pa.compute.equal(out.column("status"), "ok"))
+    pairs = list(zip(ok.column("class_index").to_pylist(), ok.column("label").to_pylist(), strict=True))
+    assert {c for c, _ in pairs} >= {1, 3} and all(c in (1, 3) or c == label for c, label in pairs)
+    assert list(dict.fromkeys(out.column("id").to_pylist())) == rows.column("image_id").to_pylist()
+    # Counterfactual: the maps of the negated gradients differ from the plain ones.
+    plain = build_plan(dataclasses.replace(cfg, counterfactual=False), device="cpu")
+    plain_cams = _tensor(ExplainActor(plain, tag_rows=False)(decoded).column("cam"))
+    assert not np.allclose(plain_cams, _tensor(out.column("cam")), equal_nan=True)
 
 
 def test_setup_errors_are_one_line(cluster, dataset, tmp_path):

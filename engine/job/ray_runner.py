@@ -407,6 +407,9 @@ def _stages(ds, plan: RunPlan, workers: int, gpus: float, options: RayOptions, *
                 compute=TaskPoolStrategy(size=readers),
                 ray_remote_args_fn=_spread,
             )
+        # A task takes whole blocks, and Ray merges a task's outputs into blocks of up to 128 MiB: a
+        # row group's undecoded rows would reach one decode task. Blocks of one batch spread the decode.
+        ds = ds.repartition(target_num_rows_per_block=plan.config.batch_size)
         ds = ds.map_batches(
             decode_rows,
             fn_kwargs={"plan": plan, "cpus": read_cpus},
@@ -683,10 +686,14 @@ class RayRun:
         # and the part files are in input order, as in a local run.
         ds.context.execution_options.preserve_order = True
         try:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                images = units.add(batch)
-                if bar is not None:
-                    bar.update(images)
+            with warnings.catch_warnings():
+                # Ray Data warns when it plans fewer input blocks than the tasks or actors it may run:
+                # the read stage's input is one item per row group, the blocks after it come later.
+                warnings.filterwarnings("ignore", message=r".*number of concurrent (tasks|actors) for 'MapBatches")
+                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    images = units.add(batch)
+                    if bar is not None:
+                        bar.update(images)
             units.finish()
             writer.close()
         except BaseException:
