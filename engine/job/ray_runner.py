@@ -6,6 +6,7 @@ It is driven by the plan's units (``RunPlan.units``: row ranges of the input fil
       -> map_batches(read_units, num_cpus=0, <= 2 tasks per node)
                                                            # Ray tasks: pyarrow streams each row group
                                                            #   once, one table of undecoded rows per unit
+      -> repartition(target_num_rows_per_block=batch size)  # so that the decode spreads over tasks
       -> map_batches(decode_rows, num_cpus=R)              # Ray tasks: Pillow decodes a batch of rows in
                                                            #   a pool of R threads (ParquetSource)
       -> map_batches(ExplainActor, compute=ActorPoolStrategy(size=N), num_gpus=G, num_cpus=W)
