@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 from run_support import bytes_table, png_bytes, write_table
 
@@ -221,6 +222,35 @@ def test_row_group_read_is_retried_then_raises(tmp_path, reader):
     with pytest.raises(InputReadError, match=r"cannot read rows 0-\d \(row group 0\) of .*x\.parquet after 3 attempts"):
         read(ParquetSource(_on(storage, files), "image", [], PREP, workers=1, retry_delay=0))
     assert issubclass(InputReadError, OSError) and storage.opens["x.parquet"] == 3
+
+
+def test_unit_rows_resume_at_the_unit_a_failed_pass_did_not_finish(tmp_path, monkeypatch):
+    """A pass over a row group that breaks mid-stream is tried again from the first unit not yet
+    yielded: no unit twice, none lost; a pass that keeps failing raises InputReadError."""
+    write_table(tmp_path / "x.parquet", bytes_table(10), row_group_size=10)
+    files, _ = discover_inputs([str(tmp_path / "x.parquet")])
+    units = plan_units(files, 3)  # 0-3, 3-6, 6-9, 9-10
+    base = pq.ParquetFile
+    breaks = {"left": 1}
+
+    class Breaking(base):
+        def iter_batches(self, *args, **kwargs):
+            for i, rb in enumerate(super().iter_batches(*args, **kwargs)):
+                if i == 2 and breaks["left"]:
+                    breaks["left"] -= 1
+                    raise ConnectionResetError("connection reset by peer")
+                yield rb
+
+    monkeypatch.setattr(pq, "ParquetFile", Breaking)
+    source = ParquetSource(files, "image", [], PREP, workers=1, retry_delay=0)
+    got = list(source.unit_rows([units[0], units[2], units[3]], chunk_rows=2))
+    assert [u.key for u, _ in got] == [units[0].key, units[2].key, units[3].key] and breaks["left"] == 0
+    full = pq.read_table(tmp_path / "x.parquet").column("image").to_pylist()
+    assert [t.column("image").to_pylist() for _, t in got] == [full[0:3], full[6:9], full[9:10]]
+
+    breaks["left"] = 99
+    with pytest.raises(InputReadError, match=r"cannot read rows 6-9 \(row group 0\) of .*x\.parquet after 3 attempts"):
+        list(source.unit_rows([units[0], units[2]], chunk_rows=2))
 
 
 # -- the size cap ---------------------------------------------------------------------------------

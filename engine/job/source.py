@@ -1002,6 +1002,82 @@ class ParquetSource:
                 f"cannot read rows {start}-{stop} (row group {row_group}) of {f.uri}{tries}: {_first_line(exc)}"
             ) from exc
 
+    def unit_rows(self, units: Sequence[Unit], *, chunk_rows: int = 4096) -> Iterator[tuple[Unit, pa.Table]]:
+        """Each unit's rows, undecoded (the image column first, then the needed columns), in the given order.
+
+        Units that follow each other in one row group are read in one pass over it, streamed in
+        chunks of ``chunk_rows`` rows: each row up to the last such unit's end is read once, and
+        only the unit being filled and one chunk are held. A transient ``OSError`` is tried again,
+        ``read_attempts`` tries in a row at most, each pass resuming at the first unit not yet
+        yielded (rows before it are read again: once per attempt); then ``InputReadError``.
+        """
+        i = 0
+        while i < len(units):
+            j = i + 1
+            while (
+                j < len(units)
+                and (units[j].file_index, units[j].row_group) == (units[i].file_index, units[i].row_group)
+                and units[j].start >= units[j - 1].stop
+            ):
+                j += 1
+            yield from self._unit_pass(list(units[i:j]), chunk_rows)
+            i = j
+
+    def _unit_pass(self, units: list[Unit], chunk_rows: int) -> Iterator[tuple[Unit, pa.Table]]:
+        """``unit_rows`` for units of one row group, in row order."""
+        f = self.files[units[0].file_index]
+        rg = units[0].row_group
+        rg_start = sum(f.row_group_rows[:rg])
+        columns = [self.image_column, *self.columns]
+        for u in units:
+            if not rg_start <= u.start < u.stop <= rg_start + f.row_group_rows[rg]:
+                raise ValueError(f"rows {u.start}-{u.stop} are not inside row group {rg} of {f.uri}")
+        todo = list(units)
+        attempt = 0
+        while todo:
+            try:
+                with f.filesystem.open_input_file(f.path) as fh:
+                    batches = pq.ParquetFile(fh).iter_batches(
+                        batch_size=max(1, min(chunk_rows, units[-1].stop - rg_start)),
+                        row_groups=[rg],
+                        columns=columns,
+                        use_threads=False,
+                    )
+                    with contextlib.closing(batches) as it:
+                        at = rg_start  # file row of the next chunk's first row
+                        parts: list[pa.RecordBatch] = []
+                        for rb in it:
+                            while todo and rb.num_rows:
+                                u = todo[0]
+                                lo, hi = max(u.start, at), min(u.stop, at + rb.num_rows)
+                                if hi > lo:
+                                    parts.append(rb.slice(lo - at, hi - lo))
+                                if at + rb.num_rows < u.stop:
+                                    break  # the unit goes on in the next chunk
+                                yield u, pa.Table.from_batches(parts, schema=rb.schema)
+                                parts = []
+                                todo.pop(0)
+                                attempt = 0
+                            at += rb.num_rows
+                            if not todo:
+                                break
+                if todo:
+                    raise OSError(f"row group {rg} of {f.uri} ended before row {todo[0].stop}")
+            except OSError as exc:
+                attempt += 1
+                if attempt >= self.read_attempts or is_permanent_os_error(exc):
+                    u = todo[0]
+                    tries = "" if is_permanent_os_error(exc) else f" after {self.read_attempts} attempts"
+                    raise InputReadError(
+                        f"cannot read rows {u.start}-{u.stop} (row group {rg}) of {f.uri}{tries}: {_first_line(exc)}"
+                    ) from exc
+                time.sleep(min(READ_RETRY_MAX_DELAY_S, self.retry_delay * 2 ** (attempt - 1)))
+
+    def decode_values(self, values: Sequence, files: Sequence[InputFile]) -> list[tuple]:
+        """``_decode_one`` over encoded values (with the file each came from), in the decode thread pool."""
+        with self._pool() as pool:
+            return list(pool.map(self._decode_one, zip(values, files, strict=True)))
+
     def _decode_unit(self, unit: Unit, table: pa.Table, table_start: int, pool) -> Iterator[DecodedBatch]:
         """The unit's rows of ``table`` (whose first row is file row ``table_start``), in batches."""
         f = self.files[unit.file_index]
