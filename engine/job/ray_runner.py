@@ -626,7 +626,7 @@ class UnitAssembler:
         del self.seen[index]
         table = table.sort_by([(ROW, "ascending"), ("class_rank", "ascending")])
         errors = int(pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0)
-        self.put(unit, table.drop_columns(list(_INTERNAL)), errors)
+        self.put(unit, table.drop_columns([c for c in _INTERNAL if c in table.column_names]), errors)
 
     def finish(self) -> None:
         """After the last batch: every unit must have been handed over."""
