@@ -194,7 +194,7 @@ def explain(prep: Prepared, *, boxes: bool = True, fresh: bool = False) -> tuple
 
 def score(clusters: pa.Table, truth: pa.Table) -> dict:
     """The flagged rows of ``clusters`` (the audit's ``clusters.parquet``) against ``truth``, joined on id."""
-    from gradcam_batch.engine.demo.planted import score_flags
+    from gradcam_batch.engine.demo.planted import best_cluster, score_flags
 
     t_ids = truth.column("id").to_pylist()
     pos = {i: k for k, i in enumerate(t_ids)}
@@ -205,7 +205,11 @@ def score(clusters: pa.Table, truth: pa.Table) -> dict:
     marked = truth.column("marked").to_numpy(zero_copy_only=False)[idx]
     relies = truth.column("relies").to_numpy(zero_copy_only=False)[idx]
     flagged = clusters.column("flagged").fill_null(False).to_numpy(zero_copy_only=False)
-    res = score_flags(flagged, marked, relies, clusters.column("class_index").to_numpy())
+    classes = clusters.column("class_index").to_numpy()
+    res = score_flags(flagged, marked, relies, classes)
+    if "cluster" in clusters.column_names:
+        keys = list(zip(classes.tolist(), clusters.column("cluster").to_pylist(), strict=True))
+        res["best_cluster"] = best_cluster(keys, marked)
     res["images_audited"] = len(set(ids))
     res["images"] = len(t_ids)
     return res
@@ -263,12 +267,16 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
+def _best(b: dict | None) -> str:
+    return "n/a" if b is None else f"{b['purity']:.2f}, {b['recall']:.2f} ({b['size']} rows)"
+
+
 def markdown(results: list[dict]) -> str:
     """One table row per result: the figures of benchmarks/RESULTS.md."""
     lines = [
         "| case | seed | boxes | marked | relies | flagged | precision | recall | precision (relied) "
-        "| recall (relied) | false-flag share | unmarked classes flagged |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| recall (relied) | false-flag share | unmarked classes flagged | best cluster: purity, recall |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         m, rel = r["against_marked"], r["against_relied"]
@@ -276,7 +284,8 @@ def markdown(results: list[dict]) -> str:
             f"| {r['case']} | {r['seed']} | {'yes' if r['boxes'] else 'no'} | {r['marked']} | {r['relies']} "
             f"| {r['flagged']} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(rel['precision'])} "
             f"| {_fmt(rel['recall'])} | {_fmt(r['false_flag_share'])} "
-            f"| {_fmt(r['false_flag_share_unmarked_classes'])} |"
+            f"| {_fmt(r['false_flag_share_unmarked_classes'])} "
+            f"| {_best(r.get('best_cluster'))} |"
         )
     return "\n".join(lines)
 

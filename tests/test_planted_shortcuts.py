@@ -171,16 +171,31 @@ def test_score_flags_by_hand():
     assert none["false_flag_share"] == 0.0
 
 
+def test_best_cluster_scores_the_clustering_apart_from_the_flags():
+    keys = [(1, 0)] * 4 + [(1, 1)] * 3 + [(0, 0)] * 3
+    marked = np.array([0, 0, 0, 1, 1, 1, 0, 0, 0, 0], bool)
+    assert planted.best_cluster(keys, marked) == {"cluster": [1, 1], "size": 3, "purity": 2 / 3, "recall": 2 / 3}
+    assert planted.best_cluster(keys, np.zeros(10, bool)) is None
+
+
 def test_benchmark_score_joins_the_audit_clusters_on_id():
     bench = _bench()
     truth = pa.table(
         {"id": ["a", "b", "c", "d"], "marked": [True, True, False, False], "relies": [True, False, False, False]}
     )
-    clusters = pa.table({"id": ["d", "c", "b", "a"], "class_index": [0, 1, 1, 1], "flagged": [False, None, True, True]})
+    clusters = pa.table(
+        {
+            "id": ["d", "c", "b", "a"],
+            "class_index": [0, 1, 1, 1],
+            "cluster": [0, 0, 1, 1],
+            "flagged": [False, None, True, True],
+        }
+    )
     s = bench.score(clusters, truth)
     assert s["against_marked"]["precision"] == 1.0 and s["against_marked"]["recall"] == 1.0
     assert s["against_relied"]["precision"] == 0.5 and s["false_flag_share"] == 0.0
     assert s["images_audited"] == 4
+    assert s["best_cluster"] == {"cluster": [1, 1], "size": 2, "purity": 1.0, "recall": 1.0}
     with pytest.raises(ValueError, match="not in the truth"):
         bench.score(pa.table({"id": ["z"], "class_index": [0], "flagged": [True]}), truth)
 

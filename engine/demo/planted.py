@@ -372,6 +372,31 @@ def score_flags(flagged: np.ndarray, marked: np.ndarray, relies: np.ndarray, cla
     }
 
 
+def best_cluster(keys: list, marked: np.ndarray) -> dict | None:
+    """The cluster that best isolates the marked rows (largest F1), flagged or not, with its purity and recall.
+
+    ``keys`` name each row's cluster (e.g. (class_index, cluster)); None when no row is marked. This
+    scores the clustering alone (did SpRAy separate the marked images?), apart from the flag rule.
+    """
+    marked = np.asarray(marked, bool)
+    total = int(marked.sum())
+    if not total:
+        return None
+    groups: dict = {}
+    for k, m in zip(keys, marked.tolist(), strict=True):
+        g = groups.setdefault(k, [0, 0])
+        g[0] += 1
+        g[1] += m
+    best = max(groups.items(), key=lambda kv: (2 * kv[1][1] / (kv[1][0] + total), -kv[1][0]))
+    (key, (size, tp)) = best
+    return {
+        "cluster": list(key) if isinstance(key, tuple) else key,
+        "size": size,
+        "purity": tp / size,
+        "recall": tp / total,
+    }
+
+
 __all__ = [
     "CASES",
     "CLASS_NAMES",
@@ -382,6 +407,7 @@ __all__ = [
     "PlantedCNN",
     "PlantedData",
     "Setup",
+    "best_cluster",
     "dataset_table",
     "eval_set",
     "image_ids",
