@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gradcam_batch.engine.audit import flags as flag_rules
 from gradcam_batch.engine.audit import render
-from gradcam_batch.engine.audit.run_output import partial_line
+from gradcam_batch.engine.audit.run_output import BOOL_METRICS, partial_line
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d1d1f;background:#f6f6f8}
@@ -49,6 +49,7 @@ img.px{image-rendering:pixelated}
 section.cls{background:#fff;border:1px solid #ddd;border-radius:8px;padding:14px 16px;margin:16px 0}
 section.cls.flagged{border-color:#D55E00}
 code{background:#eee;padding:0 3px;border-radius:3px}
+.ci{font-size:11px;color:#666;white-space:nowrap}
 """
 
 _JS = """
@@ -97,6 +98,16 @@ def _anchor(c) -> str:
     methods give two different ids, with no space or quote in them."""
     method = "".join(ch if ch.isascii() and (ch.isalnum() or ch == "-") else f"_{ord(ch):x}_" for ch in c.method)
     return f"class-{int(c.class_index)}-{method}"
+
+
+def _interval(c, m: str) -> str:
+    """The metric mean's 95% interval under it, with how it was computed and from how many rows."""
+    ci = c.metric_intervals.get(m)
+    if ci is None:
+        return ""
+    how = "Wilson score interval of a share" if m in BOOL_METRICS else "normal interval of a mean (Student's t)"
+    n = c.metric_rows.get(m, 0)
+    return f'<br><span class=ci title="95% {how}, from {n:,} rows">{ci[0]:.3f}–{ci[1]:.3f}</span>'
 
 
 def write_report(path: Path, result, images: dict) -> None:
@@ -167,7 +178,10 @@ def write_report(path: Path, result, images: dict) -> None:
     head += [_METRIC_LABELS.get(m, m) for m in metric_names]
     parts.append(
         "<div class=box><h2>Classes</h2><p class=muted>Click a column to sort. Flagged classes come "
-        "first.</p><table id=classes><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"
+        "first. Under each metric mean, its 95% interval (a normal interval with Student's t for a mean, "
+        "Wilson's for a share), from the rows that hold the metric.</p><table id=classes><thead><tr>"
+        + "".join(f"<th>{_e(h)}</th>" for h in head)
+        + "</tr></thead><tbody>"
     )
     for c in classes:
         mean = render.png_uri(render.heat_image(c.mean_heatmap, 40))
@@ -187,7 +201,7 @@ def write_report(path: Path, result, images: dict) -> None:
         ]
         for m in metric_names:
             v = c.metrics.get(m)
-            cells.append((v if v is not None else -1, _fmt(v)))
+            cells.append((v if v is not None else -1, _fmt(v) + _interval(c, m)))
         cls = " class=flagged" if n_flag else ""
         row = "".join(f'<td data-v="{_e(v)}">{h}</td>' for v, h in cells)
         parts.append(f'<tr{cls} data-flagged="{_e(n_flag)}">{row}</tr>')
