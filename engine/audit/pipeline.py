@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
 from gradcam_batch.engine.audit import flags as flag_rules
+from gradcam_batch.engine.audit import report
 from gradcam_batch.engine.audit.flags import FlagParams
 from gradcam_batch.engine.audit.reader import Grouper, RunOutput, Selection, gather, scan
 from gradcam_batch.engine.audit.report_files import UNFLAGGED, ReportFiles
@@ -105,6 +106,8 @@ class ClassAudit:
     clusterings: dict[int, np.ndarray] = field(default_factory=dict)  # k -> (sampled,) labels; the report's switch
     metric_intervals: dict[str, tuple[float, float] | None] = field(default_factory=dict)  # 95%, ``intervals.py``
     metric_rows: dict[str, int] = field(default_factory=dict)  # rows behind each metric mean
+    points: np.ndarray | None = None  # the sampled rows the report's scatter shows (``report.page_points``)
+    hover: dict[int, np.ndarray] = field(default_factory=dict)  # sampled row -> its map, for a hover overlay
     worst_ids: list = field(default_factory=list)
     worst_maps: np.ndarray | None = None
     worst_values: list = field(default_factory=list)
@@ -319,13 +322,12 @@ def run_audit(cfg: AuditConfig) -> AuditResult:
 
                 wanted = [i for c in result.classes for k in c.clusters for i in k.sample_ids]
                 wanted += [i for c in result.classes for i in c.worst_ids]
-                images, note = load_images(run.config, wanted, cfg.images)
+                wanted += [c.ids[i] for c in result.classes for i in c.hover]
+                images, note = load_images(run.config, wanted, cfg.images, max_side=2 * report.HOVER_PX)
                 if note:
                     result.summary["notes"].append(note)
             result.summary["seconds"] = round(time.perf_counter() - t0, 3)
             files.tmp("summary.json").write_text(summary_json(result.summary))
-            from gradcam_batch.engine.audit import report
-
             report.write_report(files.tmp("index.html"), result, images)
             files.publish()
         else:
@@ -402,6 +404,8 @@ def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> 
                     worst_values=gm.worst_values,
                 )
                 _clusters(cls, gm.maps, gm.metrics, cfg.samples, gm.ids)
+                cls.points, hover = report.page_points(len(gm.maps), len(stats.keys), sp.seed)
+                cls.hover = {int(i): gm.maps[i].astype(np.float16) for i in hover}
                 classes.append(cls)
                 if files is not None and len(gm.maps):
                     n = len(gm.maps)
