@@ -195,11 +195,15 @@ def test_page_caps_the_points_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "POINTS_PER_PAGE", 50)
     monkeypatch.setattr(report, "MIN_POINTS_PER_CLASS", 25)
     monkeypatch.setattr(report, "THUMBS_PER_PAGE", 6)
+    monkeypatch.setattr(report, "SAMPLES_PER_PAGE", 4)
     out = tmp_path / "run"
     write_synthetic_run(out, rows_per_class={0: 60, 1: 40}, planted={0: 0.5}, seed=8)
     audit(out, tmp_path / "rep", spray={"view": "spectral"})
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "a uniform sample of 25 of the 60 heatmaps" in page and "a uniform sample of 25 of the 40" in page
+    assert "each card shows 2 of its 8 samples" in page
+    cards = page.split('<div class="card')[1:]
+    assert len(cards) == 3 and all(card.count("data-id=") == 2 for card in cards)
     with _browser() as context:
         p, errors = _open(context, tmp_path / "rep" / "index.html")
         views = p.locator("div.scatter")

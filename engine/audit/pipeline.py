@@ -320,9 +320,7 @@ def run_audit(cfg: AuditConfig) -> AuditResult:
             if cfg.overlays:
                 from gradcam_batch.engine.audit.images import load_images
 
-                wanted = [i for c in result.classes for k in c.clusters for i in k.sample_ids]
-                wanted += [i for c in result.classes for i in c.worst_ids]
-                wanted += [c.ids[i] for c in result.classes for i in c.hover]
+                wanted = report.overlay_ids(result)
                 images, note = load_images(run.config, wanted, cfg.images, max_side=2 * report.HOVER_PX)
                 if note:
                     result.summary["notes"].append(note)

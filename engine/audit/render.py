@@ -67,8 +67,17 @@ def map_uri(image: np.ndarray | None, m: np.ndarray, px: int) -> str:
     """A map over its image as a ``px``-wide JPEG, or without an image the map alone at its own
     resolution as a PNG (the page scales it up: a tenth of the pixels to encode and to send)."""
     if image is None:
-        return png_uri(colormap(np.clip(np.asarray(m, np.float64), 0, 1)), compress_level=1)
+        return heat_uri(m, normalize=False)
     return jpeg_uri(overlay_image(image, m, px))
+
+
+def heat_uri(m: np.ndarray, *, normalize: bool = True) -> str:
+    """A map at its own resolution as a palette PNG (one byte a pixel, viridis as the palette): the
+    page scales it up. Scaled to its own maximum by default, else taken as values in [0, 1]."""
+    x = _normalized(m) if normalize else np.clip(np.nan_to_num(np.asarray(m, np.float64)), 0, 1)
+    img = Image.fromarray((x * 255 + 0.5).astype(np.uint8), "L").convert("P")
+    img.putpalette(VIRIDIS.reshape(-1).tolist())
+    return png_uri(img, compress_level=9)
 
 
 def _normalized(m: np.ndarray) -> np.ndarray:
@@ -152,6 +161,7 @@ __all__ = [
     "colormap",
     "eigen_image",
     "heat_image",
+    "heat_uri",
     "jpeg_uri",
     "legend_image",
     "map_uri",

@@ -78,6 +78,8 @@ POINTS_PER_PAGE = 100_000
 MIN_POINTS_PER_CLASS = 500
 THUMBS_PER_PAGE = 2_000
 THUMBS_PER_CLASS = 48
+SAMPLES_PER_PAGE = 4_000  # the cluster cards' sample overlays, all cards together (at least 2 a card)
+FINDING_SAMPLES = 4  # overlays per finding
 HOVER_PX = 112
 _BASE36 = np.array(list("0123456789abcdefghijklmnopqrstuvwxyz"))
 
@@ -90,6 +92,23 @@ def page_points(n: int, groups: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
     shown = np.arange(n) if n <= shown_cap else np.sort(rng.choice(n, shown_cap, replace=False))
     thumbs = min(THUMBS_PER_CLASS, THUMBS_PER_PAGE // max(groups, 1), len(shown))
     return shown, np.sort(rng.choice(shown, thumbs, replace=False)) if thumbs else np.zeros(0, np.int64)
+
+
+def card_samples(result) -> int:
+    """How many of its samples each cluster card shows: ``samples`` (8), fewer on pages of many clusters."""
+    clusters = sum(len(c.clusters) for c in result.classes)
+    per = max((len(k.sample_ids) for c in result.classes for k in c.clusters), default=0)
+    return min(per, max(2, SAMPLES_PER_PAGE // max(clusters, 1)))
+
+
+def overlay_ids(result) -> list:
+    """The ids whose images the page shows: findings' and cards' samples, the worst-localized, the hover sample."""
+    per = card_samples(result)
+    ids = [i for c, k in result.flagged for i in k.sample_ids[:FINDING_SAMPLES]]
+    ids += [i for c in result.classes for k in c.clusters for i in k.sample_ids[:per]]
+    ids += [i for c in result.classes for i in c.worst_ids]
+    ids += [c.ids[i] for c in result.classes for i in c.hover]
+    return list(dict.fromkeys(ids))
 
 
 _METRIC_LABELS = {
@@ -174,7 +193,8 @@ def write_report(path: Path, result, images: dict) -> None:
         )
         for c, k in flagged:
             proto = render.png_uri(render.heat_image(k.prototype, 72))
-            pairs = list(zip(k.sample_ids, k.sample_maps if k.sample_maps is not None else [], strict=False))[:4]
+            pairs = list(zip(k.sample_ids, k.sample_maps if k.sample_maps is not None else [], strict=False))
+            pairs = pairs[:FINDING_SAMPLES]
             strip = "".join(
                 _img(render.png_uri(render.overlay_image(images.get(i), m, 72)), "sample", "px", str(i))
                 for i, m in pairs
@@ -200,6 +220,14 @@ def write_report(path: Path, result, images: dict) -> None:
     )
     for note in s["notes"]:
         parts.append(f"<p class=muted>Note: {_e(note)}.</p>")
+    per = card_samples(result)
+    most = max((len(k.sample_ids) for c in classes for k in c.clusters), default=0)
+    if per < most:
+        parts.append(
+            f"<p class=muted>Note: this page has {sum(len(c.clusters) for c in classes):,} clusters, so each "
+            f"card shows {per} of its {most} samples (the page keeps {SAMPLES_PER_PAGE:,} sample overlays); "
+            "summary.json lists them all.</p>"
+        )
 
     # -- class table --
     head = ["class", "rows", "errors", "clusters", "flagged", "mean heatmap", "mean prob."]
@@ -212,7 +240,7 @@ def write_report(path: Path, result, images: dict) -> None:
         + "</tr></thead><tbody>"
     )
     for c in classes:
-        mean = render.png_uri(render.heat_image(c.mean_heatmap, None), compress_level=1)
+        mean = render.heat_uri(c.mean_heatmap)
         n_flag = len(c.flagged)
         cells = [
             (
@@ -237,13 +265,13 @@ def write_report(path: Path, result, images: dict) -> None:
 
     # -- one section per class --
     for c in classes:
-        parts.append(_class_section(c, images, s))
+        parts.append(_class_section(c, images, s, per))
 
     parts.append("</main></body></html>")
     path.write_text("\n".join(parts))
 
 
-def _class_section(c, images: dict, s: dict) -> str:
+def _class_section(c, images: dict, s: dict, per: int) -> str:
     flagged = {k.cluster for k in c.flagged}
     out = [f'<section class="cls{" flagged" if flagged else ""}" id="{_e(_anchor(c))}">']
     sub = f" (SpRAy on a uniform subsample of {c.sampled:,})" if c.sampled < c.rows else ""
@@ -255,7 +283,7 @@ def _class_section(c, images: dict, s: dict) -> str:
     )
     out.append("<div class=row>")
     out.append(
-        f"<figure>{_img(render.png_uri(render.heat_image(c.mean_heatmap, None), 1), 'mean heatmap', '', width=150)}"
+        f"<figure>{_img(render.heat_uri(c.mean_heatmap), 'mean heatmap', '', width=150)}"
         "<figcaption>mean heatmap of all rows</figcaption></figure>"
     )
     if len(c.eigenvalues):
@@ -274,11 +302,12 @@ def _class_section(c, images: dict, s: dict) -> str:
         out.append(_scatter(c, images, flagged))
     out.append("<div class=cards>")
     for k in c.clusters:
-        proto = render.png_uri(render.heat_image(k.prototype, None), compress_level=1)
+        proto = render.heat_uri(k.prototype)
         mets = [f"{_METRIC_LABELS.get(m, m)} {_fmt(v)}" for m, v in k.metrics.items() if v is not None]
         where = flag_rules.where(k.regions)
         strip = []
-        for rid, m in zip(k.sample_ids, k.sample_maps if k.sample_maps is not None else [], strict=False):
+        maps = k.sample_maps if k.sample_maps is not None else []
+        for rid, m in list(zip(k.sample_ids, maps, strict=False))[:per]:
             uri = render.map_uri(images.get(rid), m, 72)
             strip.append(_img(uri, "sample", "", str(rid), width=72, data_id=str(rid)))
         out.append(
