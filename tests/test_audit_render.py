@@ -36,3 +36,10 @@ def test_page_points_caps():
     assert (np.diff(shown) > 0).all() and set(thumbs) <= set(shown)
     a, b = report.page_points(5000, 1000, seed=0), report.page_points(5000, 1000, seed=0)
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))  # fixed by the seed
+
+
+def test_shrink_averages_areas():
+    m = np.arange(32 * 32, dtype=np.float64).reshape(32, 32)
+    small = render.shrink(m, 16)
+    np.testing.assert_allclose(small, m.reshape(16, 2, 16, 2).mean(axis=(1, 3)), rtol=1e-6)
+    assert render.shrink(m[:8, :8], 16).shape == (8, 8)

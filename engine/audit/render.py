@@ -71,6 +71,16 @@ def map_uri(image: np.ndarray | None, m: np.ndarray, px: int) -> str:
     return jpeg_uri(overlay_image(image, m, px))
 
 
+def shrink(m: np.ndarray, side: int) -> np.ndarray:
+    """A map area-averaged down to at most ``side`` x ``side`` (as it is when already that small)."""
+    m = np.asarray(m, np.float32)
+    if max(m.shape) <= side:
+        return m
+    s = side / max(m.shape)
+    size = (max(1, round(m.shape[1] * s)), max(1, round(m.shape[0] * s)))
+    return np.asarray(Image.fromarray(m, "F").resize(size, Image.Resampling.BOX))
+
+
 def heat_uri(m: np.ndarray, *, normalize: bool = True) -> str:
     """A map at its own resolution as a palette PNG (one byte a pixel, viridis as the palette): the
     page scales it up. Scaled to its own maximum by default, else taken as values in [0, 1]."""
@@ -168,4 +178,5 @@ __all__ = [
     "overlay_image",
     "png_uri",
     "scatter_image",
+    "shrink",
 ]

@@ -240,7 +240,7 @@ def write_report(path: Path, result, images: dict) -> None:
         + "</tr></thead><tbody>"
     )
     for c in classes:
-        mean = render.heat_uri(c.mean_heatmap)
+        mean = render.heat_uri(render.shrink(c.mean_heatmap, 16))  # shown 40 px wide
         n_flag = len(c.flagged)
         cells = [
             (
