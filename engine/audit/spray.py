@@ -40,7 +40,7 @@ VIEWS = ("auto", "tsne", "umap", "spectral")
 # the spectral view (RESULTS.md, "Audit time").
 AUTO_TSNE_MAPS = 5000  # maps SpRAy sees, all classes together
 AUTO_TSNE_GROUPS = 50  # classes (x methods)
-KNN_CHUNK_BYTES = 64 << 20  # the distance block of the kNN search
+KNN_CHUNK_BYTES = 16 << 20  # the distance block of the kNN search (argpartition makes twice that in int64)
 
 
 @dataclass(frozen=True)
