@@ -1,13 +1,16 @@
-"""``index.html``: one self-contained page (inline CSS, a few lines of JS, PNGs as data URIs).
+"""``index.html``: one self-contained page (inline CSS and script, pictures as data URIs, no network).
 
 Every value from the run (ids, methods, class names, paths, the model) is escaped, in text and in
-attributes alike: a run directory may come from someone else.
+attributes alike, and reaches the script as JSON with ``<``, ``>`` and ``&`` escaped: a run
+directory may come from someone else.
 
 Top to bottom: a banner when the run is partial, the findings (every flagged cluster, its prototype
 and the reason in words), the colormap legend, a sortable per-class table with flagged classes
-first, then one section per class: its mean heatmap, the 2-D view coloured by cluster, the
-eigenvalues with the chosen gap, and a card per cluster (flagged first) with its prototype and a
-strip of sample overlays.
+first and 95% intervals under the metric means, then one section per class: its mean heatmap, the
+eigenvalues with the chosen gap, the interactive 2-D view (``scatter.js``: hover for overlays,
+switch clusterings, select and copy ids), and a card per cluster (flagged first) with its
+prototype and a strip of sample overlays. ``page_points`` and the caps beside it keep the page's
+size in hand on big runs.
 """
 
 from __future__ import annotations
@@ -154,7 +157,8 @@ def _interval(c, m: str) -> str:
         return ""
     how = "Wilson score interval of a share" if m in BOOL_METRICS else "normal interval of a mean (Student's t)"
     n = c.metric_rows.get(m, 0)
-    return f'<br><span class=ci title="95% {how}, from {n:,} rows">{ci[0]:.3f}–{ci[1]:.3f}</span>'
+    lo, hi = (round(v, 3) + 0.0 for v in ci)  # + 0.0: no "-0.000"
+    return f'<br><span class=ci title="95% {how}, from {n:,} rows">{lo:.3f}–{hi:.3f}</span>'
 
 
 def write_report(path: Path, result, images: dict) -> None:

@@ -21,7 +21,7 @@
     var canvas = root.querySelector('canvas');
     var ctx = canvas.getContext('2d');
     var colours = d.colours, n = d.ids.length, self = this;
-    var k = d.k, labels = null, selected = new Uint8Array(n), pinned = -1, drag = null;
+    var k = d.k, labels = null, selected = new Uint8Array(n), pinned = -1, hovered = -1, drag = null;
     var card = root.querySelector('.hover'), cardImg = card.querySelector('img');
     var cardText = card.querySelector('.hover-text');
     var legend = root.querySelector('.legend-k'), ksBar = root.querySelector('.ks');
@@ -60,6 +60,10 @@
         }
       });
       ctx.globalAlpha = 1;
+      if (hovered >= 0 && hovered !== pinned) {
+        ctx.beginPath(); ctx.arc(px[hovered], py[hovered], R + 4, 0, 2 * Math.PI);
+        ctx.lineWidth = 1.5; ctx.strokeStyle = '#555555'; ctx.stroke();
+      }
       if (pinned >= 0) {
         ctx.beginPath(); ctx.arc(px[pinned], py[pinned], R + 4, 0, 2 * Math.PI);
         ctx.lineWidth = 2; ctx.strokeStyle = '#D55E00'; ctx.stroke();
@@ -142,8 +146,9 @@
       var i = nearest(p.x, p.y);
       show(i >= 0 ? i : pinned);
       canvas.style.cursor = i >= 0 ? 'pointer' : 'crosshair';
+      if (i !== hovered) { hovered = i; draw(); }
     });
-    canvas.addEventListener('mouseleave', function () { if (!drag) show(pinned); });
+    canvas.addEventListener('mouseleave', function () { hovered = -1; if (!drag) { show(pinned); draw(); } });
     canvas.addEventListener('mousedown', function (ev) {
       var p = pos(ev);
       drag = { x0: p.x, y0: p.y, x1: p.x, y1: p.y, add: ev.shiftKey };
