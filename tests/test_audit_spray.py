@@ -106,3 +106,23 @@ def test_tsne_with_either_library(monkeypatch, library):
     assert used == "tsne" and xy.shape == (40, 2) and np.isfinite(xy).all()
     a, b = xy[:20].mean(0), xy[20:].mean(0)
     assert np.linalg.norm(a - b) > 2 * max(xy[:20].std(0).max(), xy[20:].std(0).max())
+
+
+def test_the_view_and_its_library_are_said(tmp_path, monkeypatch):
+    from gradcam_batch.engine.audit import audit, pipeline
+    from gradcam_batch.engine.audit.synthetic import write_synthetic_run
+
+    out = tmp_path / "run"
+    write_synthetic_run(out, rows_per_class={0: 40, 1: 30}, planted={0: 0.5}, seed=6)
+    monkeypatch.setattr(sp, "AUTO_TSNE_MAPS", 50)  # 70 maps: above it
+    result = audit(out, tmp_path / "rep")
+    assert {c.view for c in result.classes} == {"spectral"} and result.summary["spray"]["view_used"] == "spectral"
+    note = next(n for n in result.summary["notes"] if n.startswith("2-D view: spectral"))
+    assert "70 maps in 2 classes" in note and note in (tmp_path / "rep" / "index.html").read_text()
+    monkeypatch.setattr(sp, "AUTO_TSNE_MAPS", 5000)
+    monkeypatch.setattr(pipeline, "tsne_library", lambda: "scikit-learn")
+    monkeypatch.setattr(sp, "tsne_library", lambda: "scikit-learn")
+    with threadpool_limits(1):
+        result = audit(out, None)
+    assert {c.view for c in result.classes} == {"tsne"}
+    assert any(n.startswith("t-SNE by scikit-learn, since openTSNE is not installed") for n in result.summary["notes"])
