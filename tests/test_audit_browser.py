@@ -226,7 +226,8 @@ def test_demo_scatter_screenshot(tmp_path):
         flagged = json.loads(scatter.locator("script.scatter-data").text_content())["flagged"][0]
         scatter.locator(f".legend-k .chip[data-cluster='{flagged}']").click()
         data = json.loads(scatter.locator("script.scatter-data").text_content())
-        i = int(next(iter(data["thumbs"])))
+        chosen = data["labels"][str(data["k"])]
+        i = next(int(t) for t in data["thumbs"] if int(chosen[int(t)], 36) == flagged)  # a watermarked disc
         page.mouse.move(*_point_xy(page, scatter, i))
         assert scatter.locator(".hover img").get_attribute("src").startswith("data:image/jpeg")  # over its image
         scatter.screenshot(path=str(SCATTER_SHOT))
