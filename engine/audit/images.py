@@ -1,89 +1,236 @@
-"""The input images behind a few output rows, for the report's overlays.
+"""The input images behind a few output rows, for the report's overlays, with Pillow and numpy alone.
 
-The run's manifest says where its inputs were, which column held the images, how rows were
-named and how images were resized and cropped; ``--images`` points at the inputs where they have
-moved. Images are decoded with the run's own ``Preprocess``, so an overlay sits exactly under its
-heatmap. Anything unreachable leaves the report with heatmaps alone, never an error.
+The run's manifest says where its inputs were, which column held the images, how rows were named
+and how images were resized and cropped; ``--images`` points at the inputs where they have moved.
+An image is decoded exactly as the run decoded it (``engine/job/source.py``: JPEG draft to the
+resize target, EXIF orientation, any mode to RGB, resize with the run's filter, centre crop), so
+an overlay sits exactly under its heatmap. That module imports torch, which would take the audit
+from about 200 MB to about 800 MB: the few lines of geometry are repeated here, and
+``tests/test_audit_images.py`` holds them to the run's pixels. Each row group that holds a wanted
+image is read once. Anything unreachable leaves the report with heatmaps alone, never an error.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import posixpath
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+
+from gradcam_batch.engine.audit.inputs import InputFile, find_inputs
+
+_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # the run's default (Pillow's DecompressionBombError threshold)
 
 
-def load_images(config: dict, ids: Sequence, inputs: Sequence[str] | None = None) -> tuple[dict, str | None]:
-    """{id: (H, W, 3) uint8 preprocessed image} for the ids that could be found, and a note when none were."""
+@dataclass(frozen=True)
+class Geometry:
+    """The run's resize and centre crop (``source.Preprocess``), from its manifest's config."""
+
+    resize: int | tuple[int, int] | None = 256  # int: the shorter side; (H, W): exact
+    crop: tuple[int, int] | None = (224, 224)
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_config(cls, config: dict) -> Geometry:
+        def size(v):
+            return v if v is None or isinstance(v, int) else (int(v[0]), int(v[1]))
+
+        crop = size(config.get("crop", (224, 224)))
+        return cls(
+            resize=size(config.get("resize", 256)),
+            crop=(crop, crop) if isinstance(crop, int) else crop,
+            interpolation=config.get("interpolation") or "bilinear",
+        )
+
+    def resize_target(self, w: int, h: int) -> tuple[int, int] | None:
+        """(W, H) after the resize step."""
+        if self.resize is None:
+            return None
+        if isinstance(self.resize, tuple):
+            return self.resize[1], self.resize[0]
+        s = self.resize
+        if w <= h:
+            return s, max(1, round(h * s / w))
+        return max(1, round(w * s / h)), s
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        target = self.resize_target(*img.size)
+        filt = _FILTERS[self.interpolation]
+        if target is not None and img.size != target:
+            img = img.resize(target, filt, reducing_gap=3.0)
+        if self.crop is not None:
+            ch, cw = self.crop
+            w, h = img.size
+            if w < cw or h < ch:  # smaller than the crop: scaled up so that the crop fits
+                s = max(cw / w, ch / h)
+                img = img.resize((max(cw, round(w * s)), max(ch, round(h * s))), filt)
+                w, h = img.size
+            left, top = (w - cw) // 2, (h - ch) // 2
+            img = img.crop((left, top, left + cw, top + ch))
+        return np.asarray(img, dtype=np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB as the run does it: alpha over black, 16-bit and float greys scaled."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        grey = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode(data: bytes, geometry: Geometry, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Encoded bytes -> (H, W, 3) uint8, as the run's ``decode_image`` gives them; raises on a bad image."""
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG" and geometry.resize is not None:
+        target = geometry.resize_target(*img.size)
+        if target is not None:
+            img.draft("RGB", target)
+    if max_image_pixels is not None and img.size[0] * img.size[1] > max_image_pixels:
+        raise ValueError("image too large")
+    img.load()
+    ImageOps.exif_transpose(img, in_place=True)
+    return geometry(to_rgb(img))
+
+
+def _image_kind(dtype: pa.DataType) -> str | None:
+    if pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or pa.types.is_binary_view(dtype):
+        return "bytes"
+    if pa.types.is_struct(dtype):
+        return "struct"
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype):
+        return "path"
+    return None
+
+
+def _read_path(path: str, f: InputFile) -> bytes:
+    if "://" in path:
+        fs, p = pafs.FileSystem.from_uri(path)
+    elif f.is_local:
+        fs, p = f.filesystem, path if os.path.isabs(path) else os.path.join(f.base_dir, path)
+    else:
+        fs, p = f.filesystem, path if path.startswith("/") else posixpath.join(f.base_dir, path)
+    with fs.open_input_stream(p) as fh:
+        return fh.read()
+
+
+def _encoded(value, kind: str, f: InputFile) -> bytes | None:
+    if value is None:
+        return None
+    if kind == "struct":
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        return _read_path(value["path"], f) if value.get("path") else None
+    return _read_path(value, f) if kind == "path" else value
+
+
+def load_images(
+    config: dict, ids: Sequence, inputs: Sequence[str] | None = None, *, max_side: int | None = None
+) -> tuple[dict, str | None]:
+    """{id: (H, W, 3) uint8 preprocessed image} for the ids that could be found, and a note when none were.
+
+    ``max_side``: images larger than that are scaled down to it, whole (the heatmap still fits them).
+    """
     wanted = list(dict.fromkeys(ids))
     inputs = list(inputs) if inputs else list(config.get("files") or config.get("inputs") or [])
     if not wanted:
         return {}, None
     if not inputs:
         return {}, "the run's inputs are not recorded; pass --images to show overlays"
+    image_column = config.get("image_column")
     try:
-        from gradcam_batch.engine.job.source import ParquetSource, Preprocess, discover_inputs
-
-        files, _ = discover_inputs(inputs)
-        prep = Preprocess(
-            resize=_size(config.get("resize", 256)),
-            crop=_size(config.get("crop", (224, 224))),
-        )
-        image_column = config.get("image_column")
-        if image_column is None:
-            from gradcam_batch.engine.job.source import detect_image_column
-
-            image_column = detect_image_column(files[0].schema)
-        src = ParquetSource(files, image_column, [], prep, workers=1)
+        files = find_inputs(inputs)
+        geometry = Geometry.from_config(config)
+        if image_column is None or image_column not in files[0].schema.names:
+            raise ValueError(f"the run's image column {image_column!r} is not in {files[0].uri}")
+        kind = _image_kind(files[0].schema.field(image_column).type)
+        if kind is None:
+            raise ValueError(f"column {image_column!r} holds no images")
     except Exception as exc:  # unreachable or changed inputs: the report goes on without overlays
         return {}, f"input images not reachable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    max_pixels = config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
 
-    id_column = config.get("id_column")
-    where: dict = {}  # id -> (file index, row)
-    if id_column is None:
+    where = _locate(files, wanted, config.get("id_column"))
+    # file -> row group -> [(row in the group, id)]: each row group read once, its image column only.
+    plan: dict[int, dict[int, list]] = {}
+    for rid, (fi, row) in where.items():
+        starts = np.cumsum([0, *files[fi].row_group_rows])
+        rg = int(np.searchsorted(starts, row, side="right") - 1)
+        plan.setdefault(fi, {}).setdefault(rg, []).append((row - int(starts[rg]), rid))
+    out = {}
+    for fi, groups in sorted(plan.items()):
+        f = files[fi]
+        try:
+            with f.filesystem.open_input_file(f.path) as fh:
+                pf = pq.ParquetFile(fh)
+                for rg, rows in sorted(groups.items()):
+                    col = pf.read_row_group(rg, columns=[image_column]).column(0)
+                    for r, rid in rows:
+                        try:
+                            data = _encoded(col[r].as_py(), kind, f)
+                            if data:
+                                out[rid] = _shrink(decode(data, geometry, max_pixels), max_side)
+                        except Exception:
+                            continue  # this image is missing or broken: its overlay shows the heatmap alone
+        except Exception:
+            continue  # this file went away or is damaged
+    note = None if out else "no input image could be found for the sampled rows; pass --images to show overlays"
+    return out, note
+
+
+def _shrink(img: np.ndarray, max_side: int | None) -> np.ndarray:
+    h, w = img.shape[:2]
+    if max_side is None or max(h, w) <= max_side:
+        return img
+    s = max_side / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BOX))
+
+
+def _locate(files: list[InputFile], wanted: list, id_column: str | None) -> dict:
+    """{id: (file index, row in the file)} for the wanted ids that are there."""
+    where: dict = {}
+    if id_column is None:  # the run named rows "<file key>:<row>"
         keys = {f.key: i for i, f in enumerate(files)}
         for rid in wanted:
             key, _, row = str(rid).rpartition(":")
             if key in keys and row.isdigit():
                 where[rid] = (keys[key], int(row))
-    else:
-        want = set(wanted)
-        for fi, f in enumerate(files):
-            with f.filesystem.open_input_file(f.path) as fh:
-                col = pq.ParquetFile(fh).read(columns=[id_column]).column(id_column)
-            hits = np.flatnonzero(pc.is_in(col, value_set=_value_set(col, want)).to_numpy(zero_copy_only=False))
-            values = col.take(hits).to_pylist()
-            for row, v in zip(hits.tolist(), values, strict=True):
-                where.setdefault(v, (fi, row))
-    out = {}
-    for rid, (fi, row) in where.items():
-        f = files[fi]
+        return where
+    want = set(wanted)
+    for fi, f in enumerate(files):
         try:
             with f.filesystem.open_input_file(f.path) as fh:
-                pf = pq.ParquetFile(fh)
-                starts = np.cumsum([0, *f.row_group_rows])
-                rg = int(np.searchsorted(starts, row, side="right") - 1)
-                value = pf.read_row_group(rg, columns=[image_column]).column(0)[row - int(starts[rg])].as_py()
-            img = src._load(value, f)
-            if isinstance(img, np.ndarray):
-                out[rid] = img
+                col = pq.ParquetFile(fh).read(columns=[id_column]).column(id_column)
         except Exception:
-            continue  # this image is missing or broken: its overlay shows the heatmap alone
-    note = None if out else "no input image could be found for the sampled rows; pass --images to show overlays"
-    return out, note
-
-
-def _size(v):
-    if v is None or isinstance(v, int):
-        return v
-    return tuple(v)
+            continue
+        hits = np.flatnonzero(pc.is_in(col, value_set=_value_set(col, want)).to_numpy(zero_copy_only=False))
+        for row, v in zip(hits.tolist(), col.take(hits).to_pylist(), strict=True):
+            where.setdefault(v, (fi, row))
+    return where
 
 
 def _value_set(col, want: set):
-    import pyarrow as pa
-
     typ = col.type
     vals = [v for v in want if v is not None]
     try:
@@ -92,4 +239,4 @@ def _value_set(col, want: set):
         return pa.array([str(v) for v in vals], pa.string()).cast(typ, safe=False)
 
 
-__all__ = ["load_images"]
+__all__ = ["Geometry", "decode", "load_images", "to_rgb"]

@@ -9,6 +9,7 @@ spread, metric means) -> ``_flag`` -> the files: ``clusters.parquet``, ``summary
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,11 +21,12 @@ import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
 from gradcam_batch.engine.audit import flags as flag_rules
+from gradcam_batch.engine.audit import report
 from gradcam_batch.engine.audit.flags import FlagParams
 from gradcam_batch.engine.audit.reader import Grouper, RunOutput, Selection, gather, scan
 from gradcam_batch.engine.audit.report_files import UNFLAGGED, ReportFiles
 from gradcam_batch.engine.audit.run_output import row_groups
-from gradcam_batch.engine.audit.spray import SprayParams, spray
+from gradcam_batch.engine.audit.spray import SprayParams, resolve_view, spray, tsne_library
 
 FORMAT = "gradcam-batch-audit/1"
 
@@ -100,6 +102,12 @@ class ClassAudit:
     nonfinite: int = 0  # rows skipped because their map holds a NaN or an Inf (not in ``rows``)
     embedding: np.ndarray | None = None  # (sampled, 2)
     labels: np.ndarray | None = None  # (sampled,)
+    ids: list = field(default_factory=list)  # (sampled,) the ids of the rows SpRAy saw, in ``labels``' order
+    clusterings: dict[int, np.ndarray] = field(default_factory=dict)  # k -> (sampled,) labels; the report's switch
+    metric_intervals: dict[str, tuple[float, float] | None] = field(default_factory=dict)  # 95%, ``intervals.py``
+    metric_rows: dict[str, int] = field(default_factory=dict)  # rows behind each metric mean
+    points: np.ndarray | None = None  # the sampled rows the report's scatter shows (``report.page_points``)
+    hover: dict[int, np.ndarray] = field(default_factory=dict)  # sampled row -> its map, for a hover overlay
     worst_ids: list = field(default_factory=list)
     worst_maps: np.ndarray | None = None
     worst_values: list = field(default_factory=list)
@@ -130,10 +138,16 @@ class ClassAudit:
             "subsampled": self.sampled < self.rows,
             "probability_mean": None if self.probability is None else round(self.probability, 4),
             "metrics": _round(self.metrics),
+            "metric_intervals": {
+                m: None if v is None else [round(float(v[0]), 4), round(float(v[1]), 4)]
+                for m, v in self.metric_intervals.items()
+            },
+            "metric_rows": self.metric_rows,
             "k": self.k,
             "eigengap_k": self.eigengap_k,
             "eigenvalues": np.round(self.eigenvalues, 5).tolist(),
             "view": self.view,
+            "clusterings": sorted(self.clusterings),
             "flagged_clusters": [c.cluster for c in self.flagged],
             "mean_heatmap": np.round(self.mean_heatmap, 4).tolist(),
             "worst_localized": [
@@ -296,7 +310,9 @@ def run_audit(cfg: AuditConfig) -> AuditResult:
     names = _class_names(cfg, run)
     report_dir = Path(cfg.report_dir) if cfg.report_dir else None
     with contextlib.nullcontext() if report_dir is None else ReportFiles(report_dir) as files:
-        result = _audit(cfg, run, grouper, stats, names, size, files)
+        # Entered once: threadpoolctl scans the loaded libraries on every entry (about 18 ms).
+        with threadpool_limits(limits=cfg.threads):
+            result = _audit(cfg, run, grouper, stats, names, size, files)
         if files is not None:
             flagged = {(c.class_index, c.method, k.cluster) for c in result.classes for k in c.flagged}
             files.finish_clusters(flagged, _cluster_schema(run))
@@ -304,20 +320,40 @@ def run_audit(cfg: AuditConfig) -> AuditResult:
             if cfg.overlays:
                 from gradcam_batch.engine.audit.images import load_images
 
-                wanted = [i for c in result.classes for k in c.clusters for i in k.sample_ids]
-                wanted += [i for c in result.classes for i in c.worst_ids]
-                images, note = load_images(run.config, wanted, cfg.images)
+                wanted = report.overlay_ids(result)
+                images, note = load_images(run.config, wanted, cfg.images, max_side=2 * report.HOVER_PX)
                 if note:
                     result.summary["notes"].append(note)
             result.summary["seconds"] = round(time.perf_counter() - t0, 3)
-            files.tmp("summary.json").write_text(json.dumps(result.summary, indent=1) + "\n")
-            from gradcam_batch.engine.audit import report
-
+            files.tmp("summary.json").write_text(summary_json(result.summary))
             report.write_report(files.tmp("index.html"), result, images)
             files.publish()
         else:
             result.summary["seconds"] = round(time.perf_counter() - t0, 3)
     return result
+
+
+CLUSTER_ROWS = 1 << 16  # clusters rows per row group: one per class would make a thousand-class file slow
+
+
+def _write_clusters(files: ReportFiles, schema: pa.Schema, writer, pending: list[pa.Table], last: bool = False):
+    """Write the pending clusters rows once there are ``CLUSTER_ROWS`` (or at the ``last`` call); returns the writer."""
+    if not pending or (not last and sum(t.num_rows for t in pending) < CLUSTER_ROWS):
+        return writer
+    if writer is None:
+        writer = pq.ParquetWriter(files.tmp(UNFLAGGED), schema, compression="zstd")
+    writer.write_table(pa.concat_tables(pending))
+    pending.clear()
+    return writer
+
+
+def summary_json(summary: dict) -> str:
+    """``summary.json``'s text: indented at the top, one line per class (an indented dump of a thousand
+    classes' maps takes Python's pure-Python encoder half a minute; the compact one, a second)."""
+    top = {k: v for k, v in summary.items() if k != "classes"}
+    text = json.dumps(top, indent=1)
+    classes = ",\n".join(json.dumps(c, separators=(",", ":")) for c in summary.get("classes", []))
+    return text[:-2] + f',\n "classes": [\n{classes}\n ]\n}}\n'
 
 
 def _cluster_schema(run: RunOutput) -> pa.Schema:
@@ -327,16 +363,17 @@ def _cluster_schema(run: RunOutput) -> pa.Schema:
 
 def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> AuditResult:
     """SpRAy per group, the flags and the summary; with ``files``, each group's clusters go to a temporary file."""
-    sp = cfg.spray
+    view, view_note = resolve_view(cfg.spray.view, sum(len(p) for p in stats.picked), len(stats.keys))
+    sp = dataclasses.replace(cfg.spray, view=view)
     schema = _cluster_schema(run)
     classes: list[ClassAudit] = []
     writer = None
+    pending: list[pa.Table] = []  # clusters rows, written in row groups of at least CLUSTER_ROWS
     try:
         for chunk in gather(run, grouper, stats, size=size, memory_mb=cfg.memory_mb):
             for g, gm in sorted(chunk.items()):
                 class_index, method = stats.keys[g]
-                with threadpool_limits(limits=cfg.threads):
-                    res = spray(gm.maps, sp)
+                res = spray(gm.maps, sp)
                 rows = int(stats.rows[g]) - gm.nonfinite
                 cls = ClassAudit(
                     class_index=class_index,
@@ -347,6 +384,8 @@ def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> 
                     sampled=len(gm.maps),
                     mean_heatmap=gm.mean,
                     metrics=stats.metric_means(g),
+                    metric_intervals=stats.metric_intervals(g),
+                    metric_rows={m: int(stats.metric_n[m][g]) for m in stats.metric_n},
                     probability=float(stats.prob_sum[g] / stats.rows[g]) if stats.rows[g] else None,
                     k=res.k,
                     eigengap_k=res.eigengap_k,
@@ -356,17 +395,19 @@ def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> 
                     nonfinite=gm.nonfinite,
                     embedding=res.embedding,
                     labels=res.labels,
+                    ids=gm.ids,
+                    clusterings=res.clusterings,
                     worst_ids=gm.worst_ids,
                     worst_maps=gm.worst_maps,
                     worst_values=gm.worst_values,
                 )
                 _clusters(cls, gm.maps, gm.metrics, cfg.samples, gm.ids)
+                cls.points, hover = report.page_points(len(gm.maps), len(stats.keys), sp.seed)
+                cls.hover = {int(i): gm.maps[i].astype(np.float16) for i in hover}
                 classes.append(cls)
                 if files is not None and len(gm.maps):
-                    if writer is None:
-                        writer = pq.ParquetWriter(files.tmp(UNFLAGGED), schema, compression="zstd")
                     n = len(gm.maps)
-                    writer.write_table(
+                    pending.append(
                         pa.table(
                             {
                                 "id": pa.array(gm.ids, schema.field("id").type),
@@ -380,13 +421,23 @@ def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> 
                             schema=schema,
                         )
                     )
+                    writer = _write_clusters(files, schema, writer, pending)
+        if files is not None:
+            writer = _write_clusters(files, schema, writer, pending, last=True)
     finally:
         if writer is not None:
             writer.close()
     _flag(classes, cfg.flags)
     classes.sort(key=lambda c: (not c.flagged, -c.rows, c.class_index, c.method))
 
-    notes = []
+    notes = [view_note] if view_note else []
+    views = {c.view for c in classes}
+    if "tsne" in views and tsne_library() != "openTSNE":
+        notes.append(
+            "t-SNE by scikit-learn, since openTSNE is not installed (pip install openTSNE: 2 to 3 times faster)"
+        )
+    if cfg.spray.view == "umap" and "umap" not in views and "tsne" in views:
+        notes.append("the 2-D view is t-SNE, since umap-learn is not installed (pip install umap-learn)")
     sub = [c for c in classes if c.sampled < c.rows]
     if sub:
         notes.append(
@@ -421,7 +472,7 @@ def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> 
             "method": cfg.method,
             "max_per_class": cfg.max_per_class,
         },
-        "spray": {**sp.to_dict(), "size": list(size)},
+        "spray": {**cfg.spray.to_dict(), "size": list(size), "view_used": view},
         "flag_rules": cfg.flags.to_dict(),
         "totals": {
             "classes": len(classes),
