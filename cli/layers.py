@@ -65,6 +65,7 @@ def layers(
     """
     import torch
 
+    from gradcam_batch.engine.errors import first_line
     from gradcam_batch.engine.explain.explainer import default_score_fn, eval_mode
     from gradcam_batch.engine.explain.layers import probe_layers
     from gradcam_batch.engine.models.loader import load_model, model_preprocessing
@@ -97,8 +98,7 @@ def layers(
         else:
             infos = model.probe_layers(sample)
     except (ValueError, TypeError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BadInvocation(f"probe forward at input size {h}x{w} failed: {first}") from None
+        raise BadInvocation(f"probe forward at input size {h}x{w} failed: {first_line(exc)}") from None
 
     rows = [i for i in infos if show_all or i.candidate or i.chosen]
     if not rows:

@@ -18,6 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gradcam_batch.engine.errors import first_line as _first_line
+
 # Metric columns of the run (the metrics issue's names); each is used when present.
 FLOAT_METRICS = ("deletion_auc", "insertion_auc", "confidence_drop", "box_energy", "box_iou")
 BOOL_METRICS = ("confidence_increase", "pointing_hit")
@@ -35,11 +37,6 @@ class AuditInputError(AuditError):
 
 class AuditOutputError(AuditError):
     """The report cannot be written where asked (a read-only file system, a path below a file)."""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @contextlib.contextmanager

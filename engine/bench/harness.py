@@ -62,6 +62,7 @@ from gradcam_batch.engine.bench import (  # noqa: E402  (names the CLI reads wit
     PYTORCH_GRAD_CAM,
     TORCHCAM,
 )
+from gradcam_batch.engine.errors import first_line
 from gradcam_batch.engine.explain.compiled import backbone_context, prepare_input
 from gradcam_batch.engine.explain.explainer import VJP_STRATEGIES, Explainer
 
@@ -323,8 +324,8 @@ class _Contender:
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".strip()
+    """A contender's failure: its type, which says more than the text of a library's error, and its first line."""
+    return f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
 
 
 def _installed(module: str) -> bool:
