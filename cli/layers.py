@@ -6,7 +6,7 @@ import re
 
 import click
 
-from gradcam_batch.cli.options import BadInvocation
+from gradcam_batch.cli.options import BadInvocation, model_source_options
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -18,22 +18,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 @click.command()
-@click.option(
-    "--model",
-    "model_spec",
-    required=True,
-    help="torchvision:NAME, timm:NAME, hf:DIR, path/to/file.py:FACTORY, package.module:FACTORY, "
-    "or a .onnx/.pt2/TorchScript file.",
-)
-@click.option(
-    "--weights",
-    type=click.Path(dir_okay=False),
-    help="Weights for torchvision:/timm:/hf:/factory specs (.safetensors, state dict or checkpoint).",
-)
-@click.option(
-    "--weights-strict", type=click.BOOL, default=True, show_default=True, help="Every tensor must match by name."
-)
-@click.option("--num-classes", type=click.IntRange(min=1), help="Classifier size for torchvision:/timm:/hf:/factory.")
+@model_source_options
 @click.option(
     "--input-size",
     help="Probe input size: N or HxW. [default: the model's own preprocessing, an ONNX model's static input "
@@ -47,7 +32,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 )
 @click.option("--all", "show_all", is_flag=True, help="List every module (tensor for ONNX), not only candidates.")
 def layers(
-    model_spec: str,
+    model_spec: str | None,
     weights: str | None,
     weights_strict: bool,
     num_classes: int | None,
@@ -70,6 +55,8 @@ def layers(
     from gradcam_batch.engine.explain.layers import probe_layers
     from gradcam_batch.engine.models.loader import load_model, model_preprocessing
 
+    if not model_spec:
+        raise BadInvocation("--model is required (e.g. --model torchvision:resnet50)")
     size = _parse_size(input_size) if input_size is not None else None
     try:
         prep = model_preprocessing(model_spec)

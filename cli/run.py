@@ -17,6 +17,7 @@ from gradcam_batch.cli.options import (
     parse_floats3,
     parse_int_list,
     parse_size,
+    preprocessing_options,
     split_names,
 )
 
@@ -39,19 +40,8 @@ def _is_default(ctx: click.Context, name: str) -> bool:
 @click.option("--image-column", metavar="COL", help="Column with the images (bytes, HF struct, or paths). Auto.")
 @click.option("--id-column", metavar="COL", help="Column to use as id. [default: <input file>:<row>]")
 @click.option("--keep-columns", multiple=True, metavar="A,B", help="Input columns passed through to the output.")
-@click.option("--resize", default="256", show_default=True, help="Shorter side N, exact HxW, or none.")
-@click.option("--crop", default="224", show_default=True, help="Center crop N or HxW, or none.")
-@click.option("--mean", default="0.485,0.456,0.406", show_default=True, help="Normalization mean (R,G,B).")
-@click.option("--std", default="0.229,0.224,0.225", show_default=True, help="Normalization std (R,G,B).")
-@click.option(
-    "--interpolation",
-    type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos"]),
-    default="bilinear",
-    show_default=True,
-    help="Resize filter. timm: and hf: models bring their own resize, crop, mean, std and interpolation; "
-    "these options override them.",
-)
-@compute_options
+@preprocessing_options
+@compute_options()
 @click.option(
     "--workers",
     type=click.IntRange(min=1),

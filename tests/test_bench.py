@@ -226,7 +226,7 @@ def test_weights_file_is_loaded(tmp_path):
         (["--baselines", "inference,lime"], "unknown baseline 'lime'"),
         (["--vjp-strategy", "fast"], "unknown vjp strategy 'fast'"),
         (["--device", "tpu"], "unknown device 'tpu'"),
-        (["--batch-size", "0"], "batch size must be positive"),
+        (["--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1"),
         (["--iters", "0"], "iters must be at least 1"),
         (["--e2e-images", "0"], "e2e_images must be positive"),
         (["--precision", "fp8"], "'fp8' is not one of"),

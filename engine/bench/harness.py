@@ -77,7 +77,9 @@ PARITY_MIN_PEARSON = 0.999
 
 
 # -- models ---------------------------------------------------------------------------------------
-def load_model(spec: str, weights: str | None = None) -> nn.Module:
+def load_model(
+    spec: str, weights: str | None = None, *, num_classes: int | None = None, weights_strict: bool = True
+) -> nn.Module:
     """A torch model from ``spec`` (``torchvision:NAME`` with random weights, ``file.py:FACTORY``, ...).
 
     The specs are those of ``gradcam_batch.engine.models.loader.load_model``; the benchmark needs an
@@ -85,7 +87,7 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
     """
     from gradcam_batch.engine.models.loader import load_model as load_any
 
-    model = load_any(spec, weights=weights)
+    model = load_any(spec, weights=weights, num_classes=num_classes, weights_strict=weights_strict)
     if not isinstance(model, nn.Module) or getattr(model, "explain_unsupported", None):
         raise ValueError(f"bench needs a torch nn.Module that the baselines can run too; {spec!r} is not one")
     return model
@@ -140,6 +142,8 @@ def parse_names(text: str | Sequence[str], allowed: Sequence[str], what: str) ->
 class BenchConfig:
     model: str = "torchvision:resnet50"
     weights: str | None = None
+    weights_strict: bool = True
+    num_classes: int | None = None
     batch_size: int = 16
     image_size: int = 224
     top_k: tuple[int, ...] = (1, 5)
@@ -484,7 +488,7 @@ def run_bench(
     cfg.validate()
     device = resolve_device(cfg.device)
     if model is None:
-        model = load_model(cfg.model, cfg.weights)
+        model = load_model(cfg.model, cfg.weights, num_classes=cfg.num_classes, weights_strict=cfg.weights_strict)
     model = model.to(device).eval()
     torch.manual_seed(cfg.seed)
 
@@ -634,6 +638,8 @@ def run_end_to_end(cfg: BenchConfig, progress: Callable[[str], None] | None = No
                 output=os.path.join(tmp, f"out-top{k}"),
                 model=cfg.model,
                 weights=cfg.weights,
+                weights_strict=cfg.weights_strict,
+                num_classes=cfg.num_classes,
                 top_k=k,
                 resize=cfg.image_size,
                 crop=(cfg.image_size, cfg.image_size),
