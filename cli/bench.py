@@ -61,29 +61,29 @@ def bench(
     """
     from gradcam_batch.engine.bench.harness import BenchConfig, load_model, run_bench
 
-    cfg = BenchConfig(
-        model=model_spec or DEFAULT_MODEL,
-        weights=weights,
-        weights_strict=weights_strict,
-        num_classes=num_classes,
-        batch_size=batch_size,
-        image_size=image_size,
-        top_k=top_k,
-        device=device,
-        precision=precision,
-        iters=iters,
-        warmup=warmup,
-        baselines=baselines,
-        vjp_strategies=vjp_strategy,
-        compile=compile,
-        end_to_end=end_to_end,
-        e2e_images=e2e_images,
-        seed=seed,
-        check=check,
-        methods=methods or (),
-        scorecam_batch=scorecam_batch,
-    )
     try:
+        cfg = BenchConfig.parse(
+            top_k=top_k,
+            baselines=baselines,
+            vjp_strategies=vjp_strategy,
+            methods=methods,
+            model=model_spec or DEFAULT_MODEL,
+            weights=weights,
+            weights_strict=weights_strict,
+            num_classes=num_classes,
+            batch_size=batch_size,
+            image_size=image_size,
+            device=device,
+            precision=precision,
+            iters=iters,
+            warmup=warmup,
+            compile=compile,
+            end_to_end=end_to_end,
+            e2e_images=e2e_images,
+            seed=seed,
+            check=check,
+            scorecam_batch=scorecam_batch,
+        )
         cfg.validate()
         model = load_model(cfg.model, cfg.weights, num_classes=cfg.num_classes, weights_strict=cfg.weights_strict)
     except ValueError as e:  # a bad value, or the loader's ModelSpecError: one line, exit 2, as in `run`
