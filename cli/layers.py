@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 import click
 
-from gradcam_batch.cli.options import BadInvocation, model_source_options
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
-    if not m or int(m.group(1)) < 1 or (m.group(2) is not None and int(m.group(2)) < 1):
-        raise click.BadParameter(f"expected N or HxW (e.g. 224 or 240x320), got {text!r}")
-    h = int(m.group(1))
-    return h, int(m.group(2) or h)
+from gradcam_batch.cli.options import BadInvocation, model_source_options, parse_size
 
 
 @click.command()
@@ -57,7 +47,9 @@ def layers(
 
     if not model_spec:
         raise BadInvocation("--model is required (e.g. --model torchvision:resnet50)")
-    size = _parse_size(input_size) if input_size is not None else None
+    size = parse_size(input_size, what="--input-size", allow=()) if input_size is not None else None
+    if isinstance(size, int):
+        size = (size, size)
     try:
         prep = model_preprocessing(model_spec)
         model = load_model(model_spec, weights=weights, num_classes=num_classes, weights_strict=weights_strict)
