@@ -459,13 +459,13 @@ def test_the_decode_stage_decodes_in_parallel(one_row_group, tmp_path, monkeypat
 
     plan = build_plan(_config(one_row_group, tmp_path / "o", label_column=None, keep_columns=[]), device="cpu")
     both = threading.Barrier(2, timeout=20)  # passes only when two decodes overlap
-    decode_one = ParquetSource._decode_one
+    decode_value = ParquetSource.decode_value
 
-    def meeting(self, args):
+    def meeting(self, value, f):
         both.wait()
-        return decode_one(self, args)
+        return decode_value(self, value, f)
 
-    monkeypatch.setattr(ParquetSource, "_decode_one", meeting)
+    monkeypatch.setattr(ParquetSource, "decode_value", meeting)
     rows = pq.read_table(one_row_group).slice(0, 4)
     out = ray_runner.decode_rows(rows, plan=plan, cpus=2)
     assert out.num_rows == 4 and out.column(ray_runner.ERROR).null_count == 4
