@@ -8,6 +8,8 @@
   once, so a file of huge images is decoded a few (or one) at a time.
 - ``jpeg_fits_device`` and ``oriented_size`` read headers only: whether a JPEG may go to the
   device decoder, and the size of an image as shown.
+- Pillow's process-wide settings that a decode needs (truncated files refused, large blocks) are
+  set while a decode runs and put back after it (``pillow_decode_settings``), never at import.
 
 Pillow and numpy alone, no torch: the audit decodes a run's images with ``decode_image`` too.
 """
@@ -27,9 +29,6 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from gradcam_batch.engine.job.errors import DecodeError, first_line
 from gradcam_batch.engine.job.preprocess import Preprocess
 
-# A truncated file must become an error row, not a half-grey image.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
 # Pillow allocates a large image in blocks of this many bytes. Its default, 16 MiB, is under
 # glibc's largest dynamic mmap threshold (32 MiB): once one block is freed, later blocks come from
 # the malloc arena of the decode thread that asked, and each thread's arena keeps the pages of the
@@ -37,8 +36,6 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # mmap'd and go back to the system when the image is freed. Small images (one block of their own
 # size) are not affected; PILLOW_BLOCK_SIZE, when set, wins.
 PILLOW_BLOCK_SIZE = 64 << 20
-if "PILLOW_BLOCK_SIZE" not in os.environ and Image.core.get_block_size() < PILLOW_BLOCK_SIZE:
-    Image.core.set_block_size(PILLOW_BLOCK_SIZE)
 
 # The largest image (width x height, after JPEG draft) that is decoded; larger ones become error
 # rows. The default is Pillow's own DecompressionBombError threshold (2 x Image.MAX_IMAGE_PIXELS),
@@ -52,6 +49,55 @@ DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 # PNGs side by side (96 MB each), two images over ~67 Mpx never overlap, and one over ~134 Mpx
 # decodes alone; at the default cap, that one holds at most ~0.7 GiB (Pillow's 4 bytes a pixel).
 DEFAULT_DECODE_MEMORY = 1 << 30
+
+
+class _PillowSettings:
+    """Pillow's process-wide settings that a decode needs, set while decodes run.
+
+    Pillow has them as globals only, with no per-image switch: ``ImageFile.LOAD_TRUNCATED_IMAGES``
+    off, so that a truncated file is an error row, not a half-grey image; and the block size
+    (``PILLOW_BLOCK_SIZE``). The first decode to enter sets them, the last to leave puts the
+    process's own values back; importing sets nothing. Code of the same process that reads them
+    while a decode runs sees the decode's values.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: tuple[bool, int | None] = (False, None)  # the process's values, while held
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                block = Image.core.get_block_size()
+                grow = "PILLOW_BLOCK_SIZE" not in os.environ and block < PILLOW_BLOCK_SIZE
+                self._saved = (ImageFile.LOAD_TRUNCATED_IMAGES, block if grow else None)
+                ImageFile.LOAD_TRUNCATED_IMAGES = False
+                if grow:
+                    Image.core.set_block_size(PILLOW_BLOCK_SIZE)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    truncated, block = self._saved
+                    ImageFile.LOAD_TRUNCATED_IMAGES = truncated
+                    if block is not None:
+                        Image.core.set_block_size(block)
+
+
+_PILLOW = _PillowSettings()
+
+
+def pillow_decode_settings() -> contextlib.AbstractContextManager[None]:
+    """A ``with`` block in which Pillow refuses truncated images and allocates in large blocks.
+
+    Every decode here runs in one; re-entrant and thread-safe (see ``_PillowSettings``).
+    """
+    return _PILLOW.held()
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -162,32 +208,33 @@ def decode_image(
     """
     if len(data) == 0:
         raise DecodeError("empty image (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
-        if img.format == "JPEG" and prep.resize is not None:
-            # Let libjpeg decode at a reduced scale (still >= the target) instead of full size.
-            w, h = img.size
-            target = prep.resize_target(w, h)
-            if target is not None:
-                img.draft("RGB", target)
-        check_image_size(*img.size, max_image_pixels)
-        cost = decode_memory_estimate(img.mode, *img.size)
-        with budget.hold(cost) if budget is not None else contextlib.nullcontext():
-            img.load()
-            # In place: without an orientation tag, exif_transpose would return a full-size copy.
-            ImageOps.exif_transpose(img, in_place=True)
-            img = to_rgb(img)
-            out = prep(img)
-            del img  # the full-size pixels go before the budget is given back
-        return out
-    except DecodeError:
-        raise
-    except UnidentifiedImageError:
-        raise DecodeError("cannot identify image format (not an image, or corrupt)") from None
-    except Image.DecompressionBombError as exc:
-        raise DecodeError(f"image too large: {first_line(exc)}") from None
-    except Exception as exc:
-        raise DecodeError(f"cannot decode image: {first_line(exc)}") from None
+    with pillow_decode_settings():
+        try:
+            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+            if img.format == "JPEG" and prep.resize is not None:
+                # Let libjpeg decode at a reduced scale (still >= the target) instead of full size.
+                w, h = img.size
+                target = prep.resize_target(w, h)
+                if target is not None:
+                    img.draft("RGB", target)
+            check_image_size(*img.size, max_image_pixels)
+            cost = decode_memory_estimate(img.mode, *img.size)
+            with budget.hold(cost) if budget is not None else contextlib.nullcontext():
+                img.load()
+                # In place: without an orientation tag, exif_transpose would return a full-size copy.
+                ImageOps.exif_transpose(img, in_place=True)
+                img = to_rgb(img)
+                out = prep(img)
+                del img  # the full-size pixels go before the budget is given back
+            return out
+        except DecodeError:
+            raise
+        except UnidentifiedImageError:
+            raise DecodeError("cannot identify image format (not an image, or corrupt)") from None
+        except Image.DecompressionBombError as exc:
+            raise DecodeError(f"image too large: {first_line(exc)}") from None
+        except Exception as exc:
+            raise DecodeError(f"cannot decode image: {first_line(exc)}") from None
 
 
 def jpeg_fits_device(data: bytes, max_image_pixels: int | None) -> bool:
@@ -199,13 +246,14 @@ def jpeg_fits_device(data: bytes, max_image_pixels: int | None) -> bool:
     """
     if max_image_pixels is None:
         return True
-    try:
-        w, h = Image.open(io.BytesIO(data)).size
-    except Image.DecompressionBombError:
-        return False
-    except Exception:
-        return True
-    return w * h <= max_image_pixels
+    with pillow_decode_settings():
+        try:
+            w, h = Image.open(io.BytesIO(data)).size
+        except Image.DecompressionBombError:
+            return False
+        except Exception:
+            return True
+        return w * h <= max_image_pixels
 
 
 def oriented_size(data: bytes) -> tuple[int, int]:
@@ -214,17 +262,18 @@ def oriented_size(data: bytes) -> tuple[int, int]:
     ``DecodeError`` when the header cannot be read: a JPEG left for the device decoder reaches here
     before any decode, and a corrupt one must become its row's error, not the run's.
     """
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise DecodeError("cannot identify image format (not an image, or corrupt)") from None
-    except Exception as exc:
-        raise DecodeError(f"cannot read the image header: {first_line(exc)}") from None
-    w, h = img.size
-    with contextlib.suppress(Exception):
-        if img.getexif().get(0x0112) in (5, 6, 7, 8):
-            w, h = h, w
-    return w, h
+    with pillow_decode_settings():
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise DecodeError("cannot identify image format (not an image, or corrupt)") from None
+        except Exception as exc:
+            raise DecodeError(f"cannot read the image header: {first_line(exc)}") from None
+        w, h = img.size
+        with contextlib.suppress(Exception):
+            if img.getexif().get(0x0112) in (5, 6, 7, 8):
+                w, h = h, w
+        return w, h
 
 
 __all__ = [
@@ -237,5 +286,6 @@ __all__ = [
     "decode_memory_estimate",
     "jpeg_fits_device",
     "oriented_size",
+    "pillow_decode_settings",
     "to_rgb",
 ]
