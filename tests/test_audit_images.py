@@ -21,7 +21,9 @@ from run_support import base_args, bytes_table, invoke, png_bytes, write_table
 
 from gradcam_batch.engine.audit.images import Geometry, decode, load_images
 from gradcam_batch.engine.audit.inputs import find_inputs, unit_keys
-from gradcam_batch.engine.job.source import Preprocess, decode_image, discover_inputs, plan_units
+from gradcam_batch.engine.job.decode import decode_image
+from gradcam_batch.engine.job.inputs import discover_inputs, plan_units
+from gradcam_batch.engine.job.preprocess import Preprocess
 
 PREPS = [
     {"resize": 32, "crop": [32, 32]},

@@ -490,8 +490,8 @@ def _out_rows(index: int, rows: list[int], k: int = 2) -> pa.Table:
 def test_the_driver_writes_units_in_order_and_holds_a_bounded_number():
     from types import SimpleNamespace
 
+    from gradcam_batch.engine.job.inputs import Unit
     from gradcam_batch.engine.job.ray_runner import DRIVER_UNITS_HELD, UnitAssembler
-    from gradcam_batch.engine.job.source import Unit
 
     plan = SimpleNamespace(units=[Unit(0, 0, s, s + 4, f"f:{s}-{s + 4}") for s in range(0, 16, 4)])
     keys = [u.key for u in plan.units]

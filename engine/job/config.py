@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import torch
 
-from gradcam_batch.engine.job.source import DEFAULT_MAX_IMAGE_PIXELS, IMAGENET_MEAN, IMAGENET_STD
+from gradcam_batch.engine.job.decode import DEFAULT_MAX_IMAGE_PIXELS
+from gradcam_batch.engine.job.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 class RunSetupError(ValueError):

@@ -353,49 +353,4 @@ class ParquetSource:
             yield from self._decode_unit(unit, table, unit.start, pool)
 
 
-# Names that lived here before the module was split by concern, and where they live now. They stay
-# importable from here until 0.2.0, so that code written against the one module keeps working for
-# a release; new code imports them from their own modules. Resolved on first use, so that importing
-# this module does not import torch (``device_jpeg`` does).
-_MOVED = {
-    "DEFAULT_DECODE_MEMORY": "decode",
-    "DEFAULT_MAX_IMAGE_PIXELS": "decode",
-    "IMAGENET_MEAN": "preprocess",
-    "IMAGENET_STD": "preprocess",
-    "IMAGE_KINDS": "inputs",
-    "INTERPOLATIONS": "preprocess",
-    "READ_ATTEMPTS": "retries",
-    "READ_RETRY_DELAY_S": "retries",
-    "DecodeError": "errors",
-    "InputFile": "inputs",
-    "InputReadError": "errors",
-    "PixelBudget": "decode",
-    "Preprocess": "preprocess",
-    "SourceError": "errors",
-    "Unit": "inputs",
-    "call_with_retries": "retries",
-    "check_columns": "inputs",
-    "check_image_size": "decode",
-    "decode_image": "decode",
-    "decode_jpegs_on_device": "device_jpeg",
-    "decode_memory_estimate": "decode",
-    "detect_image_column": "inputs",
-    "discover_inputs": "inputs",
-    "image_kind": "inputs",
-    "is_out_of_memory": "device_jpeg",
-    "is_permanent_os_error": "retries",
-    "jpeg_fits_device": "decode",
-    "plan_units": "inputs",
-    "to_rgb": "decode",
-}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f"gradcam_batch.engine.job.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = ["DecodeResult", "DecodedBatch", "ParquetSource", "assemble_images", "result_sizes"]
