@@ -1,7 +1,7 @@
 """The audit's overlays without torch: its decode, its input discovery and its unit count equal the run's.
 
-``engine/audit/images.py`` and ``inputs.py`` repeat a few lines of ``engine/job/source.py`` (which
-imports torch, 600 MB of it); these tests hold the copies to the run's own functions, pixel for
+``engine/audit/images.py`` and ``inputs.py`` repeat a few lines of the run's ``engine/job/inputs.py``,
+``preprocess.py`` and ``decode.py``; these tests hold the copies to the run's own functions, pixel for
 pixel and key for key, and check that an audit with overlays never imports torch.
 """
 

@@ -10,6 +10,8 @@ Private names of other libraries (``torch.nn.Module._parameters``) are outside t
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,13 @@ def test_each_source_module_says_what_it_is(module):
     assert ("past 500 lines" in doc or "past about 500 lines" in doc) == (lines > 500), (
         f"{module}.py has {lines} lines; a module past about 500 lines says why it is one, and only then"
     )
+
+
+def test_the_source_modules_do_not_import_torch():
+    """What the docstrings say: only ``device_jpeg`` needs torch, so the rest can serve a torch-free process."""
+    modules = ("source", "inputs", "decode", "preprocess", "retries", "errors")
+    code = "import importlib, sys\n"
+    code += "".join(f"importlib.import_module('gradcam_batch.engine.job.{m}')\n" for m in modules)
+    code += "print('torch' in sys.modules)\n"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip().splitlines()[-1] == "False"

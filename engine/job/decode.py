@@ -11,7 +11,8 @@
 - Pillow's process-wide settings that a decode needs (truncated files refused, large blocks) are
   set while a decode runs and put back after it (``pillow_decode_settings``), never at import.
 
-Pillow and numpy alone, no torch: the audit decodes a run's images with ``decode_image`` too.
+Pillow and numpy alone, no torch. The audit repeats this decode (``engine/audit/images.py``), and
+``tests/test_audit_images.py`` holds the copy to ``decode_image`` pixel for pixel.
 """
 
 from __future__ import annotations

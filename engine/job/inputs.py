@@ -9,7 +9,8 @@
   A unit is what the resume logic records as done.
 - ``read_image_bytes`` gives one image cell's encoded bytes, reading the file a path names.
 
-pyarrow alone, no torch: the audit finds a run's inputs again with the same functions. The
+pyarrow alone, no torch. The audit finds a run's inputs again with its own copy of these rules
+(``engine/audit/inputs.py``), which ``tests/test_audit_images.py`` holds to these functions. The
 README's ``gradcam-batch run`` section is the user's guide to inputs.
 """
 

@@ -5,7 +5,8 @@ original image to the model input's pixels (the boxes go through it), and ``resi
 the size the resize step asks for (a JPEG is drafted to it, and the device decoder resizes to it).
 Normalization (mean/std) is not done here: it runs on the device, on uint8 input, which moves 4x
 fewer bytes from host to device than float32 would; ``mean`` and ``std`` ride along for it.
-Pillow and numpy alone, no torch: the audit decodes a run's images with the same geometry.
+Pillow and numpy alone, no torch. The audit repeats this geometry (``engine/audit/images.py``),
+and ``tests/test_audit_images.py`` holds the copy to it pixel for pixel.
 """
 
 from __future__ import annotations

@@ -1,18 +1,22 @@
-"""The Parquet source: streams a run's units as decoded batches.
+"""The Parquet source: reads a run's units and decodes their images into batches, for both runners.
 
-``ParquetSource`` reads the pending units a row group at a time (or one unit, for a Ray task),
-projecting only the needed columns, and decodes + resizes + crops the images in a thread pool
-(Pillow releases the GIL while decoding and resampling) into (n, H, W, 3) uint8 arrays.
+- The local runner streams ``ParquetSource.batches(units)``: each row group is read once (the span
+  of its pending units, the needed columns only) and its rows are decoded, resized and cropped in a
+  thread pool (Pillow releases the GIL while decoding and resampling) into ``DecodedBatch``es of
+  (n, H, W, 3) uint8 images.
+- The Ray runner's stages read each unit's rows undecoded (``unit_rows``), decode cells of the
+  image column (``decode_values``) and stack them (``assemble_images``).
 
 Failure policy: a transient ``OSError`` while reading (an image file, a row group) is retried
 with exponential backoff (``retries.py``); an image that still cannot be read, or cannot be
 decoded, or is larger than ``max_image_pixels``, becomes an error row. A row group that cannot be
 read raises ``InputReadError``: a unit never turns into error rows silently.
 
-The parts it streams live beside it: the inputs and units in ``inputs.py``, the geometry in
-``preprocess.py``, the decode and its memory budget in ``decode.py``, the device's JPEG decode in
-``device_jpeg.py``. The README's ``gradcam-batch run`` section is the user's guide to inputs and
-error rows.
+What it builds on lives beside it: the inputs and units in ``inputs.py``, the geometry in
+``preprocess.py``, the decode and its memory budget in ``decode.py``, the retries in ``retries.py``
+and the errors in ``errors.py``. With ``device_jpeg``, JPEGs stay encoded in the batch and the batch
+step decodes them on the device (``device_jpeg.py``). No torch here. The README's
+``gradcam-batch run`` section is the user's guide to inputs and error rows.
 """
 
 from __future__ import annotations
@@ -114,7 +118,7 @@ class ParquetSource:
     """Streams the given units as ``DecodedBatch`` objects.
 
     ``batches(units)`` reads each row group once, the rows its pending units span (only the
-    needed columns); ``read_unit(unit)`` reads one unit's rows, for a task that owns one unit.
+    needed columns); ``read_unit(unit)`` reads that one unit's rows only.
     Rows are decoded in a thread pool of ``workers`` threads. Memory is the rows read plus the
     batches the consumer holds, plus at most ``decode_memory`` bytes of full-size decoded pixels.
 
