@@ -327,6 +327,10 @@ class Explainer:
         """True when the head is GAP -> linear and alpha needs no backward pass."""
         return self._linear is not None or self._external_closed_form
 
+    def scores(self, output: object) -> torch.Tensor:
+        """The (B, N) class scores of a model output, by the ``score_fn`` this Explainer was given (or the default)."""
+        return self._score_fn(output)
+
     # -- per batch --------------------------------------------------------------------------------
     def __call__(
         self,
@@ -471,7 +475,7 @@ class Explainer:
         if self._linear is not None:
             with torch.no_grad():
                 scores_all = score_fn(head(acts, *extra))
-            classes_t = _resolve_classes(classes, top_k, scores_all)
+            classes_t = resolve_classes(classes, top_k, scores_all)
             weight = self._linear.weight.detach().to(cdt)
             rows = weight[classes_t]  # (B, C, K)
             # g = W[c] / (h*w) at every position: stored once per channel, broadcast by the methods.
@@ -489,14 +493,14 @@ class Explainer:
             with torch.no_grad():
                 scores_all = head_scores(acts)
             self._check_scores(scores_all, images)
-            return acts, scores_all, _resolve_classes(classes, top_k, scores_all), None, None
+            return acts, scores_all, resolve_classes(classes, top_k, scores_all), None, None
         if self.vjp_strategy == "batched_grad":
             with torch.enable_grad():
                 a = acts.detach().requires_grad_(True)
                 scores_all = head_scores(a)
                 self._check_scores(scores_all, images)
-                classes_t = _resolve_classes(classes, top_k, scores_all.detach())
-                cot = _one_hots(classes_t, scores_all, sign)
+                classes_t = resolve_classes(classes, top_k, scores_all.detach())
+                cot = one_hots(classes_t, scores_all, sign)
                 (grads,) = torch.autograd.grad(scores_all, a, cot, is_grads_batched=True)
         else:
             # Under an outer no_grad, vjp still differentiates w.r.t. its primal (it is a
@@ -504,8 +508,8 @@ class Explainer:
             with torch.no_grad():
                 scores_all, vjp_fn = torch.func.vjp(head_scores, acts)
                 self._check_scores(scores_all, images)
-                classes_t = _resolve_classes(classes, top_k, scores_all)
-                cot = _one_hots(classes_t, scores_all, sign)
+                classes_t = resolve_classes(classes, top_k, scores_all)
+                cot = one_hots(classes_t, scores_all, sign)
                 if self.vjp_strategy == "auto":
                     grads = self._auto_vjp(vjp_fn, cot)
                 elif self.vjp_strategy == "vmap":
@@ -531,11 +535,11 @@ class Explainer:
             raise TargetLayerError(f"target layer {self.target_layer!r} did not run in the forward pass")
         self._check_acts(a)
         self._check_scores(scores_all, images)
-        classes_t = _resolve_classes(classes, top_k, scores_all.detach())
+        classes_t = resolve_classes(classes, top_k, scores_all.detach())
         cdt = torch.promote_types(a.dtype, torch.float32)
         if not need_grad:
             return a.detach(), scores_all.detach(), classes_t, None
-        cot = _one_hots(classes_t, scores_all, sign)
+        cot = one_hots(classes_t, scores_all, sign)
         if not scores_all.requires_grad:
             self._no_dependency()
         (grads,) = torch.autograd.grad(scores_all, a, cot, is_grads_batched=True, allow_unused=True)
@@ -576,7 +580,8 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _resolve_classes(classes: torch.Tensor | None, top_k: int, scores: torch.Tensor) -> torch.Tensor:
+def resolve_classes(classes: torch.Tensor | None, top_k: int, scores: torch.Tensor) -> torch.Tensor:
+    """(B, C) long indices of the classes to explain: the given ones (checked), a selector's, or the top ``top_k``."""
     b, n = scores.shape
     selected = callable(classes)
     if selected:
@@ -607,7 +612,7 @@ def _resolve_classes(classes: torch.Tensor | None, top_k: int, scores: torch.Ten
     return classes_t.contiguous()
 
 
-def _one_hots(classes: torch.Tensor, scores: torch.Tensor, sign: float) -> torch.Tensor:
+def one_hots(classes: torch.Tensor, scores: torch.Tensor, sign: float) -> torch.Tensor:
     """(C, B, N) cotangents: one-hot at each explained class, negated for counterfactuals."""
     b, c = classes.shape
     cot = torch.zeros((c, b, scores.shape[1]), dtype=scores.dtype, device=scores.device)

@@ -29,6 +29,8 @@ from gradcam_batch.engine.job.config import (
     resolve_device,
     versions,
 )
+from gradcam_batch.engine.job.errors import SourceError
+from gradcam_batch.engine.job.inputs import InputFile
 from gradcam_batch.engine.job.outdir import output_problem, remove_own, survey
 from gradcam_batch.engine.job.plan import ModelHandle, RunPlan, build_plan
 from gradcam_batch.engine.job.sink import (
@@ -39,7 +41,7 @@ from gradcam_batch.engine.job.sink import (
     WriteItem,
     next_part_index,
 )
-from gradcam_batch.engine.job.source import InputFile, ParquetSource, SourceError
+from gradcam_batch.engine.job.source import ParquetSource
 from gradcam_batch.engine.job.step import BatchExplainer
 
 

@@ -41,11 +41,8 @@ import torch
 from gradcam_batch.engine.explain.methods import parse_methods
 from gradcam_batch.engine.job.boxes import BoxSpec, box_spec
 from gradcam_batch.engine.job.config import RunConfig, RunSetupError, RunWarning, first_line, resolve_device
-from gradcam_batch.engine.job.outdir import output_problem, survey
-from gradcam_batch.engine.job.schema import CAM_DTYPES, HEATMAP_DTYPES, RESULT_COLUMNS, output_schema
-from gradcam_batch.engine.job.source import (
+from gradcam_batch.engine.job.inputs import (
     InputFile,
-    Preprocess,
     Unit,
     check_columns,
     detect_image_column,
@@ -53,6 +50,9 @@ from gradcam_batch.engine.job.source import (
     image_kind,
     plan_units,
 )
+from gradcam_batch.engine.job.outdir import output_problem, survey
+from gradcam_batch.engine.job.preprocess import Preprocess
+from gradcam_batch.engine.job.schema import CAM_DTYPES, HEATMAP_DTYPES, RESULT_COLUMNS, output_schema
 from gradcam_batch.engine.models.loader import random_weights_note
 from gradcam_batch.engine.models.weights import state_digest
 

@@ -26,9 +26,10 @@ import torch
 
 from gradcam_batch.engine.explain.explainer import stack_methods
 from gradcam_batch.engine.job.config import RunSetupError, WarnOnce
+from gradcam_batch.engine.job.device_jpeg import decode_jpegs_on_device
 from gradcam_batch.engine.job.plan import RunPlan
 from gradcam_batch.engine.job.schema import ResultBatch, build_table
-from gradcam_batch.engine.job.source import DecodedBatch, decode_jpegs_on_device
+from gradcam_batch.engine.job.source import DecodedBatch
 from gradcam_batch.engine.models.weights import state_digest
 from gradcam_batch.kernels.reference import quantize
 
@@ -317,7 +318,7 @@ class BatchExplainer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         autocast = torch.autocast(x.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
-            return self.explainer._score_fn(self.explainer.model(x)).float()
+            return self.explainer.scores(self.explainer.model(x)).float()
 
     def _box_metrics(
         self, pending: PendingBatch, host: DeviceResult, ok: np.ndarray

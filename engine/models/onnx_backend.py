@@ -427,7 +427,7 @@ class OnnxModel:
 
     # -- the Explainer protocol -------------------------------------------------------------------
     def gradcam_weights(self, images, *, classes, top_k, sign, method, reshape=None):
-        from gradcam_batch.engine.explain.explainer import _one_hots, _resolve_classes
+        from gradcam_batch.engine.explain.explainer import one_hots, resolve_classes
 
         if reshape is not None:
             raise OnnxBackendError("reshape= is not supported for ONNX models; pick a 4-D target tensor")
@@ -450,7 +450,7 @@ class OnnxModel:
         acts = acts.float()
         h, w = acts.shape[-2:]
         if plan.linear is not None:
-            classes_t = _resolve_classes(classes, top_k, scores_all)
+            classes_t = resolve_classes(classes, top_k, scores_all)
             weight = plan.linear.to(device=acts.device, dtype=torch.float32)
             if weight.shape[1] != acts.shape[1] or weight.shape[0] != scores_all.shape[1]:
                 raise OnnxBackendError(
@@ -467,14 +467,14 @@ class OnnxModel:
             )
         head = self.head_module(target).to(acts.device)
         extras = [outs[e] for e in plan.extra]
-        classes_t = _resolve_classes(classes, top_k, scores_all)
+        classes_t = resolve_classes(classes, top_k, scores_all)
 
         def head_scores(a: torch.Tensor) -> torch.Tensor:
             return head(a, *extras)
 
         with torch.no_grad():
             head_out, vjp_fn = torch.func.vjp(head_scores, acts)
-            cot = _one_hots(classes_t, head_out, sign)
+            cot = one_hots(classes_t, head_out, sign)
             (grads,) = torch.vmap(vjp_fn)(cot)
         alpha = grads.float().mean(dim=(3, 4)).permute(1, 0, 2).contiguous()
         return acts, scores_all, classes_t, alpha, False
