@@ -196,6 +196,16 @@ def test_guided_is_refused_for_onnx_with_one_line(case):
     assert "ONNX" in str(info.value)
 
 
+def test_reshape_is_refused_for_onnx_with_one_line(case):
+    """An ONNX target is a 4-D tensor: ``reshape='tokens'`` is refused up front, as before the split, instead
+    of reading an NCHW map as a (B, H, W, C) grid."""
+    _, path, _, _, _ = case("gap_linear")
+    with pytest.raises(ValueError, match="reshape") as info:
+        Explainer(OnnxModel(path), reshape="tokens")
+    assert "\n" not in str(info.value)
+    assert "4-D target tensor" in str(info.value)
+
+
 def test_a_run_explains_an_onnx_model_with_several_methods_and_metrics(tmp_path, case):
     """`gradcam-batch run` on the ONNX export: every method of the list and the metric columns."""
     import pyarrow as pa

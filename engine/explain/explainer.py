@@ -261,11 +261,15 @@ class Explainer:
         torch_model = isinstance(model, nn.Module)
         if not torch_model and not callable(getattr(model, "split_at", None)):
             raise TypeError(f"model must be a torch nn.Module or an OnnxModel, got {type(model).__name__}")
+        # What a backbone that is not a torch module cannot give: a backward through it (guided), and a
+        # token output (its target is a 4-D tensor, found by its rank).
         if self.guided and not torch_model:
             raise ValueError(
                 f"guided=True needs a backward through the whole model, and {model!r} is not a torch module "
                 "(an ONNX Runtime backbone has no backward); every other method works without it"
             )
+        if reshape is not None and not torch_model:
+            raise ValueError(f"reshape={reshape!r} is not supported for {model!r}; pick a 4-D target tensor")
         self.target_layer: str | None = target_layer
         if torch_model and target_layer is not None:
             self.target_layer = layer_name_of(model, target_layer)

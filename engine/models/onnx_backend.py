@@ -12,7 +12,8 @@ torch model (``engine/explain/split.py``), and ``OnnxModel.split_at`` returns a 
 
 So every method of the Explainer (and Score-CAM's masked forwards, through the backbone session), the
 metrics and the run work on ONNX models with no backend branch; one ORT run of the backbone serves all
-methods of a batch. Guided Grad-CAM needs a backward through the backbone and is refused.
+methods of a batch. Guided Grad-CAM needs a backward through the backbone, and ``reshape='tokens'`` a
+token output; the Explainer refuses both.
 
 Target layer: an ONNX tensor name, or auto-detected as the last 4-D tensor with h*w > 1 in
 topological order that the scores depend on and that is not produced by a pooling or
