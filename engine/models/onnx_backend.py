@@ -30,6 +30,10 @@ Sessions: one ORT session per set of outputs, of the graph pruned to what they n
 layer probe's session (every float tensor an output, so ORT can reuse no buffer) is dropped as soon as
 the probe is done; the others are kept, at most ``MAX_CACHED_SESSIONS``, the least recently used
 dropped first.
+
+Why one module past 500 lines: the session cache, the layer probe and the cut all read the same parsed
+graph (nodes, producers, initializers, types) that ``OnnxModel`` holds; the op table, which reads none of
+it, is in ``onnx_ops.py``.
 """
 
 from __future__ import annotations
