@@ -82,6 +82,19 @@ def test_demo_audit_flags_the_watermarked_discs(tmp_path):
     assert page.count("data:image/png;base64,") >= 20
 
 
+def test_demo_audit_error_is_one_line_and_leaves_a_foreign_report_alone(tmp_path):
+    """The run is done, the audit refuses its report directory: one Error line, exit 1, the file kept."""
+    out = tmp_path / "demo"
+    (out / "audit").mkdir(parents=True)
+    (out / "audit" / "index.html").write_text("<p>mine</p>")
+    res = invoke(["demo", "-o", str(out), "--limit", "16", "--overlays", "0", "--device", "cpu", "--no-metrics"])
+    assert res.exit_code == 1, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("Error: the audit of the demo's run failed: ") and "not written by gradcam-batch" in last
+    assert "Traceback" not in res.output and "explained 16 images" in res.output
+    assert (out / "audit" / "index.html").read_text() == "<p>mine</p>"
+
+
 def test_run_without_input_and_model_uses_the_embedded_sample(tmp_path):
     out = tmp_path / "o"
     res = invoke(["run", "-o", str(out), "--limit", "16", "--no-progress"])

@@ -22,11 +22,9 @@ from threadpoolctl import threadpool_limits
 from gradcam_batch.engine.audit import flags as flag_rules
 from gradcam_batch.engine.audit.flags import FlagParams
 from gradcam_batch.engine.audit.reader import Grouper, RunOutput, Selection, gather, scan
-from gradcam_batch.engine.audit.report_files import UNFLAGGED, ReportFiles
+from gradcam_batch.engine.audit.report_files import FORMAT, UNFLAGGED, ReportFiles
 from gradcam_batch.engine.audit.run_output import row_groups
 from gradcam_batch.engine.audit.spray import SprayParams, spray
-
-FORMAT = "gradcam-batch-audit/1"
 
 
 @dataclass(frozen=True)

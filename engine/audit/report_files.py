@@ -3,11 +3,14 @@
 ``clusters.parquet``, ``summary.json`` and ``index.html`` are written under temporary names and
 renamed into place together at the end. An audit that stops on the way (bad input, a read-only
 file system, an interrupt) leaves the directory as it found it: an earlier report stays whole.
+A directory that holds one of those names but no ``summary.json`` of this tool's format is someone
+else's: the audit refuses it before it computes anything, and writes nothing there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +20,17 @@ import pyarrow.parquet as pq
 from gradcam_batch.engine.audit.run_output import AuditOutputError
 
 UNFLAGGED = "clusters-unflagged.parquet"  # the clusters as SpRAy gives them, before the flags are known
+FORMAT = "gradcam-batch-audit/1"  # summary.json's "format"; an earlier report is recognized by its prefix
+FORMAT_PREFIX = "gradcam-batch-audit/"
+
+
+def written_by_audit(report_dir: Path) -> bool:
+    """Whether ``report_dir/summary.json`` is a JSON object whose ``format`` is this tool's."""
+    try:
+        data = json.loads((report_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get("format", "")).startswith(FORMAT_PREFIX)
 
 
 class ReportFiles:
@@ -41,12 +55,24 @@ class ReportFiles:
             missing.append(p)
             p = p.parent
         self.created = missing
+        self.check_owned()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             self._cleanup()
             raise self._error(exc) from None
         return self
+
+    def check_owned(self) -> None:
+        """``AuditOutputError`` when the directory holds a report file that this tool did not write."""
+        if not self.dir.is_dir():
+            return
+        present = [name for name in self.NAMES if (self.dir / name).exists() or (self.dir / name).is_symlink()]
+        if present and not written_by_audit(self.dir):
+            raise AuditOutputError(
+                f"{self.dir} holds {', '.join(present)} not written by gradcam-batch audit (no summary.json of "
+                "its format): choose another report directory"
+            )
 
     def publish(self) -> None:
         for name in self.NAMES:
@@ -97,4 +123,4 @@ class ReportFiles:
         tmp.unlink()
 
 
-__all__ = ["UNFLAGGED", "ReportFiles"]
+__all__ = ["FORMAT", "UNFLAGGED", "ReportFiles", "written_by_audit"]
