@@ -14,13 +14,9 @@ import json
 import os
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from gradcam_batch.engine.audit.run_output import AuditOutputError
 
-UNFLAGGED = "clusters-unflagged.parquet"  # the clusters as SpRAy gives them, before the flags are known
-FORMAT = "gradcam-batch-audit/1"  # summary.json's "format"; an earlier report is recognized by its prefix
+FORMAT = "gradcam-batch-audit/2"  # summary.json's "format"; an earlier report is recognized by its prefix
 FORMAT_PREFIX = "gradcam-batch-audit/"
 
 
@@ -86,7 +82,7 @@ class ReportFiles:
             raise self._error(exc) from None
 
     def _cleanup(self) -> None:
-        for name in (*self.NAMES, UNFLAGGED):
+        for name in self.NAMES:
             with contextlib.suppress(OSError):
                 self.tmp(name).unlink(missing_ok=True)
         for d in self.created:
@@ -100,27 +96,5 @@ class ReportFiles:
     def _error(self, exc: OSError) -> AuditOutputError:
         return AuditOutputError(f"cannot write the report into {self.dir}: {exc.strerror or exc}")
 
-    def finish_clusters(self, flagged: set[tuple[int, str, int]], schema: pa.Schema) -> None:
-        """Copy the clusters written during the audit into ``clusters.parquet``, ``flagged`` filled in.
 
-        ``flagged`` holds the flagged clusters' (class_index, method, cluster).
-        """
-        tmp, path = self.tmp(UNFLAGGED), self.tmp("clusters.parquet")
-        if not tmp.exists():
-            pq.write_table(schema.empty_table(), path)
-            return
-        with pq.ParquetWriter(path, schema, compression="zstd") as out, pq.ParquetFile(tmp) as pf:
-            for rg in range(pf.metadata.num_row_groups):
-                t = pf.read_row_group(rg)
-                keys = zip(
-                    t.column("class_index").to_pylist(),
-                    t.column("method").to_pylist(),
-                    t.column("cluster").to_pylist(),
-                    strict=True,
-                )
-                flags = pa.array([k in flagged for k in keys])
-                out.write_table(t.set_column(t.schema.get_field_index("flagged"), "flagged", flags))
-        tmp.unlink()
-
-
-__all__ = ["FORMAT", "UNFLAGGED", "ReportFiles", "written_by_audit"]
+__all__ = ["FORMAT", "ReportFiles", "written_by_audit"]
