@@ -8,6 +8,7 @@ fixed mark and a moving mark on part of the class (flagged, split into a cluster
 
 from __future__ import annotations
 
+import html
 import io
 import json
 
@@ -202,6 +203,16 @@ def test_a_fixed_mark_is_flagged_by_position_and_pattern_and_split_into_its_own_
     assert finding["evidence"] == "position+pattern" and finding["strength"] == round(cl.strength, 4)
     assert np.abs(np.asarray(finding["location"]) - (np.asarray(MARK_AT) + 3)).max() <= 3  # the mark's centre
     assert "inside the image" in finding["sentence"] and finding["sentence"] == cl.flags[0]
+    # The page shows the evidence: strength, sentence, the ringed prototype, overlays and attended crops
+    # of the flagged cluster and of the class's unflagged cluster for contrast.
+    page = (tmp_path / "rep" / "index.html").read_text()
+    card = page[page.index("<div class=fcard") : page.index("<div class=legend>")]
+    assert f'data-strength="{cl.strength:.4f}"' in card and "strength " in card and "position</span>" in card
+    contrast = max((k for k in c.clusters if not k.flagged), key=lambda k: k.size)
+    assert f"flagged: cluster {cl.cluster}" in card and f"contrast: cluster {contrast.cluster} " in card
+    assert "the ring: the spot" in card
+    assert card.count('alt="attended"') == 12 and card.count('alt="overlay"') == 12
+    assert html.escape(cl.flags[0]) in card
     # Sorting by shortcut_score puts the marked images first.
     order = np.argsort(-t["shortcut_score"].fill_null(-1).to_numpy())
     assert marked[order[: int(marked.sum())]].mean() >= 0.9

@@ -507,6 +507,8 @@ def pattern_subset(d1: np.ndarray, d2: np.ndarray, s1: np.ndarray, params: FlagP
     p = permutation_p(d2[members], d2[rest], params.permutations, rng)
     figures = {
         "gap": round(gap, 4),
+        "gap_quartiles": round(float(np.percentile(d2[members], 25) - np.percentile(d2[rest], 75)), 4),
+        "gap_medians": round(float(np.median(d2[members]) - np.median(d2[rest])), 4),
         "score": round(float(np.median(d1[members])), 4),
         "rest_score": round(float(np.median(d1[rest])), 4),
         # The same on the correlation scale, for people: attended, elsewhere in the same images, the rest.

@@ -546,6 +546,7 @@ def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> 
                 *(["pattern"] if source is not None else []),
                 *(["boxes"] if "box_energy" in run.metrics or "pointing_hit" in run.metrics else []),
             ],
+            "window": round(window_side(min(run.map_shape), cam_side, fp) / min(run.map_shape), 4),
             "images_read": read["images"],
             "images_missing": read["missing"],
         },

@@ -3,8 +3,8 @@
 Every value from the run (ids, methods, class names, paths, the model) is escaped, in text and in
 attributes alike: a run directory may come from someone else.
 
-Top to bottom: a banner when the run is partial, the findings (every flagged cluster, its prototype
-and the reason in words), the colormap legend, a sortable per-class table with flagged classes
+Top to bottom: a banner when the run is partial, the findings (``report_findings.py``: every flagged
+finding, strongest first, with its evidence), the colormap legend, a sortable per-class table with flagged classes
 first, then one section per class: its mean heatmap, the 2-D view coloured by cluster, the
 eigenvalues with the chosen gap, and a card per cluster (flagged first) with its prototype and a
 strip of sample overlays.
@@ -16,7 +16,7 @@ import html
 from pathlib import Path
 
 from gradcam_batch.engine.audit import flags as flag_rules
-from gradcam_batch.engine.audit import render
+from gradcam_batch.engine.audit import render, report_findings
 from gradcam_batch.engine.audit.run_output import partial_line
 
 _CSS = """
@@ -107,7 +107,7 @@ def write_report(path: Path, result, images: dict) -> None:
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
         '<meta name=viewport content="width=device-width,initial-scale=1">',
         f"<title>Grad-CAM audit: {_e(Path(s['run']['out_dir']).name)}</title>",
-        f"<style>{_CSS}</style><script>{_JS}</script></head><body><main>",
+        f"<style>{_CSS}{report_findings.CSS}</style><script>{_JS}</script></head><body><main>",
     ]
     run = s["run"]
     sel = s["selection"]
@@ -126,41 +126,16 @@ def write_report(path: Path, result, images: dict) -> None:
         f"in {s['totals']['classes']} classes · {run['error_rows']:,} error rows</p>"
     )
 
-    # -- findings --
-    flagged = result.flagged
-    if flagged:
-        parts.append(
-            f'<div class="box findings" id=findings><h2>{len(flagged)} flagged cluster'
-            f"{'s' if len(flagged) != 1 else ''}: heatmaps that look somewhere else</h2>"
-        )
-        for c, k in flagged:
-            proto = render.png_uri(render.heat_image(k.prototype, 72))
-            pairs = list(zip(k.sample_ids, k.sample_maps if k.sample_maps is not None else [], strict=False))[:4]
-            strip = "".join(
-                _img(render.png_uri(render.overlay_image(images.get(i), m, 72)), "sample", "px", str(i))
-                for i, m in pairs
-            )
-            parts.append(
-                f'<div class=finding data-class="{_e(c.class_index)}">{_img(proto, "prototype", "px")}<div>'
-                f'<a href="#{_e(_anchor(c))}"><b>{_e(c.title)}</b></a>, cluster {k.cluster}: '
-                f"{k.size:,} of {c.sampled:,} heatmaps ({k.share:.0%})<br>"
-                + "".join(f"<span class=flag>⚑ {_e(r)}</span><br>" for r in k.flags)
-                + f"<div class=strip>{strip}</div></div></div>"
-            )
-        parts.append("</div>")
-    else:
-        parts.append(
-            '<div class="box findings none" id=findings><h2>No cluster was flagged</h2>'
-            "<p class=muted>Within every class, the clusters' heatmaps put their mass in similar places.</p>"
-            "</div>"
-        )
+    # -- findings (report_findings.py) --
+    parts.append(report_findings.findings_section(result, images, _anchor))
     parts.append(
         f"<div class=legend>{_img(render.png_uri(render.legend_image()), 'viridis colormap')}"
         "<span>low → high saliency (viridis; each heatmap min-max normalized; prototypes scaled to their "
         "maximum)</span></div>"
     )
     for note in s["notes"]:
-        parts.append(f"<p class=muted>Note: {_e(note)}.</p>")
+        if not note.startswith("pattern evidence skipped"):  # said in the findings box
+            parts.append(f"<p class=muted>Note: {_e(note)}.</p>")
 
     # -- class table --
     head = ["class", "rows", "errors", "clusters", "flagged", "mean heatmap", "mean prob."]
