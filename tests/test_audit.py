@@ -115,7 +115,7 @@ def test_files(planted_report):
     assert "data:image/png;base64," in page
     assert "http://" not in page and "https://" not in page and "<link" not in page
     assert page.index('id="class-0-gradcam"') < page.index('id="class-1-gradcam"')
-    assert "1 flagged cluster" in page and "top-left corner" in page
+    assert "1 finding:" in page and "near the top-left corner" in page
 
 
 def test_metric_columns_are_used_when_present(tmp_path):

@@ -73,7 +73,8 @@ def test_position_subset_needs_a_proper_subset_while_the_rest_moves(layout, foun
         pts = at_spot
     else:  # centred objects of varying size: the rest sits around the same spot
         pts = np.vstack([at_spot[:80], 12 + rng.uniform(-4, 4, size=(120, 2))])
-    sub = ev.position_subset(pts, np.ones(n, bool), (32, 32), P, np.random.default_rng(0))
+    sub, spot = ev.position_subset(pts, np.ones(n, bool), (32, 32), P, np.random.default_rng(0))
+    assert spot is not None
     assert (sub is not None) == found
     if found:
         assert sub.members[:80].all() and sub.members[80:].mean() < 0.05

@@ -10,7 +10,7 @@ in ``evidence.py`` and ``flags.py``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -57,8 +57,7 @@ def measure(maps: np.ndarray, cam_side: int | None, params: FlagParams, rng: np.
     points, ok = ev.attention_points(maps, half)
     position = np.full(len(maps), np.nan)
     position[ok] = ev.position_scores(points[ok], size, params)
-    subset = ev.position_subset(points, ok, size, params, rng)
-    spot = ev.find_spot(points[ok], size, replace(params, permutations=0), rng)
+    subset, spot = ev.position_subset(points, ok, size, params, rng)
     return ClassEvidence(points, ok, position, half, subset, spot.share if spot is not None else 0.0)
 
 

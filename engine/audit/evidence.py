@@ -95,9 +95,24 @@ def _grid_counts(points: np.ndarray, size: tuple[int, int], bins: int) -> tuple[
     h, w = size
     by = np.clip((points[:, 0] / h * bins).astype(np.int64), 0, bins - 1)
     bx = np.clip((points[:, 1] / w * bins).astype(np.int64), 0, bins - 1)
-    hist = np.zeros((bins, bins), np.int64)
-    np.add.at(hist, (by, bx), 1)
+    hist = np.bincount(by * bins + bx, minlength=bins * bins).reshape(bins, bins)
     return hist, np.stack([by, bx], 1)
+
+
+def _densest(points: np.ndarray, size: tuple[int, int], half: int) -> np.ndarray:
+    """(b,) the largest count in any (2 half + 1)^2 square of each of b point sets (b, n, 2)."""
+    b, n = points.shape[:2]
+    h, w = size
+    by = np.clip((points[..., 0] / h * BINS).astype(np.int64), 0, BINS - 1)
+    bx = np.clip((points[..., 1] / w * BINS).astype(np.int64), 0, BINS - 1)
+    flat = (np.arange(b)[:, None] * BINS + by) * BINS + bx
+    hist = np.bincount(flat.ravel(), minlength=b * BINS * BINS).reshape(b, BINS, BINS)
+    c = np.zeros((b, BINS + 1, BINS + 1), np.int64)
+    c[:, 1:, 1:] = hist.cumsum(1).cumsum(2)
+    lo = np.clip(np.arange(BINS) - half, 0, BINS)
+    hi = np.clip(np.arange(BINS) + half + 1, 0, BINS)
+    sums = c[:, hi][:, :, hi] - c[:, lo][:, :, hi] - c[:, hi][:, :, lo] + c[:, lo][:, :, lo]
+    return sums.reshape(b, -1).max(1)
 
 
 def _box_sum(hist: np.ndarray, half: int) -> np.ndarray:
@@ -147,16 +162,11 @@ class Spot:
     rest_near: float  # share of the other points within ``surround`` of the spot
     spread: float  # RMS distance of the members to their centre, in map pixels
     rest_spread: float  # RMS distance of the other points to their own centre
-    p_value: float  # randomization test: points shifted at random within ``surround``, the densest spot as dense
+    count: int  # points in the spot's square
 
 
-def find_spot(points: np.ndarray, size: tuple[int, int], params: FlagParams, rng: np.random.Generator) -> Spot | None:
-    """The densest ``radius`` square of the points, or None with fewer than ``min_rows`` points.
-
-    The p-value is a randomization test of the spot's count: each point is moved uniformly within
-    its ``surround`` square (the spatial scale the rule compares with), ``permutations`` times, and
-    the densest square of each draw is counted.
-    """
+def find_spot(points: np.ndarray, size: tuple[int, int], params: FlagParams) -> Spot | None:
+    """The densest ``radius`` square of the points, or None with fewer than ``min_rows`` points."""
     n = len(points)
     if n < params.min_rows:
         return None
@@ -175,12 +185,6 @@ def find_spot(points: np.ndarray, size: tuple[int, int], params: FlagParams, rng
     rest_near = float(((np.abs(rest[:, 0] - cy) <= Ry) & (np.abs(rest[:, 1] - cx) <= Rx)).mean()) if len(rest) else 1.0
     spread = float(np.sqrt(((points[members] - centre) ** 2).sum(1).mean())) if members.any() else 0.0
     rest_spread = float(np.sqrt(((rest - rest.mean(0)) ** 2).sum(1).mean())) if len(rest) else 0.0
-    exceed = 0
-    for _ in range(params.permutations):
-        moved = points + rng.uniform(-1, 1, size=points.shape) * np.array([Ry, Rx])
-        moved = np.clip(moved, 0, np.array([h, w]) - 1e-6)
-        hm, _ = _grid_counts(moved, size, BINS)
-        exceed += int(_box_sum(hm, r).max() >= count)
     return Spot(
         centre=(float(centre[0]), float(centre[1])),
         members=members,
@@ -188,8 +192,32 @@ def find_spot(points: np.ndarray, size: tuple[int, int], params: FlagParams, rng
         rest_near=rest_near,
         spread=spread,
         rest_spread=rest_spread,
-        p_value=(1 + exceed) / (1 + params.permutations),
+        count=count,
     )
+
+
+def spot_p_value(points: np.ndarray, size: tuple[int, int], spot: Spot, params: FlagParams,
+                 rng: np.random.Generator) -> float:  # fmt: skip
+    """Randomization test of a spot's count: each point moved uniformly within its ``surround`` square,
+    ``permutations`` times; the share of draws whose densest square holds as many points (+1 smoothing).
+
+    Stops early once the p-value cannot fall to ``alpha`` any more: a spot of chance costs a few draws.
+    """
+    n = len(points)
+    h, w = size
+    r, big = _halves(params)
+    reach = np.array([(big + 0.5) * h / BINS, (big + 0.5) * w / BINS])
+    exceed, done, batch = 0, 0, 16
+    limit = params.alpha * (1 + params.permutations) - 1  # more exceedances than this: not significant
+    while done < params.permutations and exceed <= limit:
+        b = min(batch, params.permutations - done, max(1, (1 << 21) // max(n, 1)))
+        moved = np.clip(points[None] + rng.uniform(-1, 1, size=(b, n, 2)) * reach, 0, np.array([h, w]) - 1e-6)
+        exceed += int((_densest(moved, size, r) >= spot.count).sum())
+        done += b
+        batch *= 4
+    if done < params.permutations:  # stopped early: as if every remaining draw had exceeded too
+        exceed += params.permutations - done
+    return (1 + exceed) / (1 + params.permutations)
 
 
 # -- what the maps see -----------------------------------------------------------------------------
@@ -415,27 +443,32 @@ class Subset:
 
 
 def position_subset(points: np.ndarray, ok: np.ndarray, size: tuple[int, int], params: FlagParams,
-                    rng: np.random.Generator) -> Subset | None:  # fmt: skip
-    """The images whose attention sits at one spot, when the rest of the class looks elsewhere.
+                    rng: np.random.Generator) -> tuple[Subset | None, Spot | None]:  # fmt: skip
+    """The images whose attention sits at one spot, when the rest of the class looks elsewhere; and the spot.
 
     Strength: sqrt(tightness x excess). Tightness: 1 - the members' RMS distance to their centre over
     that of points spread evenly in the spot's square (1: one point; 0: no tighter than even).
     Excess: the spot's count over what the surrounding square predicts, scaled to [0, 1] (0: as
     predicted; 1: no neighbour outside the spot). None unless the spot holds ``min_share`` to
     ``max_share`` of the class, at most ``max_rest_near`` of the rest attends within ``surround`` of it,
-    and the randomization p-value is at most ``alpha``.
+    and the randomization p-value (``spot_p_value``) is at most ``alpha``.
     """
     idx = np.flatnonzero(ok)
-    spot = find_spot(points[idx], size, params, rng)
+    spot = find_spot(points[idx], size, params)
     if spot is None:
-        return None
+        return None, None
+    proper = params.min_share <= spot.share <= params.max_share and spot.count >= params.min_rows
+    if not proper or spot.rest_near > params.max_rest_near:
+        return None, spot
+    p_value = spot_p_value(points[idx], size, spot, params, rng)
+    if p_value > params.alpha:
+        return None, spot
     members = np.zeros(len(points), bool)
     members[idx[spot.members]] = True
-    count = int(spot.members.sum())
     r, big = _halves(params)
     a = (2 * r + 1) ** 2 / (2 * big + 1) ** 2
-    around = count + spot.rest_near * (len(idx) - count)
-    excess = float(np.clip((count / max(around * a, 1e-12) - 1) / (1 / a - 1), 0, 1))
+    around = spot.count + spot.rest_near * (len(idx) - spot.count)
+    excess = float(np.clip((spot.count / max(around * a, 1e-12) - 1) / (1 / a - 1), 0, 1))
     even = (r + 0.5) * np.sqrt(2 / 3) * np.hypot(size[0], size[1]) / np.sqrt(2) / BINS
     tight = float(np.clip(1 - spot.spread / even, 0, 1))
     figures = {
@@ -446,10 +479,7 @@ def position_subset(points: np.ndarray, ok: np.ndarray, size: tuple[int, int], p
         "tightness": round(tight, 4),
         "excess": round(excess, 4),
     }
-    proper = params.min_share <= spot.share <= params.max_share and count >= params.min_rows
-    if not proper or spot.rest_near > params.max_rest_near or spot.p_value > params.alpha:
-        return None
-    return Subset("position", members, float(np.sqrt(tight * excess)), spot.p_value, spot.share, figures)
+    return Subset("position", members, float(np.sqrt(tight * excess)), p_value, spot.share, figures), spot
 
 
 GAP_FULL = 1.2  # a pattern gap (Fisher z units) that counts as full strength
@@ -537,6 +567,7 @@ __all__ = [
     "pattern_subset",
     "permutation_p",
     "position_subset",
+    "spot_p_value",
     "two_groups",
     "position_scores",
     "similarity_top",

@@ -21,7 +21,7 @@ CSS = """
 .fcard:first-of-type{border-top:0}
 .strength{display:inline-block;min-width:92px;font-weight:600;color:#a33b00}
 .meter{display:inline-block;width:70px;height:8px;background:#eee;border-radius:4px;margin-left:6px;vertical-align:1px}
-.meter i{display:block;height:8px;border-radius:4px;background:#D55E00}
+.meter span{display:block;height:8px;border-radius:4px;background:#D55E00}
 .kind{display:inline-block;padding:0 7px;margin-right:4px;border-radius:9px;background:#fde3d3;color:#8a3200;
 font-size:12px}
 .evrow{display:flex;gap:10px;align-items:center;margin-top:6px}
@@ -130,8 +130,8 @@ def findings_section(result, images: dict, anchor) -> str:
             f'<div class=fcard data-class="{_e(c.class_index)}" data-cluster="{_e(k.cluster)}" '
             f'data-strength="{strength:.4f}"><figure>{_img(proto, "prototype")}'
             f"<figcaption>prototype{_e(where)}</figcaption></figure><div>"
-            f'<span class=strength>strength {strength:.2f}</span><span class=meter><i style="width:'
-            f'{round(100 * strength)}%"></i></span> {chips}<br>'
+            f'<span class=strength>strength {strength:.2f}</span><span class=meter><span style="width:'
+            f'{round(100 * strength)}%"></span></span> {chips}<br>'
             f'<a href="#{_e(anchor(c))}"><b>{_e(c.title)}</b></a>'
             f"{_e(' · ' + c.method) if len({x.method for x in result.classes}) > 1 else ''}, cluster {k.cluster}: "
             f"{k.size:,} of {c.sampled:,} heatmaps ({k.share:.0%})"
