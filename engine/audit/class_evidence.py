@@ -129,8 +129,7 @@ def judge(ce: ClassEvidence, pointing: np.ndarray | None, params: FlagParams, rn
     if ce.att is not None:
         ce.pattern, d2, ce.similarity = ev.pattern_scores(ce.att, ce.els, ce.scored, params, rng)
         ce.pattern_subset = ev.pattern_subset(ce.pattern, d2, ce.similarity, params, rng)
-    scored = ce.scored if ce.scored is not None else np.zeros(ce.n, bool)
-    ce.findings = combine(ce.position_subset, ce.pattern_subset, scored, params)
+    ce.findings = combine(ce.position_subset, ce.pattern_subset, ce.pattern, params)
     whole = _whole_class(ce, pointing, params)
     if whole is not None:
         ce.findings.append(whole)

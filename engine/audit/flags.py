@@ -11,8 +11,9 @@ The evidence (``evidence.py``) names images, never a region:
   ``whole_pointing`` of its peaks fall inside its boxes.
 
 A position and a pattern subset that overlap (Jaccard >= ``match``) are one finding. Its members are
-the pattern subset's, with the position subset's images that have no pattern score (the content is
-the finer evidence: an image attending the spot without the pattern there is not the same thing).
+the pattern subset's, with those of the position subset whose pattern score is above the rest of
+the class's 90th percentile or unknown (the content is the finer evidence: an image attending the
+spot with nothing of the pattern there is not the same thing; one with part of it is).
 Strength: 1 - prod(1 - s) over the kinds that support the finding; a finding is flagged at
 ``threshold``. A class is never flagged because its maps sit elsewhere than other classes'. The
 corners and the border band are words for where a spot is ("near the top-left corner"), not rules.
@@ -136,11 +137,17 @@ def _figures(s: Subset) -> dict:
     return {"strength": round(s.strength, 4), "p_value": round(s.p_value, 4), "share": round(s.share, 4), **s.figures}
 
 
-def combine(position: Subset | None, pattern: Subset | None, scored: np.ndarray, params: FlagParams) -> list[Finding]:
-    """One or two findings from a class's position and pattern subsets (see the module's rules)."""
+def combine(position: Subset | None, pattern: Subset | None, scores: np.ndarray | None,
+            params: FlagParams) -> list[Finding]:  # fmt: skip
+    """One or two findings from a class's position and pattern subsets (see the module's rules).
+
+    ``scores``: the per-image pattern scores the pattern subset was split on (NaN: not scored).
+    """
     found = []
     if position is not None and pattern is not None and _jaccard(position.members, pattern.members) >= params.match:
-        members = pattern.members | (position.members & ~scored)
+        d = np.nan_to_num(scores, nan=-np.inf)
+        some = (d > pattern.figures["rest_high"]) | ~np.isfinite(scores)
+        members = pattern.members | (position.members & some)
         strength = 1 - (1 - position.strength) * (1 - pattern.strength)
         figures = {"position": _figures(position), "pattern": _figures(pattern)}
         found.append(Finding(("position", "pattern"), members, strength, strength >= params.threshold, figures))
