@@ -7,6 +7,7 @@ model. Most tests use the spectral 2-D view, which is instant; one checks t-SNE 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -215,7 +216,8 @@ def test_cli(planted, tmp_path):
     res = invoke(["audit", str(out), "-o", str(tmp_path / "r"), "--view", "spectral", "--no-overlays"])
     assert res.exit_code == 0, res.output
     assert "audited 440 heatmaps in 2 classes: 3 clusters, 1 flagged" in res.output
-    assert "flagged: class 0, cluster" in res.output and "top-left corner" in res.output
+    assert re.search(r"flagged, strength 0\.\d\d \(position[a-z+]*\): class 0, cluster", res.output), res.output
+    assert "top-left corner" in res.output
     assert f"report: {tmp_path / 'r' / 'index.html'}" in res.output
     res = invoke(["audit", str(out), "-o", str(tmp_path / "r"), "--clusters", "x"])
     assert res.exit_code == 2 and "expected auto or a positive integer" in res.output

@@ -68,7 +68,8 @@ def test_demo_audit_flags_the_watermarked_discs(tmp_path):
     res = invoke(["demo", "-o", str(out), "--overlays", "0", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert re.search(r"audited 256 heatmaps in 4 classes: \d+ clusters, 1 flagged", res.output), res.output
-    assert "flagged: disc (1), cluster" in res.output and "top-right corner" in res.output
+    assert re.search(r"flagged, strength 0\.\d\d \(position\+pattern\): disc \(1\), cluster", res.output)
+    assert "top-right corner" in res.output
     assert f"report: {out / 'audit' / 'index.html'}" in res.output
     clusters = pq.read_table(out / "audit" / "clusters.parquet")
     marked = pq.read_table(demo_assets.SAMPLE, columns=["image_id", "watermark"])
