@@ -284,3 +284,32 @@ def test_input_images_decode_and_boxes_match_the_run(tmp_path):
     expected, _ = to_input_frame(np.asarray(boxes[0]), None, (w, h), prep)
     np.testing.assert_allclose(got["a"][1], expected[0])  # the largest box, as the run maps it
     assert got["c"][1] is None
+
+
+# -- the bars, on the planted benchmark -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_planted_benchmark_meets_the_bars(tmp_path):
+    """Issue 19's bars on report seed 0 (the threshold was calibrated on seeds 10-19): a fixed mark's
+    flagged rows have precision >= 0.9 and recall >= 0.8; the clean control and every unmarked class
+    have at most 5% of their rows flagged; a moving mark's recall, the aim, is >= 0.8 too."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "planted_shortcuts.py"
+    name = "benchmarks_planted_shortcuts"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, script)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    bench = sys.modules[name]
+    for case in ("corner", "interior", "random", "clean"):
+        r = bench.evaluate(case, 0, boxes=True, cache=tmp_path / "cache")
+        assert (r["false_flag_share_unmarked_classes"] or 0) <= 0.05, r
+        if case == "clean":
+            assert r["false_flag_share"] <= 0.05, r
+        else:
+            assert r["against_marked"]["precision"] >= 0.9 and r["against_marked"]["recall"] >= 0.8, r

@@ -296,38 +296,61 @@ def _resampled(patch: np.ndarray, out: int) -> np.ndarray:
 PATCH = 1.5  # the square searched for the crop, in attended windows (2 lost more to nearby object edges)
 
 
-def crop_at(image: np.ndarray, centre: tuple[float, float], window: int, crop: int) -> np.ndarray:
-    """The (crop + 2, crop + 2, 3) uint8 crop that a pattern score compares, around ``centre`` (image pixels).
+def patch_side(crop: int) -> int:
+    """The side of the square searched for a crop, at the crop's scale."""
+    return max(crop + 2, int(round(PATCH * crop)))
 
-    A square of ``PATCH`` windows around the centre (edge pixels repeated past the border) is
-    brought to the crop's scale (``crop`` pixels for ``window``); the crop is the part of it that
-    holds the most detail (the largest sum of squared high-pass values), re-centred on the centroid
-    of that detail, so that one mark seen at different offsets from a coarse map's attention point
-    lines up. One pixel of margin on each side
-    serves the shift tolerance.
+
+def patch_at(image: np.ndarray, centre: tuple[float, float], window: int, crop: int) -> np.ndarray:
+    """The (s, s, 3) uint8 square of ``PATCH`` windows around ``centre`` (image pixels), at the crop's scale.
+
+    Edge pixels repeat past the border; ``crop`` pixels stand for ``window`` (no resampling when equal).
     """
     h, w = image.shape[:2]
     side = max(3, int(round(PATCH * window)))
     y0, x0 = int(round(centre[0] - side / 2)), int(round(centre[1] - side / 2))
     ys = np.clip(np.arange(y0, y0 + side), 0, h - 1)
     xs = np.clip(np.arange(x0, x0 + side), 0, w - 1)
-    big = max(crop + 2, int(round(side * crop / window)))  # at the window's own scale: no resampling
-    patch = _resampled(image[ys][:, xs], big)
-    energy = (high_pass(patch[None])[0] ** 2).sum(2)
-    c = np.zeros((big + 1, big + 1))
-    c[1:, 1:] = energy.cumsum(0).cumsum(1)
+    patch = _resampled(image[ys][:, xs], patch_side(crop))
+    return np.clip(np.round(patch), 0, 255).astype(np.uint8)
+
+
+def crops_from_patches(patches: np.ndarray, crop: int) -> np.ndarray:
+    """(n, crop + 2, crop + 2, 3) uint8: in each patch, the crop that a pattern score compares.
+
+    The part of the patch that holds the most detail (the largest sum of squared high-pass values;
+    ties to the centre), re-centred on the centroid of that detail, so that one mark seen at
+    different offsets from a coarse map's attention point lines up. One pixel of margin on each side
+    serves the shift tolerance. Vectorized over the patches.
+    """
+    n, big = patches.shape[:2]
     k = crop + 2
-    sums = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]  # every k x k window's detail
-    off = np.abs(np.arange(sums.shape[0]) - (sums.shape[0] - 1) / 2)
-    a, b = np.unravel_index(int(np.argmax(sums - 1e-9 * (off[:, None] + off[None, :]))), sums.shape)  # ties: centre
-    # Then centred on that window's detail: a small mark anywhere inside it lines up with the others.
-    e = energy[a : a + k, b : b + k]
-    if e.sum() > 0:
-        g = np.arange(k) + 0.5
-        cy, cx = (e.sum(1) * g).sum() / e.sum(), (e.sum(0) * g).sum() / e.sum()
-        a = int(np.clip(round(a + cy - k / 2), 0, big - k))
-        b = int(np.clip(round(b + cx - k / 2), 0, big - k))
-    return np.clip(np.round(patch[a : a + crop + 2, b : b + crop + 2]), 0, 255).astype(np.uint8)
+    if n == 0:
+        return np.zeros((0, k, k, 3), np.uint8)
+    energy = (high_pass(patches) ** 2).sum(3)  # (n, big, big)
+    c = np.zeros((n, big + 1, big + 1))
+    c[:, 1:, 1:] = energy.cumsum(1).cumsum(2)
+    sums = c[:, k:, k:] - c[:, :-k, k:] - c[:, k:, :-k] + c[:, :-k, :-k]  # every k x k window's detail
+    m = sums.shape[1]
+    off = np.abs(np.arange(m) - (m - 1) / 2)
+    best = (sums - 1e-9 * (off[:, None] + off[None, :])).reshape(n, -1).argmax(1)
+    a, b = np.divmod(best, m)
+    idx = np.arange(k)
+    rows = np.arange(n)[:, None, None]
+    e = energy[rows, (a[:, None] + idx)[:, :, None], (b[:, None] + idx)[:, None, :]]  # (n, k, k)
+    total = e.sum((1, 2))
+    g = idx + 0.5
+    safe = np.where(total > 0, total, 1.0)
+    cy = np.where(total > 0, (e.sum(2) * g).sum(1) / safe, k / 2)
+    cx = np.where(total > 0, (e.sum(1) * g).sum(1) / safe, k / 2)
+    a = np.clip(np.round(a + cy - k / 2).astype(int), 0, big - k)
+    b = np.clip(np.round(b + cx - k / 2).astype(int), 0, big - k)
+    return patches[rows, (a[:, None] + idx)[:, :, None], (b[:, None] + idx)[:, None, :]]
+
+
+def crop_at(image: np.ndarray, centre: tuple[float, float], window: int, crop: int) -> np.ndarray:
+    """The (crop + 2, crop + 2, 3) uint8 crop around ``centre``: ``crops_from_patches`` of ``patch_at``."""
+    return crops_from_patches(patch_at(image, centre, window, crop)[None], crop)[0]
 
 
 def high_pass(crops: np.ndarray) -> np.ndarray:
@@ -567,6 +590,9 @@ __all__ = [
     "attention_points",
     "box_point",
     "crop_at",
+    "crops_from_patches",
+    "patch_at",
+    "patch_side",
     "find_spot",
     "pattern_scores",
     "pattern_subset",

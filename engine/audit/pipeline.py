@@ -468,14 +468,16 @@ def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> 
     read = {"images": 0, "missing": 0}
     classes: list[ClassAudit] = []
     writer = None
-    try:
+    # One BLAS/OpenMP limit for the whole loop: entering it costs milliseconds (it scans the loaded
+    # libraries), which a run of 1,000 classes paid a thousand times.
+    with threadpool_limits(limits=cfg.threads), contextlib.ExitStack() as closing:
+        closing.callback(lambda: writer is not None and writer.close())
         for chunk in gather(run, grouper, stats, size=size, memory_mb=cfg.memory_mb):
             work = []
             for g, gm in sorted(chunk.items()):
                 class_index, method = stats.keys[g]
                 rng = np.random.default_rng([fp.seed, class_index & 0xFFFFFFFF, zlib.crc32(method.encode())])
-                with threadpool_limits(limits=cfg.threads):
-                    res = spray(gm.maps, sp)
+                res = spray(gm.maps, sp)
                 ce = cev.measure(gm.maps, cam_side, fp, rng)
                 work.append((g, gm, res, ce, rng))
             if source is not None:
@@ -492,9 +494,6 @@ def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> 
                     if writer is None:
                         writer = pq.ParquetWriter(files.tmp("clusters.parquet"), schema, compression="zstd")
                     writer.write_table(_cluster_rows(cls, gm.ids, ce, res, schema, scale))
-    finally:
-        if writer is not None:
-            writer.close()
     if files is not None and writer is None:
         pq.write_table(schema.empty_table(), files.tmp("clusters.parquet"))
     if source is not None and read["missing"]:
