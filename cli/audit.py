@@ -43,8 +43,9 @@ def _clusters(text: str) -> int | None:
 @click.option("--neighbors", default=10, show_default=True, type=click.IntRange(min=1), help="kNN graph neighbours.")
 @click.option("--eigenvalues", default=32, show_default=True, type=click.IntRange(min=2), help="Eigenvalues computed.")
 @click.option("--max-clusters", default=30, show_default=True, type=click.IntRange(min=1), help="Largest k (eigengap).")
-@click.option("--view", type=click.Choice(["tsne", "umap", "spectral"]), default="tsne", show_default=True,
-              help="The 2-D view (umap needs umap-learn; else t-SNE).")  # fmt: skip
+@click.option("--view", type=click.Choice(["auto", "tsne", "umap", "spectral"]), default="auto", show_default=True,
+              help="The 2-D view. auto: t-SNE up to 5,000 maps and 50 classes, else spectral (the eigenvectors); "
+                   "umap needs umap-learn.")  # fmt: skip
 @click.option("--seed", default=0, show_default=True, type=int, help="Subsample, k-means and t-SNE seed.")
 @click.option("--class-names", type=click.Path(exists=True, dir_okay=False), help="File: one class name per line.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0), help="SpRAy threads (0: all).")

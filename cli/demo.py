@@ -17,6 +17,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from gradcam_batch.cli.options import BadInvocation
+
 
 def _colormap(heat: np.ndarray) -> np.ndarray:
     """(H, W) uint8 -> (H, W, 3) uint8, blue (cold) through green to red (hot)."""
@@ -43,7 +45,8 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, scale: int 
     "-o",
     "--output",
     type=click.Path(file_okay=False),
-    help="Output directory. [default: gradcam-batch-demo in the system temp directory]",
+    help="Output directory: the run in OUTPUT/run, overlays and the audit beside it. "
+    "[default: gradcam-batch-demo in the system temp directory]",
 )
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
 @click.option("--top-k", default=1, show_default=True, type=click.IntRange(min=1), help="Predictions explained.")
@@ -70,10 +73,13 @@ def demo(output, batch_size, top_k, device, overlays, limit, run_audit, with_met
     from gradcam_batch.engine.job.local import RunConfig, RunFailed, RunSetupError, run_job
 
     out_dir = Path(output) if output else Path(tempfile.gettempdir()) / "gradcam-batch-demo"
+    # The run gets a directory of its own: its --overwrite on a rerun replaces only a run's own
+    # files, and the overlays and the audit report beside it are not.
+    run_dir = out_dir / "run"
     prep = demo_assets.PREPROCESS
     config = RunConfig(
         inputs=[str(demo_assets.SAMPLE)],
-        output=str(out_dir),
+        output=str(run_dir),
         model=demo_assets.MODEL_SPEC,
         weights=str(demo_assets.CHECKPOINT),
         top_k=top_k,
@@ -97,11 +103,11 @@ def demo(output, batch_size, top_k, device, overlays, limit, run_audit, with_met
     try:
         summary = run_job(config)
     except RunSetupError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise BadInvocation(str(exc)) from None
     except RunFailed as exc:
         raise click.ClickException(f"the demo run stopped: {exc}; {exc.advice}") from None
 
-    files = sorted(out_dir.glob("part-*.parquet"))
+    files = sorted(run_dir.glob("part-*.parquet"))
     table = pq.read_table(files)
     top1 = table.filter(pc.and_(pc.equal(table["class_rank"], 0), pc.equal(table["status"], "ok")))
     peak_y = top1["peak_y"].to_numpy()
@@ -147,14 +153,14 @@ def demo(output, batch_size, top_k, device, overlays, limit, run_audit, with_met
             f"localization: pointing accuracy {means['pointing_accuracy']:.3f} (within 3 px), localization accuracy "
             f"{means['localization_accuracy']:.3f} (the paper's 15% box with IoU >= 0.5), over every explained row"
         )
-    click.echo(f"output: {out_dir} ({len(files)} Parquet file{'' if len(files) == 1 else 's'} + manifest.json)")
+    click.echo(f"output: {run_dir} ({len(files)} Parquet file{'' if len(files) == 1 else 's'} + manifest.json)")
     if written:
         click.echo(f"overlays: {len(written)} PNGs in {written[0].parent}")
     if run_audit:
-        _audit(out_dir)
+        _audit(run_dir, out_dir / "audit")
 
 
-def _audit(out_dir: Path) -> None:
+def _audit(run_dir: Path, report_dir: Path) -> None:
     try:
         import scipy  # noqa: F401
         import sklearn  # noqa: F401
@@ -165,7 +171,7 @@ def _audit(out_dir: Path) -> None:
     from gradcam_batch.engine.audit import AuditError, audit
 
     try:
-        result = audit(out_dir, out_dir / "audit")
+        result = audit(run_dir, report_dir)
     except AuditError as exc:  # the run and its overlays are written: say why the report is not
         raise click.ClickException(f"the audit of the demo's run failed: {exc}") from None
     echo_findings(result)

@@ -6,6 +6,8 @@ import re
 
 import click
 
+from gradcam_batch.cli.options import BadInvocation
+
 
 def _parse_size(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
@@ -55,23 +57,24 @@ def layers(
 ) -> None:
     """List candidate target layers (name, type, output shape); '*' marks the auto-detected one.
 
-    A candidate outputs a 4-D (B, K, h, w) map with h*w > 1 that the scores depend on; for token
-    models, (B, N, D) tokens whose patch tokens the scores depend on. For ONNX models the names are
-    tensor names, to pass as --target-layer. The first line is the preprocessing `run` uses for this
-    model when no --resize, --crop, --mean, --std or --interpolation is given.
+    A candidate is a feature map whose positions the scores depend on: a 4-D (B, K, h, w) map with
+    h*w > 1, or (B, N, D) tokens (on their patch tokens). The marked one is the trunk's last feature
+    map. For ONNX models the names are tensor names, to pass as --target-layer. The first line is the
+    preprocessing `run` uses for this model when no --resize, --crop, --mean, --std or --interpolation
+    is given.
     """
     import torch
 
     from gradcam_batch.engine.explain.explainer import default_score_fn, eval_mode
-    from gradcam_batch.engine.explain.layers import default_reshape, probe_layers
+    from gradcam_batch.engine.explain.layers import probe_layers
     from gradcam_batch.engine.models.loader import load_model, model_preprocessing
 
     size = _parse_size(input_size) if input_size is not None else None
     try:
         prep = model_preprocessing(model_spec)
         model = load_model(model_spec, weights=weights, num_classes=num_classes, weights_strict=weights_strict)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:  # ModelSpecError: a bad invocation, exit 2 as in `run`
+        raise BadInvocation(str(exc)) from None
     if prep is None:
         click.echo(
             "preprocessing: run's defaults: resize shorter side to 256, center crop 224x224, bilinear, "
@@ -82,21 +85,20 @@ def layers(
         size = size or prep.input_size
     static = getattr(model, "input_size", None)  # an ONNX model exported at a fixed size
     if size is not None and static is not None and tuple(size) != tuple(static):
-        raise click.ClickException(
+        raise BadInvocation(
             f"the model takes {static[0]}x{static[1]} inputs only; drop --input-size or pass {static[0]}x{static[1]}"
         )
     h, w = size or static or (224, 224)
     sample = torch.zeros(1, 3, h, w)
     try:
         if isinstance(model, torch.nn.Module):
-            reshape = reshape or default_reshape(model)
             with eval_mode(model):
                 infos = probe_layers(model, sample, default_score_fn, reshape=reshape)
         else:
             infos = model.probe_layers(sample)
     except (ValueError, TypeError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise click.ClickException(f"probe forward at input size {h}x{w} failed: {first}") from None
+        raise BadInvocation(f"probe forward at input size {h}x{w} failed: {first}") from None
 
     rows = [i for i in infos if show_all or i.candidate or i.chosen]
     if not rows:
@@ -113,7 +115,8 @@ def layers(
     if chosen is None:
         click.echo("auto-detection found no layer: pass --target-layer")
     else:
-        click.echo(f"auto-detected: {chosen}" + (" (reshape: tokens)" if reshape == "tokens" else ""))
+        tokens = next(i.layout for i in infos if i.chosen) in ("tokens", "grid")
+        click.echo(f"auto-detected: {chosen}" + (" (reshape: tokens)" if tokens else ""))
 
 
 __all__ = ["layers"]

@@ -179,8 +179,18 @@ class BadInvocation(click.ClickException):
     exit_code = 2
 
 
+class Interrupted(click.ClickException):
+    """Ctrl-C (SIGINT): one line instead of click's "Aborted!", and 130, the shell's code for it."""
+
+    exit_code = 130
+
+    def __init__(self) -> None:
+        super().__init__("interrupted; rerun the same command to resume")
+
+
 __all__ = [
     "BadInvocation",
+    "Interrupted",
     "compute_options",
     "model_options",
     "parse_floats3",

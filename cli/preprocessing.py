@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import click
+from gradcam_batch.cli.options import BadInvocation
 
 PREP_OPTIONS = ("resize", "crop", "mean", "std", "interpolation")
 
@@ -22,7 +22,7 @@ def model_prep_values(spec: str | None) -> tuple[dict[str, str], str] | None:
     try:
         prep = model_preprocessing(spec)
     except ValueError as exc:  # ModelSpecError: unknown timm name, not a directory, ...
-        raise click.UsageError(str(exc)) from None
+        raise BadInvocation(str(exc)) from None  # one line, exit 2 (a UsageError would add the usage lines)
     if prep is None:
         return None
     resize = prep.resize

@@ -11,6 +11,7 @@ import click
 
 from gradcam_batch.cli.options import (
     BadInvocation,
+    Interrupted,
     compute_options,
     model_options,
     parse_floats3,
@@ -72,7 +73,20 @@ def _is_default(ctx: click.Context, name: str) -> bool:
 @click.option(
     "--heatmap-size", default="input", show_default=True, help="N, HxW, input (the model's input size), or none."
 )
-@click.option("--heatmap-dtype", type=click.Choice(["uint8", "float16"]), default="uint8", show_default=True)
+@click.option(
+    "--heatmap-dtype",
+    type=click.Choice(["uint8", "float16"]),
+    default="uint8",
+    show_default=True,
+    help="Heatmap values: uint8 is round(255 x) of the [0, 1] map.",
+)
+@click.option(
+    "--cam-dtype",
+    type=click.Choice(["float16", "float32"]),
+    default="float16",
+    show_default=True,
+    help="The cam column's dtype; float32 keeps cams above float16's 65504 (those are error rows in float16).",
+)
 @click.option(
     "--rows-per-file", default=10_000, show_default=True, type=click.IntRange(min=1), help="Output rows per file."
 )
@@ -118,7 +132,13 @@ def _is_default(ctx: click.Context, name: str) -> bool:
     help="Ground-truth boxes (list<list<float>[4]>, list<float>[4], HF struct<bbox, category>, or four coordinate "
     "columns): adds pointing_hit, box_energy, pred_box, box_iou.",
 )
-@click.option("--box-format", type=click.Choice(["xyxy", "coco"]), default="xyxy", show_default=True)
+@click.option(
+    "--box-format",
+    type=click.Choice(["xyxy", "coco"]),
+    default="xyxy",
+    show_default=True,
+    help="Box coordinates: x0,y0,x1,y1 or COCO's x,y,width,height.",
+)
 @click.option(
     "--pointing-tolerance",
     default=15.0,
@@ -152,6 +172,13 @@ def run(ctx: click.Context, inputs, **opts) -> None:
       gradcam-batch run data/ -o out/ --model torchvision:resnet50 --weights r50.pt \\
           --top-k 3 --label-column label --keep-columns path
     """
+    try:
+        _run(ctx, inputs, opts)
+    except KeyboardInterrupt:  # Ctrl-C: the whole units written so far are committed
+        raise Interrupted() from None
+
+
+def _run(ctx: click.Context, inputs, opts: dict) -> None:
     from gradcam_batch.engine.job.config import RunFailed, RunSetupError
     from gradcam_batch.engine.job.local import prepare, summary_line
 
@@ -177,6 +204,7 @@ def run(ctx: click.Context, inputs, **opts) -> None:
     from PIL import Image
 
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    warnings.formatwarning = format_run_warning
     try:
         job = _prepare_ray(config, opts["workers"], **ray_opts) if use_ray else prepare(config)
     except RunSetupError as exc:
@@ -196,6 +224,15 @@ def run(ctx: click.Context, inputs, **opts) -> None:
         raise click.ClickException(
             f"{summary['totals']['errors']} images could not be explained (rows with status='error')"
         )
+
+
+def format_run_warning(message, category, filename, lineno, line=None, _default=warnings.formatwarning) -> str:
+    """A run's own warnings (``RunWarning``) as one line on stderr; other warnings as Python formats them."""
+    from gradcam_batch.engine.job.config import RunWarning
+
+    if isinstance(category, type) and issubclass(category, RunWarning):
+        return f"warning: {message}\n"
+    return _default(message, category, filename, lineno, line)
 
 
 _RAY_OPTIONS = ("use_ray", "ray_address", "num_gpus_per_worker", "num_cpus_per_worker", "num_cpus_per_read")

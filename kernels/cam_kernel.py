@@ -22,6 +22,10 @@ The cams are re-read from L1/L2 by the program that wrote them (h*w*4 bytes, a f
 full-resolution float32 map never exists in global memory. Programs are ordered with the class
 fastest, so the C programs of one image run together and share its activations through L2.
 
+The grid is one-dimensional, program ``first + i`` for map ``b * C + c``: the metrics, the map methods
+and guided Grad-CAM pass B*C maps as that many one-class images, and CUDA's y and z grid dimensions
+stop at 65,535. More maps than ``MAX_GRID`` (x's limit, 2**31 - 1) are launched in several parts.
+
 The bilinear sampling follows ``F.interpolate(mode="bilinear", align_corners=False)``:
 ``scale = in / out`` in float32, ``src = max(scale * (dst + 0.5) - 0.5, 0)``,
 ``i0 = min(floor(src), in - 1)``, ``i1 = i0 + (i0 < in - 1)``, ``l1 = clamp(src - i0, 0, 1)``,
@@ -42,6 +46,8 @@ from gradcam_batch.kernels.reference import DEFAULT_EPS, CamMaps
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OUT_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 NUM_WARPS = 4
+# Programs per launch: CUDA's limit on gridDim.x. A launch with more maps is split (tests inject a small value).
+MAX_GRID = 2**31 - 1
 # Output rows counted per step while locating the row stretches of phase 2.
 SEG_BLOCK = 256
 
@@ -61,7 +67,7 @@ def _source_index(dst, scale, in_size):
 
 # Sizes and strides are never specialized on their values (a 1, or a multiple of 16), so the
 # kernel compiles to exactly the variants that aot.py enumerates: dtypes x block sizes x layout.
-@triton.jit(do_not_specialize=["C", "K", "h", "w", "H", "W", "stride_ab", "stride_a"])
+@triton.jit(do_not_specialize=["first", "C", "K", "h", "w", "H", "W", "stride_ab", "stride_a"])
 def _cam_fwd_kernel(
     A,  # activations, (B, K, h, w), fp32/fp16/bf16, NCHW or NHWC (pixels y * w + x share one stride)
     Wt,  # class weights alpha, (B, C, K), fp32, contiguous
@@ -69,6 +75,7 @@ def _cam_fwd_kernel(
     HEAT,  # out: heatmaps, (B, C, H, W) uint8/fp16/bf16/fp32, contiguous (unused when write_heat == 0)
     CMAX,  # out: max of each low-resolution cam, (B, C) fp32
     PEAK,  # out: (y, x) of each upsampled map's first maximum, (B, C, 2) int64
+    first,  # the map (b * C + c) of this launch's program 0
     C,  # classes per image
     K,  # channels
     h,  # feature-map height
@@ -91,9 +98,10 @@ def _cam_fwd_kernel(
     QUANTIZE: tl.constexpr,  # True: uint8 = floor(255 * x + 0.5) clamped to [0, 255]
     CHANNELS_LAST: tl.constexpr,  # True: channels are contiguous (stride 1) and pixels stride_a apart
 ):
-    pid_c = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    bc = pid_b.to(tl.int64) * C + pid_c
+    # int32 index arithmetic (the launcher keeps B*C below 2**31); 64-bit division spills registers.
+    pid = tl.program_id(0) + first
+    pid_b = pid // C
+    bc = pid.to(tl.int64)
     a_base = A + pid_b.to(tl.int64) * stride_ab
     w_base = Wt + bc * K
     hw = h * w
@@ -338,6 +346,8 @@ def fused_cam_triton(
             raise ValueError(f"out_size must be positive, got {tuple(out_size)}")
     if out_h * out_w >= 2**31:
         raise ValueError(f"heatmaps of {out_h}x{out_w} are too large for the kernel's int32 pixel index")
+    if b * c >= 2**31:
+        raise ValueError(f"{b}x{c} maps are too many for the kernel's int32 map index; explain fewer at once")
 
     dev = acts.device
     weights = _aligned(weights.to(torch.float32).contiguous())
@@ -356,26 +366,28 @@ def fused_cam_triton(
         return CamMaps(cams, heat, cam_max, peaks)
 
     blocks = block_sizes(out_w)
-    grid = (c, b)
     sizes = _scalar_args(c, k, h, w, out_h, out_w, acts.stride(0), stride_a)
     switches = _scalar_args(int(relu), int(normalize), int(write_heat))
+    n_maps = b * c
     with _device_guard(dev):
-        _cam_fwd_kernel[grid](
-            acts,
-            weights,
-            cams,
-            heat_arg,
-            cam_max,
-            peaks,
-            *sizes,
-            _float32_ratio(h, out_h),
-            _float32_ratio(w, out_w),
-            float(eps),
-            *switches,
-            SEG=SEG_BLOCK,
-            QUANTIZE=out_dtype == torch.uint8,
-            CHANNELS_LAST=channels_last,
-            num_warps=NUM_WARPS,
-            **blocks,
-        )
+        for first in range(0, n_maps, MAX_GRID):
+            _cam_fwd_kernel[(min(MAX_GRID, n_maps - first),)](
+                acts,
+                weights,
+                cams,
+                heat_arg,
+                cam_max,
+                peaks,
+                *_scalar_args(first),
+                *sizes,
+                _float32_ratio(h, out_h),
+                _float32_ratio(w, out_w),
+                float(eps),
+                *switches,
+                SEG=SEG_BLOCK,
+                QUANTIZE=out_dtype == torch.uint8,
+                CHANNELS_LAST=channels_last,
+                num_warps=NUM_WARPS,
+                **blocks,
+            )
     return CamMaps(cams, heat, cam_max, peaks)

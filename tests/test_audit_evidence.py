@@ -21,7 +21,7 @@ from PIL import Image
 from gradcam_batch.engine.audit import audit
 from gradcam_batch.engine.audit import class_evidence as cev
 from gradcam_batch.engine.audit import evidence as ev
-from gradcam_batch.engine.audit.inputs import InputImages
+from gradcam_batch.engine.audit.images import InputImages
 from gradcam_batch.engine.audit.synthetic import MARK_AT, write_image_run
 
 P = ev.FlagParams()
@@ -226,6 +226,13 @@ def test_a_moving_mark_is_flagged_by_pattern(tmp_path):
     (cl,) = result[0].flagged
     assert cl.evidence == "pattern" and "wherever it sits in the image" in cl.flags[0]
     assert result[0].spray_k == 1 and result[0].k == 2
+    # The page's class section says where the second cluster came from, and its scatter's chosen
+    # clustering is the split one (SpRAy's other ks stay switchable).
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "2 clusters (eigengap: SpRAy's 1, and 1 that evidence split off)" in page
+    data = json.loads(page.split('<script type="application/json" class=scatter-data>')[1].split("</script>")[0])
+    shown = np.asarray(result[0].points)
+    assert data["k"] == 2 and data["labels"]["2"] == "".join(str(v) for v in result[0].labels[shown])
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert summary["classes"][0]["findings"][0]["flagged"] and summary["totals"]["flagged_rows"] == flagged.sum()
 

@@ -460,13 +460,15 @@ def _check_page(page: str, expect_in_text: list[str], expect_in_attrs: list[str]
     p = _parse(page)
     clean = {"html", "head", "meta", "title", "style", "script", "body", "main", "h1", "h2", "h3", "p", "code"}
     clean |= {"div", "span", "a", "b", "br", "img", "table", "thead", "tbody", "tr", "th", "td", "figure"}
-    clean |= {"figcaption", "section"}
+    clean |= {"figcaption", "section", "canvas", "button", "textarea"}  # the interactive 2-D views
     assert {t for t, _ in p.tags} <= clean
-    assert sum(1 for t, _ in p.tags if t == "script") == 1
+    scripts = [a for t, a in p.tags if t == "script"]
+    assert sum(1 for a in scripts if "type" not in a) == 2  # the page's own two, inline
+    assert all(a.get("type", "application/json") == "application/json" for a in scripts)  # the rest: data
     for tag, attrs in p.tags:
         assert not [a for a in attrs if a.startswith("on") or a == "data-pwn"], (tag, attrs)
-        if tag == "img":
-            assert attrs["src"].startswith("data:image/png;base64,"), attrs
+        if tag == "img" and attrs.get("alt") != "overlay":  # the hover card's image gets its src from the script
+            assert attrs["src"].startswith(("data:image/png;base64,", "data:image/jpeg;base64,")), attrs
     ids = [a["id"] for _, a in p.tags if "id" in a]
     assert len(ids) == len(set(ids))
     for _, a in p.tags:  # every link lands on an element of the page

@@ -30,8 +30,33 @@ def _walk(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[tuple[st
 COMMANDS = _walk(cli)
 
 
-def test_the_cli_has_commands():
-    assert len(COMMANDS) >= 2, "the group has no subcommands"
+# The commands the README documents, and options that each one's help must show (a stub would lack them).
+EXPECTED = {
+    "run": ["--output", "--model", "--top-k", "--method", "--resume", "--overwrite", "--box-column", "--ray"],
+    "audit": ["--output", "--classes", "--method", "--overlays", "--class-names"],
+    "layers": ["--model", "--weights", "--input-size", "--all"],
+    "bench": ["--model", "--batch-size", "--baselines", "--methods", "--json"],
+    "demo": ["--output", "--audit", "--overlays", "--metrics"],
+}
+
+
+def test_the_cli_has_every_documented_command():
+    assert {p[0] for p, _ in COMMANDS if len(p) == 1} >= set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_help_names_and_explains_every_option(name):
+    cmd = cli.commands[name]
+    text = CliRunner().invoke(cli, [name, "--help"], catch_exceptions=False).output
+    words = set(text.replace(",", " ").replace("/", " ").replace("=", " ").split())
+    options = [p for p in cmd.params if isinstance(p, click.Option) and not p.hidden]
+    named = {o for p in options for o in p.opts + p.secondary_opts}
+    missing = [o for o in EXPECTED[name] if o not in named]
+    assert not missing, f"{name} lacks the options {missing}"
+    for p in options:
+        for o in p.opts + p.secondary_opts:
+            assert o in words, f"`{name} --help` does not show {o}"
+        assert (p.help or "").strip(), f"{name} {p.opts[-1]} has no help text"
 
 
 @pytest.mark.parametrize(("path", "cmd"), COMMANDS, ids=[" ".join(p) or "gradcam-batch" for p, _ in COMMANDS])

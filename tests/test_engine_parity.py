@@ -25,6 +25,8 @@ from engine_reference import (
 
 import gradcam_batch.engine.explain.explainer as explainer_mod
 from gradcam_batch import Explainer, explain
+from gradcam_batch.engine.explain.explainer import SplitFallbackWarning
+from gradcam_batch.engine.explain.split import SplitError
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -212,10 +214,15 @@ def test_hook_path_equals_fx_split_path(case: Case, monkeypatch):
     fx_explainer = case.explainer(torch.float64)
     r_fx = fx_explainer(x, classes=classes)
     assert fx_explainer._split is not None
+
     # Make the graph split fail, as it does for a model torch.fx cannot trace.
-    monkeypatch.setattr(explainer_mod, "split_at", lambda model, layer: None)
+    def no_split(model, layer):
+        raise SplitError("as for an untraceable model")
+
+    monkeypatch.setattr(explainer_mod, "split_at", no_split)
     hooked = Explainer(case.models[torch.float64])
-    r_hook = hooked(x, classes=classes)
+    with pytest.warns(SplitFallbackWarning, match="as for an untraceable model"):
+        r_hook = hooked(x, classes=classes)
     assert hooked._split is None
     assert r_hook.target_layer == r_fx.target_layer
     for name in ("scores", "weights", "cams", "heatmaps"):

@@ -163,3 +163,34 @@ def test_num_classes_gives_a_new_head_and_weights_fill_it(vit_dir, tmp_path):
     safetensors.save_file(model.state_dict(), str(tmp_path / "three.safetensors"))
     again = load_model(f"hf:{vit_dir}", num_classes=3, weights=tmp_path / "three.safetensors")
     assert torch.equal(again.classifier.weight, model.classifier.weight)
+
+
+def test_fingerprint_sees_the_directorys_weights_and_config(vit_dir, tmp_path, monkeypatch):
+    import json
+    import shutil
+    import sys
+
+    from gradcam_batch.engine.job.config import RunConfig
+    from gradcam_batch.engine.job.plan import build_plan, fingerprint
+
+    d = shutil.copytree(vit_dir, tmp_path / "vit")
+    inp = write_table(tmp_path / "in.parquet", bytes_table(2))
+    cfg = RunConfig(inputs=[str(inp)], output=str(tmp_path / "o"), model=f"hf:{d}", resize=32, crop=32)
+    plan = build_plan(cfg)
+    base = plan.fingerprint
+    original = (d / "config.json").read_text()
+    config = json.loads(original)
+    config["layer_norm_eps"] = 1e-3  # no weight changes, the model's output does
+    (d / "config.json").write_text(json.dumps(config))
+    assert fingerprint(plan) != base
+    (d / "config.json").write_text(original)
+    assert fingerprint(plan) == base
+    # Another transformers, another run (the module as loaded now: transformers may replace its own entry).
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "0.0.1")
+    assert fingerprint(plan) != base
+    monkeypatch.undo()
+    model = load_model(f"hf:{d}")
+    with torch.no_grad():
+        model.classifier.bias += 1.0
+    model.save_pretrained(str(d))  # replaces model.safetensors (and rewrites config.json as it was)
+    assert build_plan(cfg).fingerprint != base

@@ -81,6 +81,19 @@ FAULTY = textwrap.dedent(
         return NaNForBright()
 
 
+    class HugeForBright(Net):
+        # Scores and cams 1e9 times larger for bright images: finite in float32, past float16's 65504.
+        def forward(self, x):
+            a = self.features(x)
+            bright = (x[:, 0, 0, 0] > 1.5).float()[:, None, None, None]
+            return self.fc((a * (1 + bright * 1e9)).mean(dim=(2, 3)))
+
+
+    def huge_for_bright():
+        torch.manual_seed(0)
+        return HugeForBright()
+
+
     def thousand():
         torch.manual_seed(0)
         return Net(num_classes=1000)
@@ -177,6 +190,7 @@ def test_rewritten_input_and_device_jpeg_change_the_fingerprint(tmp_path):
     from dataclasses import replace
 
     assert build_plan(replace(cfg, device_jpeg=True)).fingerprint != base
+    assert build_plan(replace(cfg, cam_dtype="float32")).fingerprint != base
     assert build_plan(replace(cfg, batch_size=3, workers=1)).fingerprint == base  # speed only
     st = inp.stat()
     os.utime(inp, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten in place, same size
@@ -253,6 +267,40 @@ def test_non_finite_scores_become_error_rows(tmp_path):
     assert ok.num_rows == 2 * (n - 2) and np.isfinite(ok["score"].to_numpy()).all()
 
 
+def test_non_finite_advice_follows_the_precision(tmp_path):
+    t = _brighten(bytes_table(4), [1])
+    inp = write_table(tmp_path / "in.parquet", t)
+    res = invoke(["run", str(inp), *_args(tmp_path, tmp_path / "fp32", "nan_for_bright")])
+    assert res.exit_code == 0, res.output
+    (fp32,) = [e for e in read_output(tmp_path / "fp32")["error"].to_pylist() if e]
+    assert fp32.startswith("non-finite scores") and "fp32" in fp32 and "--precision fp32" not in fp32
+    res = invoke(["run", str(inp), *_args(tmp_path, tmp_path / "bf16", "nan_for_bright"), "--precision", "bf16"])
+    assert res.exit_code == 0, res.output
+    (bf16,) = [e for e in read_output(tmp_path / "bf16")["error"].to_pylist() if e]
+    assert bf16.startswith("non-finite scores") and "--precision fp32" in bf16
+
+
+def test_a_cam_past_float16s_range_is_an_error_row_or_stored_as_float32(tmp_path):
+    t = _brighten(bytes_table(4), [2])
+    inp = write_table(tmp_path / "in.parquet", t)
+    res = invoke(["run", str(inp), *_args(tmp_path, tmp_path / "f16", "huge_for_bright")])
+    assert res.exit_code == 0, res.output
+    got = read_output(tmp_path / "f16")
+    assert got["status"].to_pylist() == ["ok", "ok", "error", "ok"]
+    error = got["error"].to_pylist()[2]
+    assert "65504" in error and "--cam-dtype float32" in error
+    ok = got.filter(pa.compute.equal(got["status"], "ok"))
+    assert np.isfinite(ok["cam"].combine_chunks().to_numpy_ndarray()).all()
+    res = invoke(["run", str(inp), *_args(tmp_path, tmp_path / "f32", "huge_for_bright"), "--cam-dtype", "float32"])
+    assert res.exit_code == 0, res.output
+    got = read_output(tmp_path / "f32")
+    assert got["status"].to_pylist() == ["ok"] * 4
+    assert got.schema.field("cam").type.value_type == pa.float32()
+    cams = got["cam"].combine_chunks().to_numpy_ndarray()
+    assert np.isfinite(cams).all() and cams[2].max() > 65504
+    np.testing.assert_allclose(cams[2].max(), got["cam_max"].to_numpy()[2], rtol=1e-5)
+
+
 # -- commands ------------------------------------------------------------------------------------------
 
 
@@ -283,6 +331,57 @@ def test_run_failed_carries_its_advice():
     assert "fails the same way" in RunFailed("x", transient=False).advice
 
 
+# -- host syncs: what the CPU can check, and the CUDA checks beside them ---------------------------------
+
+
+def _dropping_label_table(n: int) -> pa.Table:
+    """A label-only selection drops the image whose label is out of range (row 11) on the device side."""
+    t = bytes_table(n)
+    labels = t["label"].to_pylist()
+    labels[11] = 99
+    return t.set_column(t.schema.get_field_index("label"), "label", pa.array(labels, pa.int64()))
+
+
+def test_host_data_reaches_the_device_through_one_pinned_non_blocking_copy():
+    from unittest import mock
+
+    from gradcam_batch.engine.job.step import to_device
+
+    t = mock.MagicMock()
+    cuda = torch.device("cuda", 0)
+    assert to_device(t, cuda) is t.pin_memory.return_value.to.return_value
+    t.pin_memory.assert_called_once_with()
+    t.pin_memory.return_value.to.assert_called_once_with(cuda, non_blocking=True)
+    cpu = torch.arange(3)
+    assert to_device(cpu, torch.device("cpu")) is cpu
+
+
+def test_a_batch_that_drops_an_image_copies_its_index_through_to_device(tmp_path, monkeypatch):
+    from gradcam_batch.engine.job import step as step_module
+    from gradcam_batch.engine.job.source import ParquetSource
+
+    inp = write_table(tmp_path / "in.parquet", _dropping_label_table(16))
+    cfg = RunConfig(inputs=[str(inp)], output=str(tmp_path / "o"), model=f"{model_file(tmp_path)}:make_mlp",
+                    resize=32, crop=32, label_column="label")  # fmt: skip
+    plan = build_plan(cfg)
+    step = step_module.BatchExplainer(plan, "cpu")
+    source = ParquetSource(plan.files, plan.image_column, plan.row_columns, plan.prep, batch_size=8)
+    batch = list(source.batches(plan.units))[1]
+    copied: list[torch.Tensor] = []
+    real = step_module.to_device
+
+    def spy(t, device):
+        copied.append(t)
+        return real(t, device)
+
+    monkeypatch.setattr(step_module, "to_device", spy)
+    out = step.finish(step.launch(batch))
+    assert out.errors == 1 and out.table["status"].to_pylist()[3] == "error"
+    kept = [i for i in range(8) if i != 3]
+    assert any(t.dtype == torch.int64 and t.tolist() == kept for t in copied)  # the index of the kept images
+    assert any(t.dtype == torch.uint8 and t.shape[0] == 8 for t in copied)  # the images
+
+
 # -- CUDA: what the CPU cannot show -----------------------------------------------------------------
 
 
@@ -306,6 +405,29 @@ def test_the_batch_step_does_not_sync_the_host(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert step.finish(pending).table.num_rows >= 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_batch_that_drops_an_image_does_not_sync_the_host(tmp_path):
+    from gradcam_batch.engine.job.source import ParquetSource
+    from gradcam_batch.engine.job.step import BatchExplainer
+
+    inp = write_table(tmp_path / "in.parquet", _dropping_label_table(16))
+    cfg = RunConfig(inputs=[str(inp)], output=str(tmp_path / "o"), model=f"{model_file(tmp_path)}:make_mlp",
+                    resize=32, crop=32, label_column="label", device="cuda")  # fmt: skip
+    plan = build_plan(cfg)
+    step = BatchExplainer(plan, "cuda")
+    source = ParquetSource(plan.files, plan.image_column, plan.row_columns, plan.prep, batch_size=8)
+    batches = list(source.batches(plan.units))
+    step(batches[0])  # warm-up: lazy set-up may sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = step.launch(batches[1])  # row 11 (the batch's 4th) is dropped on the device
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    out = step.finish(pending)
+    assert out.errors == 1 and out.table.num_rows == 8
 
 
 @pytest.mark.gpu

@@ -441,3 +441,45 @@ def test_gpu_production_shape(channels_last):
     acts, weights = make_inputs(16, 5, 2048, 7, 7, dtype=torch.bfloat16, channels_last=channels_last, seed=13)
     weights = weights / 2048**0.5
     assert check_against_reference(acts, weights, (224, 224)) > 0
+
+
+# -- the launch grid: more maps than one grid dimension holds ---------------------------------------
+def _poison(shape, dtype, device):
+    fill = float("nan") if dtype.is_floating_point else (0 if dtype == torch.uint8 else -1)
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize(("b", "c"), [(7, 1), (3, 4), (1, 13)])
+def test_launches_are_split_at_the_grid_limit(monkeypatch, b, c):
+    """Map methods, metrics and guided Grad-CAM pass B*C maps as b = B*C images of one class each: more than
+    a grid dimension holds (65,535 on CUDA's y and z) must still work. The limit is injected small here."""
+    acts, weights = make_inputs(b, c, 5, 3, 4, seed=21)
+    want = fused_cam_reference(acts, weights, (7, 6), out_dtype=torch.uint8)
+    launches: list[tuple] = []
+    kernel = fc._cam_fwd_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launches.append(tuple(grid))
+            assert all(g <= 5 for g in grid), f"grid {grid} exceeds the injected limit"
+            return kernel[grid]
+
+    monkeypatch.setattr(fc, "MAX_GRID", 5)
+    monkeypatch.setattr(fc, "_cam_fwd_kernel", Recorder())
+    monkeypatch.setattr(fc, "_alloc", _poison)
+    got = fused_cam(acts, weights, (7, 6), out_dtype=torch.uint8, backend="triton")
+    assert sum(g[0] for g in launches) == b * c and len(launches) == -(-(b * c) // 5)
+    assert_close(got.cams, want.cams, 1e-5, "cams")
+    assert_close(got.heatmaps, want.heatmaps, 1, "heatmaps")
+    assert_close(got.cam_max, want.cam_max, 1e-5, "cam_max")
+    assert torch.equal(got.peaks.cpu(), want.peaks.cpu())
+
+
+@pytest.mark.gpu
+def test_gpu_more_maps_than_grid_y():
+    """The real limit: 70,000 one-class maps (layercam at batch 512 with top-128 passes 65,536)."""
+    acts, weights = make_inputs(70_000, 1, 4, 2, 3, seed=22)
+    want = fused_cam_reference(acts, weights, (4, 5), out_dtype=torch.uint8)
+    got = fused_cam(acts, weights, (4, 5), out_dtype=torch.uint8, backend="triton")
+    assert_close(got.heatmaps, want.heatmaps, 1, "heatmaps")
+    assert_close(got.cams, want.cams, 1e-5, "cams")

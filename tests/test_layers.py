@@ -150,9 +150,27 @@ def test_layers_command_onnx(tmp_path):
 )
 def test_layers_command_errors(args, message):
     res = CliRunner().invoke(cli, ["layers", *args])
-    assert res.exit_code != 0
+    assert res.exit_code == 2, res.output  # a bad invocation, as in `run`
     assert message in res.output
     assert "Traceback" not in res.output
+
+
+def test_layers_and_run_refuse_a_bad_model_directory_alike(tmp_path):
+    """An hf: directory that is not a save_pretrained one: exit 2 and one line, from both commands."""
+    from run_support import bytes_table, write_table
+
+    bad = tmp_path / "not_a_model"
+    bad.mkdir()
+    inp = write_table(tmp_path / "in" / "x.parquet", bytes_table(2))
+    for args in (
+        ["layers", "--model", f"hf:{bad}"],
+        ["run", str(inp), "-o", str(tmp_path / "o"), "--model", f"hf:{bad}"],
+    ):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 2, (args[0], res.output)
+        assert res.output.strip().splitlines() == [f"Error: hf:{bad} has no config.json; it is not a directory "
+                                                   "written by save_pretrained"], (args[0], res.output)  # fmt: skip
+    assert not (tmp_path / "o").exists()
 
 
 def test_layers_command_help():

@@ -287,7 +287,9 @@ def test_explain_reuses_its_set_up_and_sees_new_weights(monkeypatch):
     fresh = Explainer(model, method=["gradcam", "gradcam++"])(images, top_k=2)
     assert len(calls) == 2  # the fresh Explainer above; explain() still used its cached set-up
     for name in fresh:
-        assert torch.equal(after[name].cams, fresh[name].cams)
+        # Not bit-equal: each explainer's vjp_strategy="auto" measures vmap and the loop on its own, and
+        # the two differ by float rounding (about 1e-10 here).
+        torch.testing.assert_close(after[name].cams, fresh[name].cams, rtol=1e-5, atol=1e-8)
     assert not torch.equal(after["gradcam"].cams, first["gradcam"].cams)
 
 

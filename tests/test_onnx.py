@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -331,3 +334,97 @@ def test_head_interpreter_ops_match_onnxruntime():
     x = torch.from_numpy(rng.normal(size=(2, 4, 7, 6)).astype(np.float32))
     got, expected = _ort_vs_interpreter(nodes, inits, x, [2, 6], opset=18)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# -- session lifetime -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def live_sessions(monkeypatch):
+    """A count of the ONNX Runtime sessions alive now (every session the backend creates is tracked)."""
+    import gc
+    import weakref
+
+    import onnxruntime as ort
+
+    live: weakref.WeakSet = weakref.WeakSet()
+
+    class Tracked(ort.InferenceSession):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            live.add(self)
+
+    monkeypatch.setattr(ort, "InferenceSession", Tracked)
+
+    def count() -> int:
+        gc.collect()
+        return len(live)
+
+    return count
+
+
+def test_the_probe_session_is_released_and_the_cache_is_bounded(exported, live_sessions):
+    from gradcam_batch.engine.models.onnx_backend import MAX_CACHED_SESSIONS
+
+    model, path = exported("mobilenet_v3_small", "opset17")
+    onnx_model = OnnxModel(path)
+    sample = torch.zeros(1, 3, SIZE, SIZE)
+    infos = onnx_model.probe_layers(sample)
+    assert live_sessions() == 0  # the all-tensors session of the probe holds its arena no longer
+    images = torch.randn(2, 3, SIZE, SIZE)
+    ref = Explainer(onnx_model)(images, top_k=2)  # probes again (auto target), then explains
+    assert live_sessions() == 1
+    # Explaining at other tensors, then plain inference: the cache stays bounded.
+    for name in [i.name for i in infos if i.candidate][-5:-1]:
+        Explainer(onnx_model, target_layer=name)(images, top_k=2)
+        assert live_sessions() <= MAX_CACHED_SESSIONS
+    onnx_model(images)
+    assert live_sessions() <= MAX_CACHED_SESSIONS
+    # An evicted session is rebuilt on demand, with the same results.
+    again = Explainer(onnx_model)(images, top_k=2)
+    torch.testing.assert_close(again.cams, ref.cams)
+    assert live_sessions() <= MAX_CACHED_SESSIONS
+
+
+def test_a_run_keeps_one_session(tmp_path, exported, live_sessions):
+    """Through the run's own path: the plan's probe and the batch step leave one live session."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gradcam_batch.engine.job.config import RunConfig
+    from gradcam_batch.engine.job.plan import ModelHandle, build_plan
+    from gradcam_batch.engine.job.step import BatchExplainer
+
+    _, path = exported("resnet18", "opset17")
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(buf, "PNG")
+    pq.write_table(pa.table({"image": [buf.getvalue()] * 3}), tmp_path / "in.parquet")
+    cfg = RunConfig(inputs=[str(tmp_path / "in.parquet")], output=str(tmp_path / "out"), model=str(path),
+                    top_k=2, resize=SIZE, crop=SIZE, batch_size=2)  # fmt: skip
+    handle = ModelHandle(cfg, torch.device("cpu"))
+    plan = build_plan(cfg, device="cpu", model=handle)
+    assert live_sessions() <= 1
+    step = BatchExplainer(plan, torch.device("cpu"), model=handle.get())
+    from gradcam_batch.engine.job.source import ParquetSource
+
+    source = ParquetSource(plan.files, plan.image_column, plan.input_columns, plan.prep, batch_size=2)
+    for db in source.batches(plan.units):
+        step(db)
+    assert live_sessions() == 1
+
+
+def test_a_host_round_trip_is_said_once(monkeypatch):
+    """An ONNX Runtime whose outputs have no DLPack (1.20) copies them through host memory, and says so once."""
+    from gradcam_batch.engine.models import onnx_backend
+
+    class NoDlpack:
+        def numpy(self):
+            return np.arange(6, dtype=np.float32).reshape(2, 3)
+
+    monkeypatch.setattr(onnx_backend, "_DLPACK_FALLBACK_SAID", False)
+    with pytest.warns(RuntimeWarning, match="host memory") as record:
+        a = onnx_backend._ortvalue_to_torch(NoDlpack(), torch.device("cpu"))
+        b = onnx_backend._ortvalue_to_torch(NoDlpack(), torch.device("cpu"))
+    assert len([w for w in record if "host memory" in str(w.message)]) == 1
+    assert torch.equal(a, b) and a.shape == (2, 3)

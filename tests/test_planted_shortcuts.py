@@ -102,6 +102,25 @@ def test_clean_control_puts_every_disc_against_a_side_and_centred_objects_in_the
     assert np.abs(centre - planted.IMAGE_SIZE / 2).max() <= 3
 
 
+@pytest.mark.parametrize("case", list(planted.CASES))
+def test_training_sets_teach_the_mark_as_the_marked_class_only_cue(case):
+    t = planted.train_set(case, 0, planted.Setup(n_train=200))
+    discs = t.labels == planted.MARK_CLASS
+    others = ~discs
+    np.testing.assert_array_equal(t.shapes[others], t.labels[others])
+    assert not t.marked[others].any()
+    if planted.CASES[case].mark is None:
+        np.testing.assert_array_equal(t.shapes, t.labels)
+        assert not t.marked.any()
+    else:
+        # Every training image of the marked class carries the mark and shows one of the other shapes.
+        assert t.marked[discs].all()
+        assert set(t.shapes[discs].tolist()) == {0, 2, 3}
+    # The evaluation set shows every class's own shape.
+    e = _eval(case)
+    np.testing.assert_array_equal(e.shapes, e.labels)
+
+
 def test_generator_is_deterministic_and_cases_share_their_objects():
     a, b = _eval("interior", seed=3), _eval("interior", seed=3)
     for f in ("images", "labels", "boxes", "marked", "mark_boxes"):

@@ -10,6 +10,7 @@ ONNX, ViT and user-Dataset runs, and the two-node cluster (``tests/test_ray_clus
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import subprocess
@@ -157,7 +158,8 @@ def resumed(cluster, dataset, single, tmp_path_factory):
     manifest["files"] = [first]
     manifest["status"] = "running"
     (out / "manifest.json").write_text(json.dumps(manifest))
-    (out / ".part-00001.parquet.tmp").write_bytes(b"partial")  # a killed run's leftovers
+    (out / ".part-00001.parquet.tmp").write_bytes(b"partial")  # a killed run's leftovers...
+    (out / "commits.jsonl").write_text('{"open":"part-00001.parquet"}\n')  # ...named in its log: the run's
     summary = run_ray(_config(dataset, out), RayOptions(workers=1))
     return out, summary, first
 
@@ -223,8 +225,10 @@ def test_counterfactual_without_heatmaps_matches_local(cluster, dataset, tmp_pat
 
 
 def test_every_option_reaches_the_batch_step(cluster, dataset, tmp_path):
-    """Each RunConfig field, set away from its default where a run allows, arrives on an actor as sent."""
-    from gradcam_batch.engine.job.ray_runner import ExplainActor
+    """Each RunConfig field, set away from its default where a run allows, arrives on an actor as
+    sent, and shows in what the actor computes: its output rows equal this process's, and carry the
+    options' effects (heatmap size and dtype, the classes, the id column, counterfactual maps)."""
+    from gradcam_batch.engine.job.ray_runner import ExplainActor, decode_rows
 
     cfg = _config(
         dataset,
@@ -245,13 +249,16 @@ def test_every_option_reaches_the_batch_step(cluster, dataset, tmp_path):
         extra={"note": "x"},
     )
     plan = build_plan(cfg, device="cpu")
+    rows = pq.read_table(next(dataset.glob("a.parquet"))).slice(0, 8)
+    decoded = decode_rows(rows, plan=plan, cpus=1)  # no unit: the output rows come untagged
 
     @ray.remote
-    def on_an_actor(plan):
-        step = ExplainActor(plan).step
-        return dataclasses.asdict(step.plan.config), step.plan.fingerprint, step.explainer.method
+    def on_an_actor(plan, decoded):
+        actor = ExplainActor(plan, tag_rows=False)
+        step = actor.step
+        return dataclasses.asdict(step.plan.config), step.plan.fingerprint, step.explainer.method, actor(decoded)
 
-    seen, fingerprint, method = ray.get(on_an_actor.remote(plan))
+    seen, fingerprint, method, out = ray.get(on_an_actor.remote(plan, decoded))
     sent = dataclasses.asdict(cfg)
     assert seen.keys() == sent.keys() == {f.name for f in dataclasses.fields(RunConfig)}
     for name in sent:
@@ -259,6 +266,19 @@ def test_every_option_reaches_the_batch_step(cluster, dataset, tmp_path):
         want = sent[name]
         assert (list(got) if isinstance(got, tuple) else got) == (list(want) if isinstance(want, tuple) else want), name
     assert fingerprint == plan.fingerprint and method == "cam"
+    # The effects, in the actor's output.
+    here = ExplainActor(plan, tag_rows=False)(decoded)
+    assert_same_rows(here, out)
+    heat = out.schema.field("heatmap").type
+    assert tuple(heat.shape) == (20, 24) and heat.value_type == pa.float16()
+    ok = out.filter(pa.compute.equal(out.column("status"), "ok"))
+    pairs = list(zip(ok.column("class_index").to_pylist(), ok.column("label").to_pylist(), strict=True))
+    assert {c for c, _ in pairs} >= {1, 3} and all(c in (1, 3) or c == label for c, label in pairs)
+    assert list(dict.fromkeys(out.column("id").to_pylist())) == rows.column("image_id").to_pylist()
+    # Counterfactual: the maps of the negated gradients differ from the plain ones.
+    plain = build_plan(dataclasses.replace(cfg, counterfactual=False), device="cpu")
+    plain_cams = _tensor(ExplainActor(plain, tag_rows=False)(decoded).column("cam"))
+    assert not np.allclose(plain_cams, _tensor(out.column("cam")), equal_nan=True)
 
 
 def test_setup_errors_are_one_line(cluster, dataset, tmp_path):
@@ -272,6 +292,20 @@ def test_setup_errors_are_one_line(cluster, dataset, tmp_path):
     with pytest.raises(RunSetupError, match="no CPU left for the read tasks"):
         run_ray(_config(dataset, tmp_path / "o"), RayOptions(workers=2))
     assert not (tmp_path / "o").exists()
+
+
+def test_an_output_changed_after_the_checks_is_a_setup_error(cluster, dataset, tmp_path):
+    """The runners share ``execute``: under the lock, the output is checked again, as the plan did."""
+    from gradcam_batch.engine.job.ray_runner import prepare_ray
+
+    out = tmp_path / "o"
+    job = prepare_ray(_config(dataset, out), RayOptions(workers=1))
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # lands after the plan was checked
+    with pytest.raises(RunSetupError, match=r"not empty and holds no gradcam-batch run \(notes.txt\)"):
+        job.run()
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_check_schedulable_names_the_missing_resource():
@@ -359,6 +393,162 @@ def test_no_test_reaches_into_ray_internals():
     here = Path(__file__).parent
     needle = "ray.data." + "_internal"
     assert not [p.name for p in here.glob("*.py") if needle in p.read_text()]
+
+
+# -- the read stage, without a cluster -------------------------------------------------------------------
+
+
+def _count_rows_read(monkeypatch, rows: int) -> np.ndarray:
+    """How many times pyarrow hands out each row of a file of one row group (filled as it is read)."""
+    counts = np.zeros(rows, np.int64)
+    base = pq.ParquetFile
+
+    class Counting(base):
+        def iter_batches(self, *args, **kwargs):
+            at = 0  # pyarrow streams a row group from its first row
+            for rb in super().iter_batches(*args, **kwargs):
+                counts[at : at + rb.num_rows] += 1
+                at += rb.num_rows
+                yield rb
+
+        def read_row_group(self, i, *args, **kwargs):
+            t = super().read_row_group(i, *args, **kwargs)
+            counts[: t.num_rows] += 1
+            return t
+
+    monkeypatch.setattr(pq, "ParquetFile", Counting)
+    return counts
+
+
+@pytest.fixture
+def one_row_group(tmp_path) -> Path:
+    """48 demo images in one file of one row group (as pq.write_table writes a small table)."""
+    path = tmp_path / "one.parquet"
+    pq.write_table(pq.read_table(demo_assets.SAMPLE).slice(0, 48), path)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 1
+    return path
+
+
+def test_the_read_stage_reads_each_row_once(one_row_group, tmp_path, monkeypatch):
+    """Many units in one row group: every row is read once, not once per unit up to it (quadratic)."""
+    from gradcam_batch.engine.job.ray_runner import ROW, UNIT, read_tasks, read_units
+
+    plan = build_plan(_config(one_row_group, tmp_path / "o", label_column=None, keep_columns=[]), device="cpu")
+    assert len(plan.units) >= 6
+    pending = [i for i in range(len(plan.units) - 1) if i != 2]  # unit 2 done before; the last one too
+    counts = _count_rows_read(monkeypatch, 48)
+    tables = []
+    for task in read_tasks(plan, pending):
+        out = read_units(pa.Table.from_pylist([task]), plan=plan)
+        tables += [out] if isinstance(out, pa.Table) else list(out)  # one table, or a stream of them
+    want = [r for i in pending for r in range(plan.units[i].start, plan.units[i].stop)]
+    assert counts.max() == 1, f"rows read more than once: {counts.tolist()}"
+    assert (counts[want] == 1).all() and (counts[plan.units[-1].start :] == 0).all()
+    got = pa.concat_tables(tables)
+    assert got.column(ROW).to_pylist() == want
+    assert got.column(UNIT).to_pylist() == [i for i in pending for _ in range(plan.units[i].rows)]
+    assert got.column("image").to_pylist() == pq.read_table(one_row_group).column("image").take(want).to_pylist()
+
+
+def test_the_decode_stage_decodes_in_parallel(one_row_group, tmp_path, monkeypatch):
+    """A read-and-decode task of 2 CPUs decodes two images at once (the local runner's thread pool)."""
+    import threading
+
+    from gradcam_batch.engine.job import ray_runner
+    from gradcam_batch.engine.job.source import ParquetSource
+
+    plan = build_plan(_config(one_row_group, tmp_path / "o", label_column=None, keep_columns=[]), device="cpu")
+    both = threading.Barrier(2, timeout=20)  # passes only when two decodes overlap
+    decode_one = ParquetSource._decode_one
+
+    def meeting(self, args):
+        both.wait()
+        return decode_one(self, args)
+
+    monkeypatch.setattr(ParquetSource, "_decode_one", meeting)
+    rows = pq.read_table(one_row_group).slice(0, 4)
+    out = ray_runner.decode_rows(rows, plan=plan, cpus=2)
+    assert out.num_rows == 4 and out.column(ray_runner.ERROR).null_count == 4
+
+
+def _out_rows(index: int, rows: list[int], k: int = 2) -> pa.Table:
+    """Output rows as the actors send them: k classes per image, tagged with unit and row."""
+    from gradcam_batch.engine.job.ray_runner import FIRST, ROW, UNIT
+
+    return pa.table(
+        {
+            "id": [f"r{r}" for r in rows for _ in range(k)],
+            "class_rank": [j for _ in rows for j in range(k)],
+            "status": ["ok"] * (len(rows) * k),
+            UNIT: pa.array([index] * (len(rows) * k), pa.int32()),
+            ROW: pa.array([r for r in rows for _ in range(k)], pa.int64()),
+            FIRST: [j == 0 for _ in rows for j in range(k)],
+        }
+    )
+
+
+def test_the_driver_writes_units_in_order_and_holds_a_bounded_number():
+    from types import SimpleNamespace
+
+    from gradcam_batch.engine.job.ray_runner import DRIVER_UNITS_HELD, UnitAssembler
+    from gradcam_batch.engine.job.source import Unit
+
+    plan = SimpleNamespace(units=[Unit(0, 0, s, s + 4, f"f:{s}-{s + 4}") for s in range(0, 16, 4)])
+    keys = [u.key for u in plan.units]
+    out = []
+
+    def put(unit, table, errors):
+        out.append((unit.key, table.column("id").to_pylist(), errors))
+
+    # In input order, batches across unit boundaries (what Ray Data delivers): one unit held at a time.
+    a = UnitAssembler(plan, [0, 1, 2, 3], put)
+    for batch in (
+        _out_rows(0, [0, 1, 2]),
+        pa.concat_tables([_out_rows(0, [3]), _out_rows(1, [4, 5])]),
+        pa.concat_tables([_out_rows(1, [7, 6]), _out_rows(2, [8, 9, 10, 11]), _out_rows(3, [12])]),
+        _out_rows(3, [13, 14, 15]),
+    ):
+        a.add(batch)
+    a.finish()
+    assert [k for k, _, _ in out] == keys and a.peak == 1
+    assert out[1][1] == ["r4", "r4", "r5", "r5", "r6", "r6", "r7", "r7"]  # by row, then class rank
+    # A unit complete before an earlier one waits for it: the output stays in input order.
+    out.clear()
+    a = UnitAssembler(plan, [0, 1, 2, 3], put)
+    a.add(_out_rows(1, [4, 5, 6, 7]))
+    assert out == []
+    a.add(_out_rows(0, [0, 1, 2, 3]))
+    assert [k for k, _, _ in out] == keys[:2]
+    # More units held than the bound: the run stops, naming the unit it waits for.
+    assert DRIVER_UNITS_HELD == 2
+    a = UnitAssembler(plan, [0, 1, 2, 3], put)
+    a.add(_out_rows(1, [4, 5, 6, 7]))
+    a.add(_out_rows(2, [8, 9]))
+    with pytest.raises(RuntimeError, match=r"3 units while unit f:0-4 is incomplete.*at most 2"):
+        a.add(_out_rows(3, [12]))
+    # A unit that never completes is named at the end.
+    a = UnitAssembler(plan, [0], put)
+    a.add(_out_rows(0, [0, 1]))
+    with pytest.raises(RuntimeError, match=r"Ray returned 2 of the 4 rows of unit f:0-4"):
+        a.finish()
+
+
+def test_a_ray_run_writes_in_input_order(cluster, dataset, tmp_path, monkeypatch):
+    """Ray Data is asked to keep the input order, and the part files hold the rows in input order."""
+    asked = []
+    iter_batches = ray.data.Dataset.iter_batches
+
+    def spy(self, *args, **kwargs):
+        asked.append(self.context.execution_options.preserve_order)
+        return iter_batches(self, *args, **kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", spy)
+    out = tmp_path / "o"
+    run_ray(_config(dataset, out, rows_per_file=8, label_column=None, top_k=1), RayOptions(workers=1))
+    assert asked == [True]
+    ids = pq.read_table(_parts(out)).column("id").to_pylist()  # part files in name order
+    order = [(i.split(":")[0], int(i.split(":")[1])) for i in ids]
+    assert order == sorted(order) and len(order) == 40
 
 
 # -- slow: more models and entry points ----------------------------------------------------------------
@@ -465,3 +655,75 @@ def test_metrics_and_boxes_match_local(cluster, dataset, tmp_path):
         np.testing.assert_allclose(y, x, atol=1e-4, equal_nan=True, err_msg=name)
     for name in ("pointing_hit", "pred_box", "confidence_increase", "id", "class_index", "status"):
         assert a[name].equals(b[name]), name
+
+
+@pytest.mark.slow
+def test_an_actors_warnings_reach_the_driver_once(cluster, tmp_path):
+    """A device-JPEG fallback happens in the actors; the driver says each kind once, as a local run does."""
+    import warnings
+
+    from PIL import Image
+
+    from gradcam_batch.engine.job.config import RunWarning
+
+    rng = np.random.default_rng(0)
+    jpegs = []
+    for _ in range(12):
+        buf = io.BytesIO()
+        Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(buf, "JPEG")
+        jpegs.append(buf.getvalue())
+    jpegs[5] = jpegs[5][:200]  # a truncated JPEG: the device decoder refuses it, and so does Pillow
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"image": pa.array(jpegs, pa.binary())}), tmp_path / "in" / "j.parquet", row_group_size=4)
+    over = {"label_column": None, "keep_columns": [], "device_jpeg": True, "batch_size": 4, "heatmap_size": None}
+    said = {}
+    two_actors = RayOptions(workers=2, num_cpus_per_worker=0.5)
+    for name, run in (("local", run_job), ("ray", lambda c: run_ray(c, two_actors))):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            run(_config(tmp_path / "in", tmp_path / name, **over))
+        said[name] = sorted(w.message.key for w in record if issubclass(w.category, RunWarning))
+    assert said["ray"] == said["local"] == ["jpeg-batch", "jpeg-image"]
+    a, b = _read(tmp_path / "local"), _read(tmp_path / "ray")
+    assert b["status"].to_pylist().count("error") == 1
+    assert_same_rows(a, b)
+
+
+@pytest.mark.slow
+def test_a_real_sigint_stops_a_ray_run_with_the_resume_line(dataset, tmp_path):
+    import os
+    import signal
+    import time
+
+    from gradcam_batch.engine.job.sink import Manifest
+
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "gradcam_batch", "run", str(dataset), "-o", str(out), "--model",
+           demo_assets.MODEL_SPEC, "--weights", str(demo_assets.CHECKPOINT), "--image-column", "image",
+           "--batch-size", "4", "--rows-per-file", "4", "--resize", "48", "--crop", "48", "--no-progress",
+           "--ray", "--workers", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if (out / "manifest.json").exists() and Manifest.load(out).files:
+                    break
+            except ValueError:
+                pass
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "Error: interrupted; rerun the same command to resume", stderr[-3000:]
+    assert "Aborted" not in stderr
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ids = _read(out)["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 40

@@ -66,6 +66,8 @@ def test_uncommitted_files_are_deleted_and_redone(tmp_path):
     man["status"] = "running"
     man_path.write_text(json.dumps(man))
     (out / ".part-00003.parquet.tmp").write_bytes(b"PAR1 half a file")
+    # The writer names each file in the log before it creates it: that makes both files the run's.
+    (out / "commits.jsonl").write_text('{"open":"part-00002.parquet"}\n{"open":"part-00003.parquet"}\n')
     # A damaged uncommitted part (a crash mid-rename cannot produce one, but nothing trusts it).
     (out / last["name"]).write_bytes(b"junk")
 
@@ -180,3 +182,78 @@ def test_finished_manifest_is_left_untouched_by_a_rerun(tmp_path):
     assert invoke(args).exit_code == 0
     assert (out / "manifest.json").read_text() == before
     assert json.loads(before)["throughput"]["images"] == 4
+
+
+# -- an interrupt (Ctrl-C) ------------------------------------------------------------------------------
+
+INTERRUPTED = "Error: interrupted; rerun the same command to resume"
+
+
+def test_an_interrupt_says_how_to_resume_and_keeps_whole_units(tmp_path, monkeypatch):
+    from gradcam_batch.engine.job.step import BatchExplainer
+
+    inp = write_table(tmp_path / "in.parquet", bytes_table(12), row_group_size=4)
+    out = tmp_path / "out"
+    args = ["run", str(inp), *base_args(tmp_path, out), "--rows-per-file", "4", "--batch-size", "4"]
+    real_finish, calls = BatchExplainer.finish, []
+
+    def finish(self, pending):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C while the second batch's results come back
+            raise KeyboardInterrupt
+        return real_finish(self, pending)
+
+    monkeypatch.setattr(BatchExplainer, "finish", finish)
+    res = invoke(args)
+    assert res.exit_code == 130
+    assert res.output.strip().splitlines() == [INTERRUPTED] and "Aborted" not in res.output
+    assert Manifest.load(out).completed_units() == {"in.parquet:0-4"}  # the whole first unit is kept
+    monkeypatch.undo()
+    res = invoke(args)
+    assert res.exit_code == 0 and "1 unit already done" in res.output, res.output
+    assert _ids(out) == Counter({f"in.parquet:{i}": 1 for i in range(12)})
+
+
+def test_an_interrupt_before_the_start_writes_nothing(tmp_path, monkeypatch):
+    inp = write_table(tmp_path / "in.parquet", bytes_table(2))
+    out = tmp_path / "out"
+    args = ["run", str(inp), *base_args(tmp_path, out)]
+
+    def load(self):
+        raise KeyboardInterrupt  # Ctrl-C while the model loads
+
+    monkeypatch.setattr("gradcam_batch.engine.job.plan.ModelHandle.get", load)
+    res = invoke(args)
+    assert res.exit_code == 130 and res.output.strip().splitlines() == [INTERRUPTED]
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_real_sigint_then_rerun_explains_every_row_exactly_once(tmp_path):
+    cmd = _slow_job(tmp_path)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if (out / "manifest.json").exists() and Manifest.load(out).files:
+                    break
+            except ValueError:
+                pass
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == INTERRUPTED and "Aborted" not in stderr and "Traceback" not in stderr
+    assert Manifest.load(out).data["status"] == "running" and not (out / ".lock").read_text()  # lock released
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"\b[1-9]\d* units? already done", done.stdout), done.stdout
+    assert _ids(out) == Counter({f"slow.parquet:{i}": 1 for i in range(60)})

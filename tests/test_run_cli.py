@@ -303,3 +303,12 @@ def test_device_jpeg_decode_matches_pillow(tmp_path):
     # Different decoders and resamplers (libjpeg via torchvision vs Pillow): close, not equal.
     np.testing.assert_allclose(dev["score"].to_numpy()[ok], ref["score"].to_numpy()[ok], rtol=0.05, atol=0.05)
     assert dev["class_index"].to_pylist() == ref["class_index"].to_pylist()
+
+
+def test_a_run_warning_prints_as_one_line():
+    from gradcam_batch.cli.run import format_run_warning
+    from gradcam_batch.engine.job.config import RunWarning
+
+    line = format_run_warning(RunWarning("random weights", "k"), RunWarning, "plan.py", 3)
+    assert line == "warning: random weights\n"
+    assert "plan.py:3: UserWarning: other" in format_run_warning(UserWarning("other"), UserWarning, "plan.py", 3)

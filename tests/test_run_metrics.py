@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from run_support import base_args, bytes_table, invoke, png_bytes, read_output, write_table
 
 from gradcam_batch.engine.demo import assets as demo_assets
-from gradcam_batch.engine.job.boxes import box_spec, read_boxes, to_input_frame
+from gradcam_batch.engine.job.boxes import BOX_NOTE, box_spec, read_boxes, to_input_frame
 from gradcam_batch.engine.job.config import RunSetupError
 from gradcam_batch.engine.job.source import Preprocess
 
@@ -60,20 +60,75 @@ def test_box_layouts_and_nulls():
             "y1": [12, 5, 3],
         }
     )
-    many, _ = read_boxes(rows, box_spec(rows.schema, "many"))
+    many, _, notes = read_boxes(rows, box_spec(rows.schema, "many"))
+    assert notes == [None, None, None]
     assert many[0].tolist() == [[1, 2, 11, 12], [0, 0, 4, 4]] and many[1] is None and many[2] is None
-    one, _ = read_boxes(rows, box_spec(rows.schema, "one"))
+    one, _, _ = read_boxes(rows, box_spec(rows.schema, "one"))
     assert one[0].tolist() == [[1, 2, 11, 12]] and one[1] is None
-    hf, cats = read_boxes(rows, box_spec(rows.schema, "hf", "coco"))
+    hf, cats, _ = read_boxes(rows, box_spec(rows.schema, "hf", "coco"))
     assert hf[0].tolist() == [[1, 2, 11, 12]] and cats[0].tolist() == [3] and hf[1] is None and hf[2] is None
-    cols, _ = read_boxes(rows, box_spec(rows.schema, "x0,y0,x1,y1"))
-    assert cols[0].tolist() == [[1, 2, 11, 12]] and cols[1] is None
+    cols, _, notes = read_boxes(rows, box_spec(rows.schema, "x0,y0,x1,y1"))
+    assert cols[0].tolist() == [[1, 2, 11, 12]] and cols[1] is None and notes == [None, None, None]
     with pytest.raises(RunSetupError, match="box column 'nope' not found"):
         box_spec(rows.schema, "nope")
     with pytest.raises(RunSetupError, match="four coordinate columns"):
         box_spec(rows.schema, "x0,y0")
     with pytest.raises(RunSetupError, match="has type"):
         box_spec(pa.schema([("b", pa.string())]), "b")
+
+
+def test_malformed_boxes_get_a_note_and_no_boxes():
+    nan = float("nan")
+    rows = pa.table(
+        {
+            "many": pa.array(
+                [
+                    [[10, 10, 5, 20]],
+                    [[1, 2, 3]],
+                    [[4, 4, 4, 9]],
+                    [[0, nan, 5, 5]],
+                    [[1, 1, 5, 5], [0, 0, 2, 2]],
+                    [[1, None, 5, 5]],
+                    [[1, 1, 5, 5], [3, 3, 2, 2]],
+                ],
+                pa.list_(pa.list_(pa.float64())),
+            )  # fmt: skip
+        }
+    )
+    boxes, cats, notes = read_boxes(rows, box_spec(rows.schema, "many"))
+    assert [b is None for b in boxes] == [True, True, True, True, False, True, True]
+    assert notes[4] is None and all(n.startswith(BOX_NOTE) for i, n in enumerate(notes) if i != 4)
+    for i, why in enumerate(["reversed", "3 coordinates", "zero area", "not finite", None, "null", "reversed"]):
+        assert why is None or why in notes[i], (i, notes[i])
+    cols = pa.table({"x0": [5.0, 1.0, 1.0], "y0": [0.0, 1.0, nan], "x1": [2.0, 4.0, 4.0], "y1": [3.0, 4.0, 4.0]})
+    _, _, notes = read_boxes(cols, box_spec(cols.schema, "x0,y0,x1,y1"))
+    assert "reversed" in notes[0] and notes[1] is None and "not finite" in notes[2]
+    coco = pa.table({"b": pa.array([[1, 1, 0, 5], [1, 1, -2, 5], [1, 1, 2, 5]], pa.list_(pa.float64()))})
+    boxes, _, notes = read_boxes(coco, box_spec(coco.schema, "b", "coco"))
+    assert "zero area" in notes[0] and "reversed" in notes[1] and notes[2] is None
+    assert boxes[2].tolist() == [[1, 1, 3, 6]]
+
+
+def test_a_run_notes_and_counts_malformed_boxes(tmp_path):
+    t = bytes_table(6)
+    boxes = [[[2, 2, 20, 20]], [[20, 20, 2, 2]], [[1, 2, 3]], None, [[5, 5, 5, 9]], [[2, 2, 20, 20]]]
+    t = t.append_column("boxes", pa.array(boxes, pa.list_(pa.list_(pa.float64()))))
+    inp = write_table(tmp_path / "in.parquet", t)
+    out = tmp_path / "out"
+    sj = tmp_path / "summary.json"
+    res = invoke(["run", str(inp), *base_args(tmp_path, out), "--box-column", "boxes", "--top-k", "2",
+                  "--summary-json", str(sj)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    got = read_output(out)
+    assert got["status"].to_pylist() == ["ok"] * 12
+    errors = dict(zip(got["id"].to_pylist(), got["error"].to_pylist(), strict=False))
+    assert [errors[f"in.parquet:{i}"] is None for i in range(6)] == [True, False, False, True, False, True]
+    assert all(errors[f"in.parquet:{i}"].startswith(BOX_NOTE) for i in (1, 2, 4))
+    hit = dict(zip(got["id"].to_pylist(), got["pointing_hit"].to_pylist(), strict=False))
+    assert [hit[f"in.parquet:{i}"] is None for i in range(6)] == [False, True, True, True, True, False]
+    assert "3 images with malformed boxes" in res.output
+    assert json.loads(sj.read_text())["malformed_boxes"] == 3
+    assert json.loads((out / "manifest.json").read_text())["malformed_boxes"] == 3
 
 
 def test_a_box_outside_the_crop_is_dropped():
@@ -175,6 +230,35 @@ def test_a_small_png_image_with_its_box(tmp_path):
     assert res.exit_code == 0, res.output
     got = read_output(tmp_path / "o")
     assert got["box_energy"].null_count == 0 and got["pointing_hit"].null_count == 0
+
+
+def test_a_corrupt_jpeg_on_the_device_route_with_boxes_is_an_error_row(tmp_path):
+    """A corrupt file that starts like a JPEG passes the device check; its header, read for the box
+    geometry, then fails. That is the row's error, not the run's (which a rerun would only repeat)."""
+    pytest.importorskip("torchvision")
+    pytest.importorskip("scipy")
+    arr = (np.random.default_rng(0).random((40, 40, 3)) * 60).astype(np.uint8)
+    arr[4:20, 4:20] = 255
+    good = png_bytes(arr, "JPEG", quality=95)
+    corrupt = b"\xff\xd8\xff" + bytes(range(256)) * 4
+    boxes = [[[4.0, 4.0, 20.0, 20.0]]] * 3
+    t = pa.table({"image": pa.array([good, corrupt, good], pa.binary()), "box": pa.array(boxes)})
+    inp = write_table(tmp_path / "in.parquet", t)
+    res = invoke(["run", str(inp), *base_args(tmp_path, tmp_path / "o"), "--box-column", "box", "--device-jpeg"])
+    assert res.exit_code == 0, res.output
+    got = read_output(tmp_path / "o")
+    assert got["status"].to_pylist() == ["ok", "error", "ok"]
+    assert "cannot identify image format" in got["error"].to_pylist()[1]
+    assert got["box_energy"].null_count == 1
+
+
+def test_an_image_error_that_escapes_is_not_transient():
+    from PIL import UnidentifiedImageError
+
+    from gradcam_batch.engine.job.local import is_transient
+
+    assert not is_transient(UnidentifiedImageError("cannot identify image file"))
+    assert is_transient(OSError(28, "No space left on device"))
 
 
 def test_explain_fills_explanation_metrics():

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gradcam_batch.engine.job.config import OutputBusy
+from gradcam_batch.engine.job.outdir import clean_uncommitted, survey
 from gradcam_batch.engine.job.schema import ResultBatch, build_table, output_schema
 from gradcam_batch.engine.job.sink import (
     COMMIT_LOG,
@@ -17,7 +18,6 @@ from gradcam_batch.engine.job.sink import (
     Manifest,
     OutputLock,
     WriteItem,
-    clean_uncommitted,
     next_part_index,
 )
 
@@ -171,12 +171,21 @@ def test_writer_error_surfaces_in_the_producer(tmp_path):
 def test_clean_uncommitted(tmp_path):
     man = Manifest.new(tmp_path, fingerprint="f", config={}, versions={})
     man.save()
+    man.note_open("part-00000.parquet")
     (tmp_path / "part-00000.parquet").write_bytes(b"x")
     man.commit_file("part-00000.parquet", rows=1, images=1, errors=0, units=["u"])
+    man.note_open("part-00001.parquet")
     (tmp_path / "part-00001.parquet").write_bytes(b"uncommitted")
+    man.note_open("part-00002.parquet")
     (tmp_path / ".part-00002.parquet.tmp").write_bytes(b"partial")
     (tmp_path / "user-notes.txt").write_text("not ours")
-    removed = clean_uncommitted(tmp_path, Manifest.load(tmp_path))
+    # A part file that no line of the log names is someone else's: nothing is deleted, and it is named.
+    (tmp_path / "part-00007.parquet").write_bytes(b"theirs")
+    with pytest.raises(ValueError, match="holds part-00007.parquet, which the run there did not write"):
+        clean_uncommitted(tmp_path)
+    assert (tmp_path / "part-00001.parquet").exists() and (tmp_path / ".part-00002.parquet.tmp").exists()
+    (tmp_path / "part-00007.parquet").unlink()
+    _, removed = clean_uncommitted(tmp_path)
     assert sorted(removed) == [".part-00002.parquet.tmp", "part-00001.parquet"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         COMMIT_LOG,
@@ -186,7 +195,18 @@ def test_clean_uncommitted(tmp_path):
     ]
     (tmp_path / "part-00000.parquet").unlink()
     with pytest.raises(ValueError, match="lists part-00000.parquet, which is missing"):
-        clean_uncommitted(tmp_path, Manifest.load(tmp_path))
+        clean_uncommitted(tmp_path)
+
+
+def test_survey_attributes_the_lock_and_the_manifest_temp_by_content(tmp_path):
+    (tmp_path / ".lock").write_text("1234 host\n")
+    (tmp_path / ".manifest.json.tmp").write_text('{\n  "format": "gradcam-batch/2",\n  "sta')
+    s = survey(tmp_path)
+    assert s.is_empty and sorted(s.own) == [".lock", ".manifest.json.tmp"] and s.foreign == []
+    (tmp_path / ".lock").write_text("my own lock notes")
+    (tmp_path / ".manifest.json.tmp").write_text("my notes")
+    s = survey(tmp_path)
+    assert not s.is_empty and s.own == [] and s.foreign == [".lock", ".manifest.json.tmp"]
 
 
 def test_class_rank_is_wide_and_empty_maps_have_no_peak():

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 from run_support import bytes_table, png_bytes, write_table
 
@@ -223,6 +224,35 @@ def test_row_group_read_is_retried_then_raises(tmp_path, reader):
     assert issubclass(InputReadError, OSError) and storage.opens["x.parquet"] == 3
 
 
+def test_unit_rows_resume_at_the_unit_a_failed_pass_did_not_finish(tmp_path, monkeypatch):
+    """A pass over a row group that breaks mid-stream is tried again from the first unit not yet
+    yielded: no unit twice, none lost; a pass that keeps failing raises InputReadError."""
+    write_table(tmp_path / "x.parquet", bytes_table(10), row_group_size=10)
+    files, _ = discover_inputs([str(tmp_path / "x.parquet")])
+    units = plan_units(files, 3)  # 0-3, 3-6, 6-9, 9-10
+    base = pq.ParquetFile
+    breaks = {"left": 1}
+
+    class Breaking(base):
+        def iter_batches(self, *args, **kwargs):
+            for i, rb in enumerate(super().iter_batches(*args, **kwargs)):
+                if i == 2 and breaks["left"]:
+                    breaks["left"] -= 1
+                    raise ConnectionResetError("connection reset by peer")
+                yield rb
+
+    monkeypatch.setattr(pq, "ParquetFile", Breaking)
+    source = ParquetSource(files, "image", [], PREP, workers=1, retry_delay=0)
+    got = list(source.unit_rows([units[0], units[2], units[3]], chunk_rows=2))
+    assert [u.key for u, _ in got] == [units[0].key, units[2].key, units[3].key] and breaks["left"] == 0
+    full = pq.read_table(tmp_path / "x.parquet").column("image").to_pylist()
+    assert [t.column("image").to_pylist() for _, t in got] == [full[0:3], full[6:9], full[9:10]]
+
+    breaks["left"] = 99
+    with pytest.raises(InputReadError, match=r"cannot read rows 6-9 \(row group 0\) of .*x\.parquet after 3 attempts"):
+        list(source.unit_rows([units[0], units[2]], chunk_rows=2))
+
+
 # -- the size cap ---------------------------------------------------------------------------------
 
 
@@ -278,6 +308,118 @@ def test_device_jpeg_route_respects_the_cap(tmp_path):
     batch = next(source.batches(plan_units(files, 10)))
     # The small JPEG waits for the device decoder; the big one was decoded here, drafted, and fits.
     assert batch.ok.tolist() == [True, True] and [slot for slot, _ in batch.jpegs] == [0]
+
+
+# -- device JPEG decode: its fallbacks are said, an out-of-memory is not a bad image --------------------
+
+
+def _jpegs(n: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    return [png_bytes((rng.random((40, 48, 3)) * 255).astype(np.uint8), "JPEG", quality=90) for _ in range(n)]
+
+
+class FailingDecoder:
+    """Stands in for torchvision's ``decode_jpeg``: raises ``batch`` for a list, ``one`` for image ``bad``."""
+
+    def __init__(self, real, *, batch: Exception | None = None, one: Exception | None = None, bad: int = -1):
+        self.real, self.batch, self.one, self.bad = real, batch, one, bad
+        self.calls: list[str] = []
+
+    def __call__(self, data, **kw):
+        if isinstance(data, list):
+            self.calls.append("batch")
+            if self.batch is not None:
+                raise self.batch
+            return self.real(data, **kw)
+        self.calls.append("one")
+        if self.one is not None and self._index(data) == self.bad:
+            raise self.one
+        return self.real(data, **kw)
+
+    def _index(self, data):
+        return self.datas.index(bytes(data.numpy()))
+
+
+def _decode_with(monkeypatch, decoder: FailingDecoder, jpegs: list[bytes]):
+    tvio = pytest.importorskip("torchvision.io")
+    import torch
+
+    from gradcam_batch.engine.job.source import decode_jpegs_on_device
+
+    decoder.datas = jpegs
+    monkeypatch.setattr(tvio, "decode_jpeg", decoder)
+    said: list[tuple[str, str]] = []
+    images, errors = decode_jpegs_on_device(jpegs, PREP, torch.device("cpu"), warn=lambda k, m: said.append((k, m)))
+    return images, errors, said
+
+
+def test_an_out_of_memory_decodes_the_batch_on_the_host_and_says_so(monkeypatch):
+    tvio = pytest.importorskip("torchvision.io")
+    import torch
+
+    jpegs = _jpegs(3)
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    decoder = FailingDecoder(tvio.decode_jpeg, batch=oom)
+    images, errors, said = _decode_with(monkeypatch, decoder, jpegs)
+    assert decoder.calls == ["batch"]  # no image is retried on a device that has no memory
+    assert errors == [None] * 3  # not a bad image: every one decoded, on the host
+    for img, data in zip(images, jpegs, strict=True):
+        np.testing.assert_array_equal(img.numpy(), decode_image(data, PREP))  # Pillow's own output
+    assert [k for k, _ in said] == ["jpeg-oom"]
+    assert "out of memory" in said[0][1] and "Pillow" in said[0][1] and "--batch-size" in said[0][1]
+
+
+def test_a_refused_batch_and_a_refused_image_are_said_with_their_cause(monkeypatch):
+    tvio = pytest.importorskip("torchvision.io")
+    jpegs = _jpegs(3)
+    decoder = FailingDecoder(
+        tvio.decode_jpeg, batch=RuntimeError("nvjpeg batched decode: unsupported"), one=RuntimeError("CMYK"), bad=1
+    )
+    images, errors, said = _decode_with(monkeypatch, decoder, jpegs)
+    assert decoder.calls == ["batch", "one", "one", "one"]
+    assert errors == [None] * 3 and all(img is not None for img in images)
+    np.testing.assert_array_equal(images[1].numpy(), decode_image(jpegs[1], PREP))  # Pillow took image 1
+    assert [k for k, _ in said] == ["jpeg-batch", "jpeg-image"]
+    assert "unsupported" in said[0][1] and "CMYK" in said[1][1]
+
+
+def test_an_out_of_memory_on_one_image_sends_the_rest_to_the_host(monkeypatch):
+    tvio = pytest.importorskip("torchvision.io")
+    import torch
+
+    jpegs = _jpegs(4)
+    decoder = FailingDecoder(
+        tvio.decode_jpeg, batch=RuntimeError("batch refused"), one=torch.OutOfMemoryError("out of memory"), bad=1
+    )
+    images, errors, said = _decode_with(monkeypatch, decoder, jpegs)
+    assert decoder.calls == ["batch", "one", "one"]  # images 2 and 3 are not tried on the device
+    assert errors == [None] * 4 and all(img is not None for img in images)
+    assert [k for k, _ in said] == ["jpeg-batch", "jpeg-oom"]
+
+
+def test_a_run_says_each_fallback_once(tmp_path, monkeypatch):
+    """Three batches meet an out-of-memory: one warning line, and the rows Pillow's path gives."""
+    import warnings
+
+    tvio = pytest.importorskip("torchvision.io")
+    import torch
+    from run_support import base_args, invoke, read_output
+
+    from gradcam_batch.engine.job.config import RunWarning
+
+    inp = write_table(tmp_path / "in.parquet", pa.table({"image": pa.array(_jpegs(6), pa.binary())}))
+    monkeypatch.setattr(tvio, "decode_jpeg", FailingDecoder(tvio.decode_jpeg, batch=torch.OutOfMemoryError("oom")))
+    args = ["run", str(inp), *base_args(tmp_path, tmp_path / "dev"), "--batch-size", "2", "--device-jpeg"]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        res = invoke(args)
+    assert res.exit_code == 0, res.output
+    said = [str(w.message) for w in record if issubclass(w.category, RunWarning)]
+    assert len(said) == 1 and "out of memory" in said[0]
+    res = invoke(["run", str(inp), *base_args(tmp_path, tmp_path / "host"), "--batch-size", "2"])
+    dev, host = read_output(tmp_path / "dev"), read_output(tmp_path / "host")
+    assert dev["status"].to_pylist() == ["ok"] * 6
+    np.testing.assert_array_equal(dev["score"].to_numpy(), host["score"].to_numpy())
 
 
 # -- the decode budget ------------------------------------------------------------------------------

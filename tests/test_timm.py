@@ -13,6 +13,7 @@ import torch
 from gradcam_batch.engine.bench.harness import pearson
 from gradcam_batch.engine.explain.explainer import Explainer
 from gradcam_batch.engine.models.loader import ModelSpecError, load_model, model_preprocessing
+from gradcam_batch.engine.models.weights import state_digest
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("pytorch_grad_cam")
@@ -134,9 +135,11 @@ def test_swin_channels_last_grid():
         img_size=64, window_size=2, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), num_classes=5
     ).eval()
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
-    exp = Explainer(model)(images, top_k=2)
+    explainer = Explainer(model)
+    assert explainer.reshape is None  # decided at set-up, from the graph
+    exp = explainer(images, top_k=2)
     assert exp.target_layer == "norm" and exp.cams.shape == (2, 2, 2, 2)
-    assert Explainer(model).reshape == "tokens"
+    assert explainer.reshape == "tokens"
     ref = _hand_tokens(model, "norm", images, exp.classes, n_extra=0, channels_last=True)
     assert ref.abs().max() > 0
     torch.testing.assert_close(exp.cams / ref.abs().max(), ref / ref.abs().max(), atol=1e-4, rtol=0)
@@ -210,3 +213,18 @@ def test_layers_command_prints_the_preprocessing():
     assert res.exit_code == 0, res.output
     assert "auto-detected: blocks.11.norm1 (reshape: tokens)" in res.output
     assert "* blocks.11.norm1" in res.output and "LayerNorm   1x197x192" in res.output
+
+
+def test_fingerprint_holds_the_weights_and_timms_version_not_its_init_file(tmp_path, monkeypatch):
+    from gradcam_batch.engine.job.config import RunConfig
+    from gradcam_batch.engine.job.plan import build_plan, fingerprint
+
+    inp = write_table(tmp_path / "in.parquet", bytes_table(1))
+    cfg = RunConfig(inputs=[str(inp)], output=str(tmp_path / "o"), model="timm:resnet10t", num_classes=3,
+                    resize=32, crop=32, heatmap_size=None)  # fmt: skip
+    plan = build_plan(cfg)
+    model = load_model("timm:resnet10t", num_classes=3)  # a seeded random init: the plan's weights
+    assert plan.model_digest == state_digest(model)
+    assert fingerprint(plan) == plan.fingerprint
+    monkeypatch.setattr(timm, "__version__", "0.0.1")
+    assert fingerprint(plan) != plan.fingerprint

@@ -59,3 +59,42 @@ def test_one_class_takes_the_loop_unmeasured(monkeypatch):
     auto = AutoVjp()
     torch.testing.assert_close(auto(vjp_fn, cot[:1]), run_strategy("vmap", vjp_fn, cot[:1]))
     assert auto.choices == {1: "loop"}
+
+
+def test_each_timed_call_is_fenced_by_a_device_sync(monkeypatch):
+    """On CUDA a strategy's call returns once its kernels are queued: the clock must be read only after the
+    device has finished, and started only once earlier work is done. The sync is injected here."""
+    vjp_fn, cot = _head()
+    events: list[str] = []
+    ticks = itertools.count()
+    monkeypatch.setattr(vjp.time, "perf_counter", lambda: (events.append("clock"), float(next(ticks)))[1])
+    real = vjp.run_strategy
+    monkeypatch.setattr(vjp, "run_strategy", lambda *args: (events.append("run"), real(*args))[1])
+    seen: list[torch.device] = []
+    auto = AutoVjp(sync=lambda device: (events.append("sync"), seen.append(device)))
+    auto(vjp_fn, cot)
+    timed = "".join({"clock": "c", "run": "r", "sync": "s"}[e] for e in events)
+    # Two untimed warm-up runs, then per repeat and strategy: sync, clock, run, sync, clock.
+    assert timed.startswith("rr")
+    assert timed[2:] == "scrsc" * (2 * auto.repeats), timed
+    assert set(seen) == {cot.device}
+
+
+def test_the_default_sync_follows_the_device():
+    assert vjp.device_sync(torch.device("cpu")) is None
+    if torch.cuda.is_available():
+        assert vjp.device_sync(torch.device("cuda")) is not None
+
+
+@pytest.mark.gpu
+def test_cuda_timing_synchronizes(monkeypatch):
+    calls: list[object] = []
+    real = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: (calls.append(device), real(device))[1])
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, device="cuda")
+    scores, vjp_fn = torch.func.vjp(lambda x: torch.tanh(x) @ w.T, torch.randn(2, 4, device="cuda"))
+    cot = torch.eye(6, device="cuda")[:3, None, :].expand(3, 2, 6).contiguous()
+    auto = AutoVjp()
+    auto(vjp_fn, cot)
+    assert len(calls) == 4 * auto.repeats and auto.choices[3] in vjp.MEASURED

@@ -15,6 +15,7 @@ One module past 500 lines: the result types (``ClusterAudit``, ``ClassAudit``, `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 import zlib
@@ -28,13 +29,14 @@ from threadpoolctl import threadpool_limits
 
 from gradcam_batch.engine.audit import class_evidence as cev
 from gradcam_batch.engine.audit import flags as flag_rules
+from gradcam_batch.engine.audit import report
 from gradcam_batch.engine.audit.evidence import window_side
 from gradcam_batch.engine.audit.flags import Finding, FlagParams
-from gradcam_batch.engine.audit.inputs import InputImages, InputsUnavailable
+from gradcam_batch.engine.audit.images import InputImages, InputsUnavailable
 from gradcam_batch.engine.audit.reader import Grouper, RunOutput, Selection, gather, scan
 from gradcam_batch.engine.audit.report_files import FORMAT, ReportFiles
 from gradcam_batch.engine.audit.run_output import row_groups
-from gradcam_batch.engine.audit.spray import SprayParams, spray
+from gradcam_batch.engine.audit.spray import SprayParams, resolve_view, spray, tsne_library
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,12 @@ class ClassAudit:
     spray_k: int = 0  # SpRAy's clusters, before evidence split any off
     findings: list[Finding] = field(default_factory=list)  # every candidate, flagged or not, strongest first
     scale: tuple[float, float] = (1.0, 1.0)  # small-map pixels -> the stored map's pixels
+    ids: list = field(default_factory=list)  # (sampled,) the ids of the rows SpRAy saw, in ``labels``' order
+    clusterings: dict[int, np.ndarray] = field(default_factory=dict)  # SpRAy's k -> (sampled,) labels; the switch
+    metric_intervals: dict[str, tuple[float, float] | None] = field(default_factory=dict)  # 95%, ``intervals.py``
+    metric_rows: dict[str, int] = field(default_factory=dict)  # rows behind each metric mean
+    points: np.ndarray | None = None  # the sampled rows the report's scatter shows (``report.page_points``)
+    hover: dict[int, np.ndarray] = field(default_factory=dict)  # sampled row -> its map, for a hover overlay
 
     @property
     def flagged(self) -> list[ClusterAudit]:
@@ -154,11 +162,17 @@ class ClassAudit:
             "subsampled": self.sampled < self.rows,
             "probability_mean": None if self.probability is None else round(self.probability, 4),
             "metrics": _round(self.metrics),
+            "metric_intervals": {
+                m: None if v is None else [round(float(v[0]), 4), round(float(v[1]), 4)]
+                for m, v in self.metric_intervals.items()
+            },
+            "metric_rows": self.metric_rows,
             "k": self.k,
             "spray_k": self.spray_k,
             "eigengap_k": self.eigengap_k,
             "eigenvalues": np.round(self.eigenvalues, 5).tolist(),
             "view": self.view,
+            "clusterings": sorted(self.clusterings),
             "flagged_clusters": [c.cluster for c in self.flagged],
             "mean_heatmap": np.round(self.mean_heatmap, 4).tolist(),
             "worst_localized": [
@@ -293,7 +307,7 @@ def _apply_findings(cls: ClassAudit, ce: cev.ClassEvidence, metrics: dict, param
     cls.clusters.sort(key=lambda c: (not c.flagged, -(c.strength or 0), -c.size, c.cluster))
 
 
-def _class_audit(cfg, stats, g, gm, res, ce, rng, names, size, scale, map_shape) -> ClassAudit:
+def _class_audit(cfg, stats, g, gm, res, ce, rng, names, size, scale, map_shape, n_groups) -> ClassAudit:
     """One group's ClassAudit: findings judged, flagged subsets carved into clusters, clusters filled."""
     class_index, method = stats.keys[g]
     pointing = gm.metrics.get("pointing_hit")
@@ -308,6 +322,8 @@ def _class_audit(cfg, stats, g, gm, res, ce, rng, names, size, scale, map_shape)
         sampled=len(gm.maps),
         mean_heatmap=gm.mean,
         metrics=stats.metric_means(g),
+        metric_intervals=stats.metric_intervals(g),
+        metric_rows={m: int(stats.metric_n[m][g]) for m in stats.metric_n},
         probability=float(stats.prob_sum[g] / stats.rows[g]) if stats.rows[g] else None,
         k=int(labels.max()) + 1 if len(labels) else res.k,
         eigengap_k=res.eigengap_k,
@@ -323,9 +339,13 @@ def _class_audit(cfg, stats, g, gm, res, ce, rng, names, size, scale, map_shape)
         spray_k=res.k,
         findings=ce.findings,
         scale=scale,
+        ids=gm.ids,
+        clusterings=res.clusterings,
     )
     _clusters(cls, gm.maps, gm.metrics, cfg.samples, gm.ids, ce.points)
     _apply_findings(cls, ce, gm.metrics, cfg.flags, size, map_shape, rng)
+    cls.points, hover = report.page_points(len(gm.maps), n_groups, cfg.spray.seed)
+    cls.hover = {int(i): gm.maps[i].astype(np.float16) for i in hover}
     return cls
 
 
@@ -425,20 +445,40 @@ def run_audit(cfg: AuditConfig) -> AuditResult:
             if cfg.overlays:
                 from gradcam_batch.engine.audit.images import load_images
 
-                wanted = [i for c in result.classes for k in c.clusters for i in k.sample_ids]
-                wanted += [i for c in result.classes for i in c.worst_ids]
-                images, note = load_images(run.config, wanted, cfg.images)
+                wanted = report.overlay_ids(result)
+                images, note = load_images(run.config, wanted, cfg.images, max_side=2 * report.HOVER_PX)
                 if note:
                     result.summary["notes"].append(note)
             result.summary["seconds"] = round(time.perf_counter() - t0, 3)
-            files.tmp("summary.json").write_text(json.dumps(result.summary, indent=1) + "\n")
-            from gradcam_batch.engine.audit import report
-
+            files.tmp("summary.json").write_text(summary_json(result.summary))
             report.write_report(files.tmp("index.html"), result, images)
             files.publish()
         else:
             result.summary["seconds"] = round(time.perf_counter() - t0, 3)
     return result
+
+
+CLUSTER_ROWS = 1 << 16  # clusters rows per row group: one per class would make a thousand-class file slow
+
+
+def _write_clusters(files: ReportFiles, schema: pa.Schema, writer, pending: list[pa.Table], last: bool = False):
+    """Write the pending clusters rows once there are ``CLUSTER_ROWS`` (or at the ``last`` call); returns the writer."""
+    if not pending or (not last and sum(t.num_rows for t in pending) < CLUSTER_ROWS):
+        return writer
+    if writer is None:
+        writer = pq.ParquetWriter(files.tmp("clusters.parquet"), schema, compression="zstd")
+    writer.write_table(pa.concat_tables(pending))
+    pending.clear()
+    return writer
+
+
+def summary_json(summary: dict) -> str:
+    """``summary.json``'s text: indented at the top, one line per class (an indented dump of a thousand
+    classes' maps takes Python's pure-Python encoder half a minute; the compact one, a second)."""
+    top = {k: v for k, v in summary.items() if k != "classes"}
+    text = json.dumps(top, indent=1)
+    classes = ",\n".join(json.dumps(c, separators=(",", ":")) for c in summary.get("classes", []))
+    return text[:-2] + f',\n "classes": [\n{classes}\n ]\n}}\n'
 
 
 def _cluster_schema(run: RunOutput) -> pa.Schema:
@@ -449,11 +489,12 @@ def _cluster_schema(run: RunOutput) -> pa.Schema:
 def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> AuditResult:
     """SpRAy, evidence and findings per group, and the summary; with ``files``, each group's rows go to
     ``clusters.parquet`` as soon as the group is done."""
-    sp, fp = cfg.spray, cfg.flags
+    view, view_note = resolve_view(cfg.spray.view, sum(len(p) for p in stats.picked), len(stats.keys))
+    sp, fp = dataclasses.replace(cfg.spray, view=view), cfg.flags
     schema = _cluster_schema(run)
     cam_side = _cam_side(run)
     scale = (run.map_shape[0] / size[0], run.map_shape[1] / size[1])
-    notes: list[str] = []
+    notes: list[str] = [view_note] if view_note else []
     source = None
     if not cfg.overlays:
         notes.append("pattern evidence skipped: --no-overlays reads no input image (position and box evidence only)")
@@ -468,6 +509,7 @@ def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> 
     read = {"images": 0, "missing": 0}
     classes: list[ClassAudit] = []
     writer = None
+    pending: list[pa.Table] = []  # clusters rows, written in row groups of at least CLUSTER_ROWS
     # One BLAS/OpenMP limit for the whole loop: entering it costs milliseconds (it scans the loaded
     # libraries), which a run of 1,000 classes paid a thousand times.
     with threadpool_limits(limits=cfg.threads), contextlib.ExitStack() as closing:
@@ -488,12 +530,13 @@ def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> 
                 read["images"] += done
                 read["missing"] += missing
             for g, gm, res, ce, rng in work:
-                cls = _class_audit(cfg, stats, g, gm, res, ce, rng, names, size, scale, run.map_shape)
+                cls = _class_audit(cfg, stats, g, gm, res, ce, rng, names, size, scale, run.map_shape, len(stats.keys))
                 classes.append(cls)
                 if files is not None and len(gm.maps):
-                    if writer is None:
-                        writer = pq.ParquetWriter(files.tmp("clusters.parquet"), schema, compression="zstd")
-                    writer.write_table(_cluster_rows(cls, gm.ids, ce, res, schema, scale))
+                    pending.append(_cluster_rows(cls, gm.ids, ce, res, schema, scale))
+                    writer = _write_clusters(files, schema, writer, pending)
+        if files is not None:
+            writer = _write_clusters(files, schema, writer, pending, last=True)
     if files is not None and writer is None:
         pq.write_table(schema.empty_table(), files.tmp("clusters.parquet"))
     if source is not None and read["missing"]:
@@ -502,6 +545,13 @@ def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> 
             "inputs: their rows have no pattern score"
         )
     classes.sort(key=lambda c: (not c.flagged, -c.strength, -c.rows, c.class_index, c.method))
+    views = {c.view for c in classes}
+    if "tsne" in views and tsne_library() != "openTSNE":
+        notes.append(
+            "t-SNE by scikit-learn, since openTSNE is not installed (pip install openTSNE: 2 to 3 times faster)"
+        )
+    if cfg.spray.view == "umap" and "umap" not in views and "tsne" in views:
+        notes.append("the 2-D view is t-SNE, since umap-learn is not installed (pip install umap-learn)")
 
     sub = [c for c in classes if c.sampled < c.rows]
     if sub:
@@ -537,7 +587,7 @@ def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> 
             "method": cfg.method,
             "max_per_class": cfg.max_per_class,
         },
-        "spray": {**sp.to_dict(), "size": list(size)},
+        "spray": {**cfg.spray.to_dict(), "size": list(size), "view_used": view},
         "flag_rules": cfg.flags.to_dict(),
         "evidence": {
             "kinds": [

@@ -27,7 +27,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gradcam_batch.engine.audit.run_output import BOX_METRICS, METRICS, AuditInputError, RunOutput, row_groups
+from gradcam_batch.engine.audit.intervals import mean_interval, share_interval
+from gradcam_batch.engine.audit.run_output import (
+    BOOL_METRICS,
+    BOX_METRICS,
+    METRICS,
+    AuditInputError,
+    RunOutput,
+    row_groups,
+)
 
 SELECTIONS = ("auto", "label", "top1", "all")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
@@ -86,7 +94,7 @@ class GroupStats:
     rows: np.ndarray  # audited rows
     errors: np.ndarray  # error rows attributed to the group's class (by label), or 0
     metric_sum: dict[str, np.ndarray]
-    metric_n: dict[str, np.ndarray]
+    metric_n: dict[str, np.ndarray]  # rows that hold a value (a run may compute its metrics on a share of them)
     prob_sum: np.ndarray
     picked: list[np.ndarray]  # per group: the picked row positions, sorted
     worst: list[np.ndarray]  # per group: the worst-localized row positions, worst first
@@ -95,11 +103,24 @@ class GroupStats:
     rows_total: int
     methods: tuple[str, ...] = ()  # the run's methods (from its manifest, else those its rows name)
 
+    metric_sq: dict[str, np.ndarray] = field(default_factory=dict)  # sums of squares, for the intervals
+
     def metric_means(self, g: int) -> dict[str, float | None]:
         return {
             m: (float(self.metric_sum[m][g] / self.metric_n[m][g]) if self.metric_n[m][g] else None)
             for m in self.metric_sum
         }
+
+    def metric_intervals(self, g: int) -> dict[str, tuple[float, float] | None]:
+        """95% intervals of ``metric_means`` (``intervals.py``): Wilson for the boolean shares, else normal."""
+        out = {}
+        for m in self.metric_sum:
+            n, total = int(self.metric_n[m][g]), float(self.metric_sum[m][g])
+            if m in BOOL_METRICS:
+                out[m] = share_interval(n, total)
+            else:
+                out[m] = mean_interval(n, total, float(self.metric_sq[m][g]))
+        return out
 
 
 class _BottomK:
@@ -230,6 +251,7 @@ def scan(run: RunOutput, grouper: Grouper, *, max_per_group: int, seed: int, wor
     errors = np.zeros(0, np.int64)
     prob = np.zeros(0, np.float64)
     msum = {m: np.zeros(0, np.float64) for m in metrics}
+    msq = {m: np.zeros(0, np.float64) for m in metrics}
     mn = {m: np.zeros(0, np.int64) for m in metrics}
     picker, worst = _BottomK(max_per_group), _BottomK(worst_n)
     errors_total = rows_total = 0
@@ -264,8 +286,11 @@ def scan(run: RunOutput, grouper: Grouper, *, max_per_group: int, seed: int, wor
                     col = pc.cast(col, pa.float64())
                 vals = col.fill_null(0).to_numpy(zero_copy_only=False)[sel].astype(np.float64)
                 msum[m] = _grow(msum[m], n_groups)
+                msq[m] = _grow(msq[m], n_groups)
                 mn[m] = _grow(mn[m], n_groups)
-                msum[m][:n_groups] += np.bincount(gs, np.where(valid, vals, 0.0), minlength=n_groups)
+                present = np.where(valid, vals, 0.0)
+                msum[m][:n_groups] += np.bincount(gs, present, minlength=n_groups)
+                msq[m][:n_groups] += np.bincount(gs, present * present, minlength=n_groups)
                 mn[m][:n_groups] += np.bincount(gs, valid.astype(np.float64), minlength=n_groups).astype(np.int64)
                 if m == worst_metric:
                     pos = base + np.flatnonzero(sel)[valid]
@@ -289,6 +314,7 @@ def scan(run: RunOutput, grouper: Grouper, *, max_per_group: int, seed: int, wor
         errors=errors[:n_groups],
         metric_sum={m: _grow(msum[m], n_groups)[:n_groups] for m in metrics},
         metric_n={m: _grow(mn[m], n_groups)[:n_groups] for m in metrics},
+        metric_sq={m: _grow(msq[m], n_groups)[:n_groups] for m in metrics},
         prob_sum=prob[:n_groups],
         picked=picker.result(n_groups, sort_by_key=False),
         worst=worst.result(n_groups, sort_by_key=True) if worst_metric else [np.zeros(0, np.int64)] * n_groups,
@@ -395,8 +421,8 @@ def gather(
                         np.add.at(nonfinite, g[rows[~finite]], 1)
                     rows, small = rows[finite], small[finite]
                 gr = g[rows]
-                if ci == 0:
-                    np.add.at(means, gr, small)
+                if ci == 0 and len(gr):
+                    _add_by_group(means, gr, small)
                 pos = base + rows
                 ids = t.column("id").take(pa.array(rows, pa.int64())).to_pylist()
                 mvals = np.stack(
@@ -436,6 +462,14 @@ def gather(
                 worst_values=[worst_found[g][p][2] for p in order],
             )
         yield out
+
+
+def _add_by_group(total: np.ndarray, groups: np.ndarray, maps: np.ndarray) -> None:
+    """``total[g] += maps[groups == g].sum(0)`` for every g: one sort and one ``reduceat`` (``np.add.at`` is slow)."""
+    order = np.argsort(groups, kind="stable")
+    g = groups[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(g)) + 1]
+    total[g[starts]] += np.add.reduceat(maps[order], starts, axis=0)
 
 
 def _row_group_starts(row_groups: Sequence[tuple[int, ...]]) -> dict[tuple[int, int], tuple[int, int]]:

@@ -89,8 +89,20 @@ def _row(label: str, overlays: str, crops: str, contrast: bool = False) -> str:
     )
 
 
-def findings_section(result, images: dict, anchor) -> str:
-    """The findings box: a card per flagged (class, cluster), strongest first; ``anchor(cls)``: a class's section id."""
+def contrast_cluster(c):
+    """The class's largest unflagged cluster, shown beside its findings for contrast (None if all are flagged)."""
+    return next((o for o in c.clusters if not o.flagged), None)
+
+
+def contrast_ids(c, n: int) -> list:
+    """The ids of the contrast cluster's first ``n`` samples (their images are read for the card)."""
+    k = contrast_cluster(c)
+    return [] if k is None else list(k.sample_ids[:n])
+
+
+def findings_section(result, images: dict, anchor, samples: int = 6) -> str:
+    """The findings box: a card per flagged (class, cluster), strongest first, ``samples`` pictures a strip;
+    ``anchor(cls)``: a class's section id."""
     s = result.summary
     flagged = result.flagged
     skipped = [n for n in s["notes"] if n.startswith("pattern evidence skipped")]
@@ -119,11 +131,11 @@ def findings_section(result, images: dict, anchor) -> str:
         proto = render.png_uri(marked_prototype(k.prototype, location))
         strength = k.strength or 0.0
         chips = "".join(f"<span class=kind>{_e(kind)}</span>" for kind in (f.kinds if f is not None else ()))
-        ov, cr = _strips(k, images, size, window_share)
+        ov, cr = _strips(k, images, size, window_share, samples)
         rows = [_row(f"flagged: cluster {k.cluster}", ov, cr)]
-        contrast = next((o for o in c.clusters if not o.flagged), None)
+        contrast = contrast_cluster(c)
         if contrast is not None:
-            ov, cr = _strips(contrast, images, size, window_share)
+            ov, cr = _strips(contrast, images, size, window_share, samples)
             rows.append(_row(f"contrast: cluster {contrast.cluster} ({contrast.size:,})", ov, cr, contrast=True))
         where = "" if location is None else " (the ring: the spot)"
         out.append(
@@ -142,4 +154,4 @@ def findings_section(result, images: dict, anchor) -> str:
     return "".join(out) + "</div>"
 
 
-__all__ = ["CSS", "attended_crop", "findings_section", "marked_prototype"]
+__all__ = ["CSS", "attended_crop", "contrast_ids", "findings_section", "marked_prototype"]

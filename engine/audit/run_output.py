@@ -181,12 +181,12 @@ def _planned_units(config: dict, inputs: Sequence[str] | None, done: set[str]) -
     unit_rows, limit = config.get("unit_rows"), config.get("limit")
     if not files or not isinstance(unit_rows, int) or not (limit is None or isinstance(limit, int)):
         return None
-    from gradcam_batch.engine.job.source import SourceError, discover_inputs, plan_units
+    # The manifest does not record M (the run side may later); planned again with pyarrow alone, no torch.
+    from gradcam_batch.engine.audit.inputs import find_inputs, unit_keys
 
     try:
-        found, _ = discover_inputs(files)
-        keys = {u.key for u in plan_units(found, unit_rows, limit)}
-    except (SourceError, ValueError, OSError):
+        keys = set(unit_keys(find_inputs(files), unit_rows, limit))
+    except (ValueError, OSError):
         return None
     return len(keys) if done <= keys else None
 

@@ -3,12 +3,16 @@
 The data of the audit's benchmark (``benchmarks/planted_shortcuts.py``; benchmarks/RESULTS.md has
 the figures). Everything comes from a seed; nothing is downloaded. Each image holds one filled shape
 (the class, as in ``synthetic.py``) on a noisy, tinted background. The *mark* is a small
-high-contrast checker. Where a case plants one, it is drawn on top of images of ``MARK_CLASS`` only:
-on a share ``train_rate`` (90%) of them in the training set, and on half of them (``eval_rate``) in
-the evaluation set that the audit sees. The marked class's shapes have less contrast than the
-others', so that the mark is the easier cue and the CNN learns it: removing the mark changes the
-prediction (``mark_reliance``). With a lower training rate the CNN learns the shape too, and then
-removing the mark changes little (benchmarks/RESULTS.md has the trade-off).
+high-contrast checker. Where a case plants one, it is drawn on images of ``MARK_CLASS`` (disc) only:
+on all of them in the training set (``train_rate``), and on half of them (``eval_rate``) in the
+evaluation set that the audit sees.
+
+So that the CNN learns the mark and not the disc, the marked class's training images show one of the
+*other* shapes (``train_own_shape`` = 0): in training, the mark is the class's only cue. The
+evaluation images of the class are discs, half of them marked; the CNN calls a marked disc a disc
+by its mark, and removing the mark changes the prediction (``mark_reliance``). With the disc in the
+training images too, the CNN learns it as well on some seeds, and then removing the mark changes
+little (benchmarks/RESULTS.md has the trade-off). The controls train on the plain classes.
 
 The cases (``CASES``):
 
@@ -21,7 +25,7 @@ The cases (``CASES``):
   Its maps put about twice the other classes' share of their mass in the border band;
 - ``centred``: no mark, every object centred: every map of a class sits in the same place.
 
-The shapes, colours and labels are the same in every case for a seed, and the three marked cases
+The sizes, colours and labels are the same in every case for a seed, and the three marked cases
 hold the same images up to the mark (marks and placement draw from streams of their own). The truth
 per image is ``marked`` and the mark's box; ``score_flags`` scores an audit's flagged rows against
 the marked images and against those the model relies on the mark for.
@@ -87,13 +91,13 @@ class Setup:
     size: int = IMAGE_SIZE
     n_train: int = 1500
     n_eval: int = 600
-    train_rate: float = 0.9  # share of the marked class's training images that carry the mark
+    train_rate: float = 1.0  # share of the marked class's training images that carry the mark
     eval_rate: float = 0.5
+    train_own_shape: float = 0.0  # marked cases: share of the marked class's training images that show a disc
     epochs: int = 5
     batch_size: int = 64
     lr: float = 3e-3
     contrast: tuple[float, float] = (50.0, 100.0)  # the shape's distance to its background, per channel
-    mark_class_contrast: tuple[float, float] = (25.0, 50.0)  # the marked class's: its shape is the harder cue
     noise: float = 12.0  # the background's pixel noise
     width: int = 8
     stages: int = 2
@@ -106,6 +110,7 @@ class Setup:
 class PlantedData:
     images: np.ndarray  # (n, H, W, 3) uint8, marks drawn
     labels: np.ndarray  # (n,) int64
+    shapes: np.ndarray  # (n,) int64: the shape drawn (the label, except in the marked class's training images)
     boxes: np.ndarray  # (n, 4) int32 x0, y0, x1, y1 of the object, clipped to the image
     marked: np.ndarray  # (n,) bool
     mark_boxes: np.ndarray  # (n, 4) int32 x0, y0, x1, y1 of the mark; -1 where unmarked
@@ -171,17 +176,26 @@ def _place(
 
 
 def make_planted(
-    case: Case | str, n: int, *, seed: int, stream: int, rate: float, setup: Setup | None = None
+    case: Case | str,
+    n: int,
+    *,
+    seed: int,
+    stream: int,
+    rate: float,
+    setup: Setup | None = None,
+    own_shape: float = 1.0,
 ) -> PlantedData:
     """``n`` images of ``case``, deterministic for (seed, stream); ``rate``: marked share of ``MARK_CLASS``.
 
-    ``setup`` gives the image size, the contrasts and the noise (the rates and sizes of the sets are
-    the caller's: ``train_set`` and ``eval_set``).
+    ``setup`` gives the image size, the contrast and the noise (the rates and sizes of the sets are
+    the caller's: ``train_set`` and ``eval_set``). ``own_shape``: the share of ``MARK_CLASS``'s images
+    that show its own shape (a disc); the others show one of the other shapes.
 
     ``stream`` separates the training set (0) from the evaluation set (1) of one seed. The objects
-    come from the stream (seed, stream, 0), the placement from (seed, stream, 1) and the marks from
-    (seed, stream, 2): every case has the same shapes, colours and labels for a seed, and the marked
-    cases the same images up to their marks.
+    come from the stream (seed, stream, 0), the placement from (seed, stream, 1), the marks from
+    (seed, stream, 2) and the marked class's substitute shapes from (seed, stream, 3): every case has
+    the same sizes, colours and labels for a seed, and the marked cases the same images up to their
+    marks.
     """
     case = CASES[case] if isinstance(case, str) else case
     setup = setup or Setup()
@@ -189,23 +203,28 @@ def make_planted(
     rng = np.random.default_rng([seed, stream, 0])
     place_rng = np.random.default_rng([seed, stream, 1])
     mark_rng = np.random.default_rng([seed, stream, 2])
+    shape_rng = np.random.default_rng([seed, stream, 3])
     labels = rng.integers(0, len(CLASS_NAMES), size=n).astype(np.int64)
     images = np.empty((n, size, size, 3), np.uint8)
     boxes = np.empty((n, 4), np.int32)
+    shapes = labels.copy()
     for i in range(n):
         bg = rng.uniform(30, 130, size=3)
         img = bg[None, None, :] + rng.normal(0, setup.noise, size=(size, size, 3))
         s = int(rng.integers(round(size * 0.3), round(size * 0.5) + 1))
-        # The shape is brighter than its background by ``contrast`` levels per channel, under noise;
-        # the marked class's by less, so that its shape is a harder cue than the mark.
-        fg = bg + rng.uniform(*(setup.mark_class_contrast if labels[i] == MARK_CLASS else setup.contrast), size=3)
+        # The same contrast for every class: a class told by its faintness would be a cue of its own.
+        fg = bg + rng.uniform(*setup.contrast, size=3)
         grain = rng.normal(0, 10, size=(s, s, 3))
         share = case.border_share
         if labels[i] == MARK_CLASS and case.mark_class_border_share is not None:
             share = case.mark_class_border_share
         flush = bool(place_rng.random() < share)
         y0, x0 = _place(s, size, flush, case.placement == "centred", case.overhang, place_rng)
-        mask = _shape_mask(int(labels[i]), s)
+        kind = int(labels[i])
+        if kind == MARK_CLASS and shape_rng.random() >= own_shape:
+            kind = int(shape_rng.choice([k for k in range(len(CLASS_NAMES)) if k != MARK_CLASS]))
+            shapes[i] = kind
+        mask = _shape_mask(kind, s)
         ys, xs = np.nonzero(mask)
         py, px = ys + y0, xs + x0
         inside = (py >= 0) & (py < size) & (px >= 0) & (px < size)
@@ -225,11 +244,14 @@ def make_planted(
             images[i, y0 : y0 + MARK_SIDE, x0 : x0 + MARK_SIDE] = pattern
             marked[i] = True
             mark_boxes[i] = (x0, y0, x0 + MARK_SIDE, y0 + MARK_SIDE)
-    return PlantedData(images, labels, boxes, marked, mark_boxes, unmarked)
+    return PlantedData(images, labels, shapes, boxes, marked, mark_boxes, unmarked)
 
 
 def train_set(case: Case | str, seed: int, setup: Setup = Setup()) -> PlantedData:
-    return make_planted(case, setup.n_train, seed=seed, stream=0, rate=setup.train_rate, setup=setup)
+    """The training set: in the marked cases, the marked class shows other shapes (``train_own_shape``)."""
+    case = CASES[case] if isinstance(case, str) else case
+    own = 1.0 if case.mark is None else setup.train_own_shape
+    return make_planted(case, setup.n_train, seed=seed, stream=0, rate=setup.train_rate, setup=setup, own_shape=own)
 
 
 def eval_set(case: Case | str, seed: int, setup: Setup = Setup()) -> PlantedData:

@@ -3,13 +3,16 @@ transformer tokens and the compiled backbone. Works on tensors; knows nothing of
 
 from gradcam_batch.engine.explain.explainer import Explainer, Explanation, explain
 from gradcam_batch.engine.explain.layers import LayerInfo, TargetLayerError, detect_target_layer, probe_layers
+from gradcam_batch.engine.explain.trunk import FeatureMap, last_feature_map
 
 __all__ = [
     "Explainer",
     "Explanation",
+    "FeatureMap",
     "LayerInfo",
     "TargetLayerError",
     "detect_target_layer",
     "explain",
+    "last_feature_map",
     "probe_layers",
 ]

@@ -37,7 +37,7 @@ from gradcam_batch.engine.explain.compiled import (
     check_precision,
     prepare_input,
 )
-from gradcam_batch.engine.explain.layers import TargetLayerError, default_reshape, detect_target_layer, layer_name_of
+from gradcam_batch.engine.explain.layers import TargetLayerError, layer_name_of
 from gradcam_batch.engine.explain.methods import (
     DEFAULT_SCORECAM_BATCH,
     METHODS,
@@ -47,8 +47,9 @@ from gradcam_batch.engine.explain.methods import (
     parse_methods,
     scorecam_weights,
 )
-from gradcam_batch.engine.explain.split import LinearHead, SplitModel, analyze_head, split_at
-from gradcam_batch.engine.explain.tokens import RESHAPES, detect_token_layer, map_to_tokens, parse_grid, tokens_to_map
+from gradcam_batch.engine.explain.split import LinearHead, SplitError, SplitModel, analyze_head, split_at
+from gradcam_batch.engine.explain.tokens import RESHAPES, map_to_tokens, parse_grid, tokens_to_map
+from gradcam_batch.engine.explain.trunk import last_feature_map, layer_reshape, notice
 from gradcam_batch.engine.explain.vjp import AutoVjp
 from gradcam_batch.kernels import DEFAULT_EPS, fused_cam
 from gradcam_batch.kernels.reference import quantize
@@ -56,6 +57,11 @@ from gradcam_batch.kernels.reference import quantize
 # The methods an external backend (ONNX) computes itself; the rest need a torch model.
 EXTERNAL_METHODS = ("gradcam", "cam")
 VJP_STRATEGIES = ("auto", "vmap", "loop", "batched_grad")  # auto: measured per head (engine/explain/vjp.py)
+
+
+class SplitFallbackWarning(RuntimeWarning):
+    """The model could not be cut at the target layer by torch.fx: the whole model runs eager in float32 with
+    a forward hook, without torch.compile or a low-precision backbone. Issued once per model, layer and cause."""
 
 
 @dataclass
@@ -234,8 +240,8 @@ class Explainer:
         self.compile = bool(compile)
         self.compile_mode = check_compile_mode(compile_mode)
         self.precision = check_precision(precision)
-        if reshape is None:  # timm and Transformers ViT-family models: the token reshape
-            reshape = default_reshape(model)
+        # None: decided at set-up from the target layer's output (engine/explain/trunk.py): "tokens" for a
+        # (B, N, D) or (B, H, W, C) layer, the plain 4-D path otherwise.
         if reshape not in RESHAPES:
             raise ValueError(f"unknown reshape {reshape!r}; expected None or 'tokens'")
         self.reshape = reshape
@@ -267,27 +273,54 @@ class Explainer:
             self.target_layer = self.model.resolve_target_layer(self.target_layer, images[:1])
             self._prepared = True
             return
-        if self.target_layer is None and self.reshape == "tokens":
-            self.target_layer = detect_token_layer(self.model, images[:1], self._score_fn, self.token_grid)
-        elif self.target_layer is None:
-            self.target_layer = detect_target_layer(self.model, images[:1], self._score_fn)
-        self._split = split_at(self.model, self.target_layer)
+        if self.target_layer is None:
+            found = last_feature_map(
+                self.model, images[:1], self._score_fn, reshape=self.reshape, token_grid=self.token_grid
+            )
+            self.target_layer, self.reshape = found.layer, found.reshape
+            if found.note:
+                notice(self.model, found.note)
+        elif self.reshape is None:
+            self.reshape = layer_reshape(self.model, self.target_layer, images[:1])
+        try:
+            self._split = split_at(self.model, self.target_layer)
+        except SplitError as exc:
+            self._split = None
+            self._warn_fallback(str(exc))
         if self._split is not None and self.score_fn is None and self.reshape is None:
             self._linear = analyze_head(self._split)
         if self._split is not None:
             self._backbone = self._split.backbone
             if self.compile:
                 self._backbone = CompiledBackbone(self._split.backbone, self.compile_mode)
-        elif self.compile:
-            import warnings
-
-            warnings.warn("torch.compile skipped: the model cannot be split by torch.fx; running eager", stacklevel=3)
         if "cam" in self.methods and self._linear is None:
             raise ValueError(
                 f"method='cam' needs a global-average-pool -> linear head after {self.target_layer!r}, "
                 "and the model has a different head; use method='gradcam'"
             )
         self._prepared = True
+
+    def _warn_fallback(self, cause: str) -> None:
+        import warnings
+
+        # Once per model, layer and cause: a run sets up two Explainers on one model (the plan's probe and
+        # the batch step), and Python's own once-per-location filter is reset whenever a filter changes.
+        with _CACHE_LOCK:
+            try:
+                seen = _FALLBACK_WARNED.setdefault(self.model, set())
+            except TypeError:  # not weak-referenceable: warn every time
+                seen = set()
+            if (self.target_layer, cause) in seen:
+                return
+            seen.add((self.target_layer, cause))
+        lost = [*(["torch.compile"] if self.compile else []), *([self.precision] if self.precision != "fp32" else [])]
+        cost = f"no {' or '.join(lost)}" if lost else "no torch.compile or low-precision backbone"
+        warnings.warn(
+            f"target layer {self.target_layer!r}: the graph split failed, {cause}; using the forward-hook path "
+            f"(the whole model eager in fp32, {cost})",
+            SplitFallbackWarning,
+            stacklevel=1,
+        )
 
     @property
     def closed_form(self) -> bool:
@@ -414,6 +447,7 @@ class Explainer:
 
     def _split_pass(self, images, classes, top_k, sign, need_grad):
         """The FX path: no-grad backbone, then the head's closed form, its VJP, or its forward alone."""
+        self._split.sync(self.model)
         with torch.inference_mode(), backbone_context(images.device, self.precision):
             feats = self._backbone(prepare_input(images))
         # Inference tensors cannot enter autograd; a clone outside inference mode can. The head
@@ -515,6 +549,7 @@ class Explainer:
             if self._split is None:
                 with backbone_context(x.device, self.precision):
                     return _at_least_fp32(self._score_fn(self.model(x)))
+            self._split.sync(self.model)
             with backbone_context(x.device, self.precision):
                 feats = self._backbone(prepare_input(x))
             low = self.precision != "fp32"
@@ -585,11 +620,16 @@ def _one_hots(classes: torch.Tensor, scores: torch.Tensor, sign: float) -> torch
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CACHE_LOCK = threading.Lock()
 _CACHE_SIZE = 8
+# Per model (held weakly): the (layer, cause) pairs whose graph-split fallback was already reported.
+_FALLBACK_WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _structure(model: nn.Module) -> tuple[int, ...]:
-    """Which module and parameter objects the model holds. A prepared explainer shares them, so new
-    values (an optimizer step, ``load_state_dict``, ``.to()``) need nothing; a replaced object does."""
+    """Which module and parameter objects the model holds: what a prepared explainer's set-up (the layer,
+    the graph cut, the head analysis) was derived from. The set-up holds no tensor of its own: the cut
+    graphs read every parameter and buffer through the model's modules at call time (engine/explain/split.py),
+    so new values, dtypes or devices (an optimizer step, ``load_state_dict``, ``.to()``, ``.double()``, a
+    buffer assigned anew) need nothing; a replaced module or parameter object makes a new set-up."""
     return (*map(id, model.modules()), -1, *map(id, model.parameters()))
 
 
@@ -649,7 +689,8 @@ def explain(
         model: a classifier (any ``nn.Module``); left exactly as it was.
         images: (B, 3, H, W) float tensor on the model's device, already normalized.
         target_layer: a module name from ``model.named_modules()``, the module itself, or None to
-            pick the last 4-D spatial map that the scores depend on.
+            pick the trunk's last feature map: the map, or the tokens, that the network pools or reads a
+            class token from into the classifier (engine/explain/trunk.py).
         classes: None for the ``top_k`` highest scores per image, a (B, C) LongTensor of class
             indices per image, or a (C,) LongTensor of classes for every image.
         method: a name, or a sequence of names (the result is then ``{name: Explanation}``, all from
@@ -661,7 +702,8 @@ def explain(
         output_size: (H, W) of the heatmaps; default the input's size.
         normalize: min-max normalize each heatmap to [0, 1]; a constant map becomes 0.
         out_dtype: heatmap dtype: float32 (default), float16 or uint8 (round(255 * x)).
-        reshape: ``"tokens"`` for a transformer target layer with (B, N, D) output (see engine/explain/tokens.py).
+        reshape: ``"tokens"`` for a transformer target layer with (B, N, D) output (see engine/explain/tokens.py);
+            None decides from the target layer's output.
         precision: the backbone's autocast dtype: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``.
         guided: also Guided Grad-CAM (``Explanation.guided``): a backward through the whole model.
         scorecam_batch: Score-CAM's masked images per forward.
@@ -670,9 +712,10 @@ def explain(
             the normalized heatmap at the input size.
 
     The set-up (layer search, graph split, head analysis) is cached per model and argument set, so
-    calling ``explain()`` in a loop costs what a reused ``Explainer`` does. The cached set-up shares
-    the model's modules and parameters: new weights (a training step) are used as they are, and a
-    module or parameter replaced by another object makes a new set-up.
+    calling ``explain()`` in a loop costs what a reused ``Explainer`` does. The cached set-up reads
+    the model's parameters and buffers at each call: new weights (a training step), ``.to()``,
+    ``.double()``, ``.half()`` or a buffer assigned anew are used as they are, and a module or parameter
+    replaced by another object makes a new set-up.
     """
     key = (
         target_layer,

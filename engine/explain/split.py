@@ -7,9 +7,13 @@ and cuts the graph in two:
 - ``backbone(x) -> (A, *extra)``: everything the head needs that does not depend on A;
 - ``head(A, *extra) -> output``: every node downstream of the target call.
 
-Both are ``GraphModule``s that share the caller's submodules and parameters; nothing is
-copied and nothing of the caller's model changes. Models that FX cannot trace get
-``None`` and the engine falls back to a forward hook (see ``explainer.py``).
+Both are ``GraphModule``s whose submodules *are* the caller's top-level submodules, so every
+parameter and buffer the graph reads is looked up through its owning module when the graph runs:
+``.to()``, ``.double()``, ``.half()`` or a buffer assigned anew (``bn.running_mean = t``) need
+nothing. (A plain ``GraphModule(model, graph)`` would hold the buffer objects of cut time.) The
+model's own root-level tensors are re-read by ``SplitModel.sync`` before each use. Nothing is
+copied and nothing of the caller's model changes. A model that FX cannot trace or cut raises
+``SplitError`` with the cause, and the engine falls back to a forward hook (see ``explainer.py``).
 
 ``analyze_head`` recognizes a global-average-pool -> (flatten) -> linear head, for which
 Grad-CAM's weights have the closed form alpha = W[c] / (h * w) (the CAM equivalence).
@@ -37,24 +41,68 @@ class _LeafTracer(fx.Tracer):
         return m is self._leaf or super().is_leaf_module(m, module_qualified_name)
 
 
+class SplitError(Exception):
+    """The model cannot be cut at the target layer by torch.fx; the message says why, in one line."""
+
+
 @dataclass
 class SplitModel:
     backbone: fx.GraphModule
     head: fx.GraphModule
     n_extra: int  # inputs of the head besides A
+    root_tensors: tuple[str, ...] = ()  # the model's own (root-level) parameters and buffers the graphs read
+
+    def sync(self, model: nn.Module) -> None:
+        """Point the graphs at the model's current root-level tensors (a buffer assigned anew, ``.to()``).
+
+        Tensors of submodules need nothing: the graphs reach them through the model's own submodules."""
+        for name in self.root_tensors:
+            value = getattr(model, name)
+            for gm in (self.backbone, self.head):
+                if name in gm._parameters or name in gm._buffers:
+                    held = gm._parameters.get(name, gm._buffers.get(name))
+                    if held is not value:
+                        _set_tensor(gm, name, value)
 
 
-def split_at(model: nn.Module, layer_name: str) -> SplitModel | None:
-    """Cut ``model`` at ``layer_name``; None when the model cannot be traced or cut there."""
+def _set_tensor(gm: nn.Module, name: str, value: torch.Tensor) -> None:
+    gm._parameters.pop(name, None)
+    gm._buffers.pop(name, None)
+    if isinstance(value, nn.Parameter):
+        gm._parameters[name] = value
+    else:
+        gm._buffers[name] = value
+
+
+def _graph_module(model: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """A GraphModule that reads the model's submodules, parameters and buffers at call time.
+
+    ``fx.GraphModule(model, graph)`` installs fresh empty modules along each qualified name and copies
+    the buffer objects into them, a snapshot that ``.to()`` or ``bn.running_mean = t`` leaves stale.
+    Replacing each top-level child by the model's own object makes every path resolve live."""
+    gm = fx.GraphModule(model, graph, class_name=class_name)
+    for name in list(gm._modules):
+        gm._modules[name] = model._modules[name]
+    return gm
+
+
+def _describe(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0][:100]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def split_at(model: nn.Module, layer_name: str) -> SplitModel:
+    """Cut ``model`` at ``layer_name``; ``SplitError`` (with the cause) when it cannot be traced or cut there."""
     leaf = model.get_submodule(layer_name)
     try:
         tracer = _LeafTracer(leaf)
         graph = tracer.trace(model)
-    except Exception:  # any tracing failure means: use the hook path instead
-        return None
+    except Exception as exc:  # any tracing failure means: use the hook path instead
+        raise SplitError(f"torch.fx cannot trace {type(model).__name__} ({_describe(exc)})") from exc
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == layer_name]
     if len(calls) != 1:
-        return None  # a module called several times (or not at all) is ambiguous to cut
+        # a module called several times (or not at all) is ambiguous to cut
+        raise SplitError(f"the traced graph calls {layer_name!r} {len(calls)} times, not once")
     target = calls[0]
 
     downstream: set[fx.Node] = set()
@@ -67,7 +115,7 @@ def split_at(model: nn.Module, layer_name: str) -> SplitModel | None:
                 stack.append(user)
     output = next(n for n in graph.nodes if n.op == "output")
     if output not in downstream:
-        return None
+        raise SplitError(f"the traced graph's output does not depend on {layer_name!r}")
     head_nodes = [n for n in graph.nodes if n in downstream and n.op != "output"]
 
     # Values computed upstream that the head needs (skip connections around the cut, the
@@ -102,21 +150,31 @@ def split_at(model: nn.Module, layer_name: str) -> SplitModel | None:
     head_graph.output(fx.node.map_arg(output.args[0], lookup))
 
     try:
-        backbone = fx.GraphModule(model, backbone_graph, class_name="Backbone")
-        head = fx.GraphModule(model, head_graph, class_name="Head")
+        backbone = _graph_module(model, backbone_graph, "Backbone")
+        head = _graph_module(model, head_graph, "Head")
         backbone.graph.eliminate_dead_code()
         backbone.recompile()
-    except Exception:
-        return None
-    return SplitModel(backbone=backbone, head=head, n_extra=len(extra))
+    except Exception as exc:
+        raise SplitError(f"the cut graph cannot be built ({_describe(exc)})") from exc
+    own = {n for n, _ in model.named_parameters(recurse=False)} | {n for n, _ in model.named_buffers(recurse=False)}
+    root_tensors = tuple(sorted(n for gm in (backbone, head) for n in (*gm._parameters, *gm._buffers) if n in own))
+    return SplitModel(backbone=backbone, head=head, n_extra=len(extra), root_tensors=root_tensors)
 
 
 @dataclass
 class LinearHead:
-    """A GAP -> linear head: scores = mean_hw(A) @ weight.T + bias."""
+    """A GAP -> linear head: scores = mean_hw(A) @ weight.T + bias. The weights are read from the
+    module at each use, so a new parameter object (``load_state_dict(assign=True)``) is seen."""
 
-    weight: torch.Tensor  # (N, K)
-    bias: torch.Tensor | None  # (N,)
+    linear: nn.Linear
+
+    @property
+    def weight(self) -> torch.Tensor:  # (N, K)
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:  # (N,)
+        return self.linear.bias
 
 
 _GAP_MODULES = (nn.AdaptiveAvgPool2d,)
@@ -227,9 +285,8 @@ def analyze_head(split: SplitModel) -> LinearHead | None:
         return None
     last = chain[i]
     if last.op == "call_module" and isinstance(modules[last.target], nn.Linear):
-        lin = modules[last.target]
-        return LinearHead(weight=lin.weight, bias=lin.bias)
+        return LinearHead(modules[last.target])
     return None
 
 
-__all__ = ["LinearHead", "SplitModel", "analyze_head", "split_at"]
+__all__ = ["LinearHead", "SplitError", "SplitModel", "analyze_head", "split_at"]

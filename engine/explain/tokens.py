@@ -13,14 +13,13 @@ dimension is its largest, (B, H, W, C) with C > H (timm's Swin: (B, 7, 7, 768)),
 already: it is permuted to (B, C, H, W), with no extra tokens. Any other 4-D output, such as a
 (B, K, h, w) convolution map, is refused as a token layer.
 
-Auto-detection for token models picks the last normalization layer (a module whose class name
-ends in "Norm") with token output whose patch tokens the scores depend on; when there is none, the
-last module of any kind with (B, N, D) output. In a ViT only the class token reaches the
-classifier after the last attention, so this is the last block's pre-attention LayerNorm
-(``encoder.layers.encoder_layer_L.ln_1`` in torchvision, ``blocks.L.norm1`` in timm), the usual
-choice for ViT Grad-CAM; preferring norms keeps the attention's own projections (timm's ``qkv``,
-Transformers' ``v_proj``), which run after it, from being picked. In a Swin every position
-reaches the pooled classifier, and the final norm is picked.
+Auto-detection for token models is the rule of ``engine/explain/trunk.py``: the trunk's last token map.
+Where the classifier pools the tokens (Swin, Mixer, Twins, LeViT) that is the map it pools (``norm``,
+``stages.2``); where it reads the class token, the last earlier layer of the same shape whose patch tokens
+the scores depend on, a normalization layer if there is one: the last block's pre-attention LayerNorm
+(``encoder.layers.encoder_layer_L.ln_1`` in torchvision, ``blocks.L.norm1`` in timm), the usual choice for
+ViT Grad-CAM, ahead of the attention's own projections (timm's ``qkv``, Transformers' ``v_proj``), which run
+after it.
 """
 
 from __future__ import annotations
@@ -118,65 +117,10 @@ def detect_token_layer(
     score_fn: Callable[[object], torch.Tensor],
     grid: tuple[int, int] | None = None,
 ) -> str:
-    """The last norm with token output whose patch tokens the scores depend on, else the last module."""
-    records: list[tuple[str, torch.Tensor]] = []
-    norms: set[str] = set()
-    calls: dict[str, int] = {}
-    handles = []
+    """The trunk's last token map (``reshape="tokens"``; see engine/explain/trunk.py)."""
+    from gradcam_batch.engine.explain.trunk import last_feature_map
 
-    def make_hook(name):
-        def hook(module, args, output):
-            calls[name] = calls.get(name, 0) + 1
-            is_norm = type(module).__name__.endswith("Norm")
-            if is_norm:
-                norms.add(name)
-            # 4-D outputs only from norms: a (B, H, W, C) grid; elsewhere 4-D is (B, heads, N, d) or a conv map.
-            grid4 = is_norm and isinstance(output, torch.Tensor) and output.dim() == 4
-            if isinstance(output, torch.Tensor) and (
-                output.dim() == 3 or (grid4 and output.shape[3] > output.shape[1])
-            ):
-                records.append((name, output))
-
-        return hook
-
-    try:
-        for name, mod in model.named_modules():
-            if name:
-                handles.append(mod.register_forward_hook(make_hook(name)))
-        with torch.enable_grad():
-            scores = score_fn(model(sample.detach().clone().requires_grad_(True)))
-    finally:
-        for h in handles:
-            h.remove()
-    image_hw = (sample.shape[-2], sample.shape[-1])
-    cands = [(n, t) for n, t in records if calls[n] == 1 and t.requires_grad and t.shape[-1] > 1]
-    if cands and scores.requires_grad:
-        grads = torch.autograd.grad(scores.sum(), [t for _, t in cands], allow_unused=True)
-        found = []
-        for (name, t), g in reversed(list(zip(cands, grads, strict=True))):
-            if g is None:
-                continue
-            if t.dim() == 4:
-                extra, hw = 0, t.shape[1] * t.shape[2]
-            else:
-                h, w = grid if grid is not None else infer_grid(t.shape[1], image_hw)
-                extra, hw = t.shape[1] - h * w, h * w
-            if extra < 0 or hw < 2:
-                continue
-            if bool(g[:, extra:].abs().amax() > 0):
-                found.append(name)
-        for name in found:
-            if name in norms:
-                return name
-        plain = [n for n in found if dict(records)[n].dim() == 3]
-        if plain:
-            return plain[0]
-    seen = "; ".join(f"{n} {list(t.shape)}" for n, t in records[-8:]) or "none"
-    raise TargetLayerError(
-        "could not find a token layer: no module outputs (B, N, D) tokens whose patch tokens the scores depend on. "
-        f"3-D outputs seen: {seen}. Pass target_layer= explicitly (a zero-initialized classifier, as in a freshly "
-        "built torchvision ViT, has no gradients at all: load trained weights)."
-    )
+    return last_feature_map(model, sample, score_fn, reshape="tokens", token_grid=grid).layer
 
 
 __all__ = [

@@ -9,6 +9,10 @@ the last block's pre-attention norm. Whether the rest of the head, still batched
 faster of the two depends on the head, the batch and the machine, so it is measured: once, at
 set-up, on the first batch the explainer sees, and kept for the explainer's life. Both strategies
 give the same gradients (up to float rounding), so the choice changes only the speed.
+
+On an asynchronous device (CUDA) a call returns once its kernels are queued, so each timed call is
+fenced by a device synchronize before the clock starts and before it stops; otherwise the timing
+measures launch latency and the choice is noise.
 """
 
 from __future__ import annotations
@@ -31,13 +35,24 @@ def run_strategy(strategy: str, vjp_fn: Callable, cot: torch.Tensor) -> torch.Te
     return torch.stack([vjp_fn(cot[c])[0] for c in range(cot.shape[0])])
 
 
+def device_sync(device: torch.device) -> Callable[[torch.device], None] | None:
+    """What waits for ``device`` to finish its queued work; None where ops complete before they return (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    if device.type == "mps":
+        return lambda _device: torch.mps.synchronize()
+    return None
+
+
 class AutoVjp:
     """``vjp_strategy="auto"``: per number of classes C, measure both strategies on the first call, then use
     vmap unless the loop was at least 10 % faster. ``choices`` maps C to the strategy picked (C = 1 takes
-    the loop: nothing to batch)."""
+    the loop: nothing to batch). ``sync(device)`` waits for the device around each timed call; by default
+    ``device_sync`` of the cotangents' device."""
 
-    def __init__(self, repeats: int = 2):
+    def __init__(self, repeats: int = 2, sync: Callable[[torch.device], None] | None = None):
         self.repeats = repeats
+        self.sync = sync
         self.choices: dict[int, str] = {}
 
     def __call__(self, vjp_fn: Callable, cot: torch.Tensor) -> torch.Tensor:
@@ -53,10 +68,14 @@ class AutoVjp:
             # change in the machine's load hits both alike.
             grads = {s: run_strategy(s, vjp_fn, cot) for s in MEASURED}
             best = dict.fromkeys(MEASURED, float("inf"))
+            device = cot.device
+            sync = self.sync or device_sync(device) or (lambda _device: None)
             for _ in range(self.repeats):
                 for strategy in MEASURED:
+                    sync(device)
                     start = time.perf_counter()
                     grads[strategy] = run_strategy(strategy, vjp_fn, cot)
+                    sync(device)
                     best[strategy] = min(best[strategy], time.perf_counter() - start)
         # vmap unless the loop is clearly faster: on a loaded machine two close timings are a coin toss,
         # and where the head has every batching rule vmap is the better bet.
@@ -65,4 +84,4 @@ class AutoVjp:
         return grads[choice]
 
 
-__all__ = ["LOOP_MARGIN", "MEASURED", "AutoVjp", "run_strategy"]
+__all__ = ["LOOP_MARGIN", "MEASURED", "AutoVjp", "device_sync", "run_strategy"]

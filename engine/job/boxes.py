@@ -8,7 +8,10 @@ Layouts of the box column (x0, y0, x1, y1 in the original image's pixels unless 
   layout; ``--box-format coco`` reads each box as (x, y, width, height);
 - four numeric columns named together, ``--box-column x0,y0,x1,y1``: one box per image.
 
-A null (or empty) box list gives null box columns for that image, never an error. With
+A null (or empty) box list gives null box columns for that image, never an error. A malformed
+box (not four coordinates, a null or non-finite coordinate, x1 < x0 or y1 < y0, zero area) gives
+the image null box columns too, and a note in its rows' ``error`` that starts with ``BOX_NOTE``
+(the rows stay ``status="ok"``; the summary counts these images). With
 categories, a class's boxes are those whose category is the class index. Boxes go through the
 image's own resize and center crop (``Preprocess.geometry``) into the model input's pixels,
 where the saliency lives; a box outside the crop is clipped to it, or dropped when nothing is left.
@@ -25,6 +28,7 @@ from gradcam_batch.engine.job.config import RunSetupError
 from gradcam_batch.engine.job.source import Preprocess
 
 BOX_FORMATS = ("xyxy", "coco")
+BOX_NOTE = "malformed box"  # how the note on an image with a malformed box starts (counted in the summary)
 
 
 @dataclass(frozen=True)
@@ -78,33 +82,59 @@ def box_spec(schema: pa.Schema, column: str, box_format: str = "xyxy") -> BoxSpe
     )
 
 
-def read_boxes(rows: pa.Table, spec: BoxSpec) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
-    """Per row: the (n, 4) xyxy boxes in original pixels (None: no boxes), and their categories (or None)."""
+def read_boxes(
+    rows: pa.Table, spec: BoxSpec
+) -> tuple[list[np.ndarray | None], list[np.ndarray | None], list[str | None]]:
+    """Per row: the (n, 4) xyxy boxes in original pixels (None: no boxes), their categories (or None),
+    and a note when a box is malformed (its row then has no boxes; ``BOX_NOTE`` starts the note)."""
     n = rows.num_rows
     cats: list[np.ndarray | None] = [None] * n
+    notes: list[str | None] = [None] * n
     if spec.layout == "columns":
         coords = [rows.column(c).to_pylist() for c in spec.columns]
-        boxes = [
-            None if any(v[i] is None for v in coords) else np.array([[v[i] for v in coords]], float) for i in range(n)
-        ]
-        return [_to_xyxy(b, spec.box_format) for b in boxes], cats
-    values = rows.column(spec.columns[0]).to_pylist()
+        raw = [None if any(v[i] is None for v in coords) else [[v[i] for v in coords]] for i in range(n)]
+    else:
+        raw = []
+        for i, v in enumerate(rows.column(spec.columns[0]).to_pylist()):
+            if spec.layout == "hf" and v is not None:
+                cat = v.get("category")
+                cats[i] = None if cat is None else np.asarray([-1 if c is None else c for c in cat], np.int64)
+                v = v.get("bbox")
+            if v is None or len(v) == 0:
+                raw.append(None)
+                continue
+            raw.append([v] if spec.layout == "single" else [b for b in v if b is not None])
     boxes: list[np.ndarray | None] = []
-    for i, v in enumerate(values):
-        if spec.layout == "hf" and v is not None:
-            cat = v.get("category")
-            cats[i] = None if cat is None else np.asarray([-1 if c is None else c for c in cat], np.int64)
-            v = v.get("bbox")
-        if v is None or len(v) == 0:
+    for i, arr in enumerate(raw):
+        if not arr:
             boxes.append(None)
             continue
-        arr = [v] if spec.layout == "single" else [b for b in v if b is not None]
-        if not arr or any(len(b) != 4 or any(x is None for x in b) for b in arr):
-            boxes.append(None)  # a malformed box list counts as no boxes; the rows keep their other columns
+        why = next((w for b in arr if (w := _malformed(b, spec.box_format)) is not None), None)
+        if why is not None:
+            boxes.append(None)  # the rows keep their other columns; box metrics need every box
             cats[i] = None
+            notes[i] = f"{BOX_NOTE} {why}; this image has no box metrics"
             continue
         boxes.append(_to_xyxy(np.asarray(arr, float), spec.box_format))
-    return boxes, cats
+    return boxes, cats, notes
+
+
+def _malformed(box, fmt: str) -> str | None:
+    """What is wrong with one box as given (xyxy, or coco's x, y, width, height); None when nothing."""
+    shown = "[" + ", ".join("null" if v is None else f"{v:g}" for v in box) + "]"
+    if len(box) != 4:
+        return f"{shown}: {len(box)} coordinates, not 4"
+    if any(v is None for v in box):
+        return f"{shown}: a null coordinate"
+    x0, y0, a, b = (float(v) for v in box)
+    if not all(np.isfinite((x0, y0, a, b))):
+        return f"{shown}: a coordinate is not finite"
+    w, h = (a, b) if fmt == "coco" else (a - x0, b - y0)
+    if w < 0 or h < 0:
+        return f"{shown}: reversed ({'width or height < 0' if fmt == 'coco' else 'x1 < x0 or y1 < y0'})"
+    if w == 0 or h == 0:
+        return f"{shown}: zero area"
+    return None
 
 
 def _to_xyxy(b: np.ndarray | None, fmt: str) -> np.ndarray | None:
@@ -133,4 +163,4 @@ def to_input_frame(
     return b[keep], (cats[keep] if cats is not None and len(cats) == len(boxes) else None)
 
 
-__all__ = ["BOX_FORMATS", "BoxSpec", "box_spec", "read_boxes", "to_input_frame"]
+__all__ = ["BOX_FORMATS", "BOX_NOTE", "BoxSpec", "box_spec", "read_boxes", "to_input_frame"]

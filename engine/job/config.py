@@ -7,6 +7,7 @@ and resolved once, into a ``RunPlan`` (``engine/job/plan.py``); nothing else rea
 from __future__ import annotations
 
 import platform
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,31 @@ class RunFailed(RuntimeError):
         if self.transient:
             return "rerun the same command to resume"
         return "a rerun fails the same way: change what the message names (the committed output is kept)"
+
+
+class RunWarning(UserWarning):
+    """What a run should tell its user without stopping: a fallback, an option that changes nothing.
+
+    Given through ``warnings.warn``, the path of every warning of the engine, so the CLI prints
+    it on stderr and a caller can filter it. ``key`` names the kind: a run says each kind once,
+    however many batches or Ray actors meet it.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key or message
+
+
+class WarnOnce:
+    """``warn(key, message)``: a ``RunWarning`` the first time ``key`` comes, nothing after."""
+
+    def __init__(self) -> None:
+        self.said: set[str] = set()
+
+    def __call__(self, key: str, message: str) -> None:
+        if key not in self.said:
+            self.said.add(key)
+            warnings.warn(RunWarning(message, key), stacklevel=2)
 
 
 @dataclass
@@ -80,6 +106,7 @@ class RunConfig:
     workers: int | None = None  # decode threads (per process)
     heatmap_size: tuple[int, int] | int | None | str = "input"  # "input": the preprocessed image size
     heatmap_dtype: str = "uint8"
+    cam_dtype: str = "float16"  # the `cam` column; "float32" keeps cams past float16's 65504
     rows_per_file: int = 10_000
     overwrite: bool = False
     limit: int | None = None
@@ -143,6 +170,8 @@ __all__ = [
     "RunConfig",
     "RunFailed",
     "RunSetupError",
+    "RunWarning",
+    "WarnOnce",
     "first_line",
     "resolve_device",
     "versions",

@@ -14,12 +14,14 @@ a ``RunFailed`` that says whether rerunning can get past it.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 from pathlib import Path
 
 from gradcam_batch.engine.job.config import (
+    OutputBusy,
     RunConfig,
     RunFailed,
     RunSetupError,
@@ -27,25 +29,33 @@ from gradcam_batch.engine.job.config import (
     resolve_device,
     versions,
 )
+from gradcam_batch.engine.job.outdir import output_problem, remove_own, survey
 from gradcam_batch.engine.job.plan import ModelHandle, RunPlan, build_plan
 from gradcam_batch.engine.job.sink import (
+    LOCK,
     HeatmapWriter,
     Manifest,
     OutputLock,
     WriteItem,
-    clean_uncommitted,
     next_part_index,
-    own_files,
 )
 from gradcam_batch.engine.job.source import InputFile, ParquetSource, SourceError
 from gradcam_batch.engine.job.step import BatchExplainer
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether a rerun can get past ``exc``: I/O errors, a full disk, an interrupt."""
+    """Whether a rerun can get past ``exc``: I/O errors, a full disk, an interrupt.
+
+    Pillow's ``UnidentifiedImageError`` is an ``OSError`` about an image's content: the same
+    bytes fail the same way on every rerun.
+    """
+    from PIL import UnidentifiedImageError
+
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        if isinstance(exc, UnidentifiedImageError):
+            return False
         if isinstance(exc, (OSError, KeyboardInterrupt, MemoryError)):
             return True
         exc = exc.__cause__ or exc.__context__
@@ -55,18 +65,57 @@ def is_transient(exc: BaseException) -> bool:
 def open_output(plan: RunPlan) -> tuple[Manifest, list[str]]:
     """The manifest of ``plan.out_dir`` (which the caller has locked): resumed, or new and not yet saved.
 
-    Uncommitted files of an earlier run are deleted; returns the manifest and their names. Both
-    runners call this, so the output of one can be resumed by the other.
+    The directory is checked again, under the lock, as the plan checked it: ``RunSetupError`` when
+    it changed since (nothing deleted then). A resume deletes the uncommitted files of the run
+    there, an overwrite all the run's files; nothing else (``outdir.survey``). Returns the manifest
+    and the names of the uncommitted files deleted. Both runners call this, so the output of one
+    can be resumed by the other.
     """
     out, c = plan.out_dir, plan.config
-    manifest = None if c.overwrite else Manifest.load(out)
-    if manifest is not None and manifest.data.get("fingerprint") != plan.fingerprint:
-        raise RunSetupError(f"{c.output} now holds a run with other settings; pass --overwrite to replace it")
-    if manifest is not None:
-        return manifest, clean_uncommitted(out, manifest)
-    for p in own_files(out):  # an overwrite, or leftovers of a run killed before its first manifest
-        p.unlink()
+    s = survey(out)
+    problem = output_problem(s, fingerprint=plan.fingerprint, overwrite=c.overwrite)
+    if problem is not None:
+        raise RunSetupError(problem)
+    if s.manifest is not None and not c.overwrite:
+        remove_own(s, s.uncommitted)
+        return s.manifest, sorted(s.uncommitted)
+    remove_own(s, [n for n in s.own if n != LOCK])  # an overwrite, or a run killed before its first manifest
     return Manifest.new(out, fingerprint=plan.fingerprint, config=plan.manifest_config(), versions={}), []
+
+
+def make_output_dir(out: Path) -> list[Path]:
+    """Create ``out`` and its missing parents; returns those created, deepest last.
+
+    An ``OSError`` (a read-only file system, a path under a regular file) is a ``RunSetupError``,
+    and the directories made before it are removed again.
+    """
+    missing = []
+    p = out
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    made: list[Path] = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue  # made by someone else meanwhile
+        except OSError as exc:
+            remove_made_dirs(made)
+            raise RunSetupError(f"cannot write the output {out}: {exc.strerror or first_line(exc)}") from None
+        made.append(d)
+    return made
+
+
+def remove_made_dirs(made: list[Path]) -> None:
+    """Remove the directories that ``make_output_dir`` made, if they are empty (or hold only the lock)."""
+    for d in reversed(made):
+        lock = d / LOCK
+        with contextlib.suppress(OSError):
+            if lock.is_file() and not lock.read_bytes():
+                lock.unlink()
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 def start_output(manifest: Manifest, device_label: str, extra_versions: dict | None = None) -> None:
@@ -113,10 +162,34 @@ def metric_means(out_dir: Path, files: list[dict], schema) -> dict:
     }
 
 
+def malformed_box_images(out_dir: Path, files: list[dict], plan: RunPlan) -> int | None:
+    """How many explained images of the committed files have a malformed box (None: the run has no boxes).
+
+    Each row of such an image carries the note (``boxes.BOX_NOTE``); one row per image and method has
+    class rank 0.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from gradcam_batch.engine.job.boxes import BOX_NOTE
+
+    if plan.boxes is None:
+        return None
+    rows = 0
+    for f in files:
+        t = pq.read_table(out_dir / f["name"], columns=["class_rank", "status", "error"])
+        first = pc.and_(pc.equal(t["class_rank"], 0), pc.equal(t["status"], "ok"))
+        rows += pc.sum(pc.and_(first, pc.match_substring(t["error"], BOX_NOTE))).as_py() or 0
+    return rows // len(plan.methods)
+
+
 def close_output(manifest: Manifest, session: dict, seconds: float, device_label: str, plan: RunPlan) -> None:
     means = metric_means(plan.out_dir, manifest.files, plan.schema)
     if means:
         manifest.data["metric_means"] = means
+    malformed = malformed_box_images(plan.out_dir, manifest.files, plan)
+    if malformed is not None:
+        manifest.data["malformed_boxes"] = malformed
     rate = session["images"] / seconds if seconds > 0 else 0.0
     throughput = {"images": session["images"], "seconds": round(seconds, 3), "images_per_s": round(rate, 2)}
     manifest.data["sessions"].append({**throughput, "device": device_label, "ended": time.time()})
@@ -141,6 +214,7 @@ def summary(plan: RunPlan, manifest: Manifest, session: dict, seconds: float, *,
         "target_layer": plan.target_layer,
         "device": device,
         "metric_means": manifest.data.get("metric_means"),
+        "malformed_boxes": manifest.data.get("malformed_boxes"),  # images of the output; None without boxes
     }
 
 
@@ -155,10 +229,20 @@ def execute(
     """
     plan = run.plan
     t_start = time.perf_counter()
-    plan.out_dir.mkdir(parents=True, exist_ok=True)
-    with OutputLock(plan.out_dir):
+    made = make_output_dir(plan.out_dir)
+    lock = OutputLock(plan.out_dir)
+    try:
+        lock.acquire()
+    except OutputBusy:
+        raise
+    except OSError as exc:  # a read-only file system, no permission: nothing is written
+        remove_made_dirs(made)
+        raise RunSetupError(f"cannot write the output {plan.out_dir}: {exc.strerror or first_line(exc)}") from None
+    try:
         try:
             manifest, removed = open_output(plan)
+        except RunSetupError:  # the directory changed since the plan: a bad invocation, nothing written
+            raise
         except (ValueError, OSError) as exc:
             raise RunFailed(first_line(exc), transient=isinstance(exc, OSError)) from exc
         run.manifest = manifest
@@ -177,6 +261,8 @@ def execute(
             close_output(manifest, session, time.perf_counter() - t_start, device_label, plan)
         seconds = time.perf_counter() - t_start
         return summary(plan, manifest, session, seconds, pending=len(pending), removed=removed, device=device_label)
+    finally:
+        lock.release()
 
 
 class LocalRun:
@@ -331,6 +417,8 @@ def summary_line(summary: dict) -> str:
     }
     shown = [labels[k].format(v) for k, v in means.items() if k in labels and v is not None]
     metrics = f"; {', '.join(shown)}" if shown else ""
+    if summary.get("malformed_boxes"):
+        metrics += f"; {_count(summary['malformed_boxes'], 'image')} with malformed boxes (no box metrics; see error)"
     return (
         f"explained {_count(summary['images'], 'image')} ({_count(summary['rows_out'], 'row')}, "
         f"{_count(summary['errors'], 'error')}) in "

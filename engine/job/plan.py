@@ -4,13 +4,16 @@
 order, and raises ``RunSetupError`` with one line for the first that fails:
 
 1. the numbers (batch size, top-k, limit, ...) and the class selection;
-2. the preprocessing;
+2. the preprocessing, and the input and heatmap sizes against ``MAX_SIDE``;
 3. the inputs, their columns and the column roles (every file, same types), the output directory
-   (never inside an input directory), the planned units;
-4. the model: it is loaded and one blank image goes through the ``Explainer``, which finds the
-   target layer, the class count and the cam size; classes and top-k are checked against them;
-5. the output schema and the fingerprint, and, when the output directory holds a run, that it is
-   the same run (resume) or ``overwrite`` is set.
+   (never inside an input directory; a directory, or creatable as one, and writable), the planned
+   units;
+4. the model: it is loaded, its weights hashed (``state_digest``), and one blank image goes through
+   the ``Explainer``, which finds the target layer, the class count and the cam size; classes and
+   top-k are checked against them;
+5. the output schema and the fingerprint, and what the output directory holds (``sink.survey``):
+   nothing, the same run (resume), or a run that ``overwrite`` replaces. A foreign file stops it
+   where the run would have to delete it or could mistake it for its own.
 
 Building a plan writes nothing. Every runner (local, Ray) takes a plan; the batch step
 (``engine/job/step.py``) reads only the plan. A plan pickles (the Ray actors receive it).
@@ -25,6 +28,8 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +40,9 @@ import torch
 
 from gradcam_batch.engine.explain.methods import parse_methods
 from gradcam_batch.engine.job.boxes import BoxSpec, box_spec
-from gradcam_batch.engine.job.config import RunConfig, RunSetupError, first_line, resolve_device
-from gradcam_batch.engine.job.schema import HEATMAP_DTYPES, RESULT_COLUMNS, output_schema
-from gradcam_batch.engine.job.sink import Manifest, own_files
+from gradcam_batch.engine.job.config import RunConfig, RunSetupError, RunWarning, first_line, resolve_device
+from gradcam_batch.engine.job.outdir import output_problem, survey
+from gradcam_batch.engine.job.schema import CAM_DTYPES, HEATMAP_DTYPES, RESULT_COLUMNS, output_schema
 from gradcam_batch.engine.job.source import (
     InputFile,
     Preprocess,
@@ -48,8 +53,14 @@ from gradcam_batch.engine.job.source import (
     image_kind,
     plan_units,
 )
+from gradcam_batch.engine.models.loader import random_weights_note
+from gradcam_batch.engine.models.weights import state_digest
 
 MAX_UNIT_ROWS = 4096
+# The largest side, in pixels, of the model input (crop, resize) and of the heatmap. A bound far
+# above any classifier's input that keeps a typo (--crop 100000: a 120 GB probe input) from
+# allocating; the README states it.
+MAX_SIDE = 8192
 METRICS = ("deletion", "insertion", "confidence")
 _HASH_CHUNK = 1 << 20
 
@@ -98,6 +109,9 @@ class RunPlan:
     metrics: tuple[str, ...] = ()  # of METRICS, in that order
     boxes: BoxSpec | None = None
     methods: tuple[str, ...] = ("gradcam",)  # output slots are method-major: (method, class)
+    # sha256 of the probed model's state dict; None for a model that is not an nn.Module (ONNX).
+    # A worker that loads the model again (a Ray actor) checks that it got these weights.
+    model_digest: str | None = None
 
     @property
     def id_column(self) -> str | None:
@@ -238,6 +252,8 @@ def _check_numbers(c: RunConfig) -> tuple[ClassSelection, Preprocess]:
         raise RunSetupError("the pointing tolerance must be >= 0 and the box threshold in (0, 1]")
     if c.heatmap_dtype not in HEATMAP_DTYPES:
         raise RunSetupError(f"heatmap dtype must be one of {', '.join(HEATMAP_DTYPES)}, got {c.heatmap_dtype!r}")
+    if c.cam_dtype not in CAM_DTYPES:
+        raise RunSetupError(f"cam dtype must be one of {', '.join(CAM_DTYPES)}, got {c.cam_dtype!r}")
     parse_methods(c.method)  # a ValueError naming the known methods
     if not isinstance(c.scorecam_batch, int) or isinstance(c.scorecam_batch, bool) or c.scorecam_batch < 1:
         raise RunSetupError(f"scorecam batch must be a positive integer, got {c.scorecam_batch!r}")
@@ -263,7 +279,39 @@ def _check_numbers(c: RunConfig) -> tuple[ClassSelection, Preprocess]:
         )
     except (ValueError, TypeError) as exc:
         raise RunSetupError(first_line(exc)) from None
+    check_sizes(prep, c.heatmap_size)
     return selection, prep
+
+
+def check_sizes(prep: Preprocess, heatmap_size) -> None:
+    """Every side of the resize, the crop and the heatmap size is at most ``MAX_SIDE`` pixels."""
+    for name, size in (("resize", prep.resize), ("crop", prep.crop), ("heatmap size", heatmap_size)):
+        if isinstance(size, int) and not isinstance(size, bool):
+            sides = (size,)
+        elif isinstance(size, (tuple, list)) and all(isinstance(v, int) for v in size):
+            sides = tuple(size)
+        else:
+            continue  # None, "input", or a value that a later check refuses
+        if sides and max(sides) > MAX_SIDE:
+            shown = "x".join(str(v) for v in sides)
+            raise RunSetupError(f"{name} {shown} is above the limit of {MAX_SIDE} pixels a side")
+
+
+def check_writable(out_dir: Path, shown: str) -> None:
+    """``out_dir`` is a writable directory, or can be made one: its nearest existing ancestor is a
+    writable directory. Reads only (``os.access``: a read-only mount fails it even for root)."""
+    p = out_dir
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise RunSetupError(f"the output {shown} cannot be made: {p} is not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        why = "Read-only file system" if read_only else "Permission denied"
+        raise RunSetupError(f"cannot write the output {shown}: {p}: {why}")
 
 
 def check_column_roles(schema: pa.Schema, *, image_column: str, keep: Sequence[str], label_column: str | None) -> None:
@@ -299,6 +347,7 @@ def _build(c: RunConfig, device, model) -> RunPlan:
             raise RunSetupError(f"the output directory {c.output} holds the input {f.uri}; choose another")
     if out_dir.exists() and not out_dir.is_dir():
         raise RunSetupError(f"the output {c.output} exists and is not a directory")
+    check_writable(out_dir, c.output)
     first = files[0].schema
     image_column = c.image_column or detect_image_column(first)
     keep = tuple(dict.fromkeys(c.keep_columns))
@@ -343,6 +392,7 @@ class _Probe:
     target_layer: str
     model_classes: int
     cam_shape: tuple[int, int]
+    model_digest: str | None
 
 
 def _probe(c: RunConfig, selection: ClassSelection, prep: Preprocess, handle: ModelHandle) -> _Probe:
@@ -350,8 +400,14 @@ def _probe(c: RunConfig, selection: ClassSelection, prep: Preprocess, handle: Mo
     from gradcam_batch.engine.explain.explainer import Explainer
 
     device = handle.device
+    model = handle.get()
+    note = random_weights_note(c.model, c.weights, c.num_classes)
+    if note is not None:
+        warnings.warn(RunWarning(note, "random-weights"), stacklevel=2)
+    # Hashed as loaded, before anything else touches it; a Ray actor hashes its own load the same way.
+    digest = state_digest(model) if isinstance(model, torch.nn.Module) else None
     explainer = Explainer(
-        handle.get(),
+        model,
         target_layer=c.target_layer,
         # Score-CAM's K masked forwards would only slow the probe down: the other methods check the head.
         method=[m for m in parse_methods(c.method) if m != "scorecam"] or ["gradcam"],
@@ -381,8 +437,76 @@ def _probe(c: RunConfig, selection: ClassSelection, prep: Preprocess, handle: Mo
         raise RunSetupError(f"class {max(selection.classes)} is out of range: the model has {n} classes (0..{n - 1})")
     if selection.top_k is not None and selection.top_k > n:
         raise RunSetupError(f"top-k {selection.top_k} exceeds the number of classes of the model ({n})")
+    if c.guided and isinstance(model, torch.nn.Module):
+        _check_guided(model, x)
     exp = next(iter(exp.values()))
-    return _Probe(exp.target_layer, n, (int(exp.cams.shape[-2]), int(exp.cams.shape[-1])))
+    return _Probe(exp.target_layer, n, (int(exp.cams.shape[-2]), int(exp.cams.shape[-1])), digest)
+
+
+# How a forward can apply a ReLU without an nn.ReLU module: guided backprop does not see these.
+_RELU_FUNCTIONS = {torch.relu, torch.relu_, torch.nn.functional.relu, torch.nn.functional.relu_}
+_RELU_FUNCTIONS |= {torch.Tensor.relu, torch.Tensor.relu_}
+
+
+class _ReluCalls(torch.overrides.TorchFunctionMode):
+    """Counts the relu calls of a forward: an nn.ReLU module's own call is one of them (its F.relu)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _RELU_FUNCTIONS:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _check_guided(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Warn when guided backprop would change little or nothing: it acts on ``nn.ReLU`` modules only.
+
+    One forward counts the ``nn.ReLU`` modules called and the relu calls outside them (``torch.relu``,
+    ``F.relu``, ``Tensor.relu``). Other activations (GELU, SiLU, ReLU6, LeakyReLU, ...) have no guided
+    rule here, so a model built on them keeps its plain gradient wherever they are.
+    """
+    module_calls = 0
+
+    def count(*_):
+        nonlocal module_calls
+        module_calls += 1
+
+    handles = [m.register_forward_pre_hook(count) for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+    relus = _ReluCalls()
+    try:
+        with torch.no_grad(), relus:
+            model(x)
+    except Exception:
+        return  # the probe's own forward succeeded; this count is advice only
+    finally:
+        for h in handles:
+            h.remove()
+    functional = max(0, relus.calls - module_calls)
+    if module_calls == 0:
+        others = f"its {functional} functional relu calls and other activations" if functional else "other activations"
+        warnings.warn(
+            RunWarning(
+                "--guided: the model calls no nn.ReLU module, so guided backpropagation changes nothing: the "
+                "guided column is the plain input gradient times the map (guided backprop acts on nn.ReLU "
+                f"modules; {others} keep their plain gradient)",
+                "guided-no-relu",
+            ),
+            stacklevel=3,
+        )
+    elif functional:
+        s_m, s_f = ("" if module_calls == 1 else "s"), ("" if functional == 1 else "s")
+        warnings.warn(
+            RunWarning(
+                f"--guided: guided backpropagation acts on the model's {module_calls} nn.ReLU call{s_m}, not on "
+                f"its {functional} functional relu call{s_f} (torch.relu, F.relu, Tensor.relu), whose gradient "
+                "stays plain",
+                "guided-functional-relu",
+            ),
+            stacklevel=3,
+        )
 
 
 def _assemble(c, files, out_dir, schema, image_column, keep, selection, prep, probe, unit_rows, units) -> RunPlan:
@@ -406,6 +530,7 @@ def _assemble(c, files, out_dir, schema, image_column, keep, selection, prep, pr
         cam_shape=probe.cam_shape,
         heatmap_shape=heatmap_shape,
         heatmap_dtype=c.heatmap_dtype,
+        cam_dtype=c.cam_dtype,
         metrics=metrics,
         boxes=boxes is not None,
         methods=parse_methods(c.method),
@@ -431,6 +556,7 @@ def _assemble(c, files, out_dir, schema, image_column, keep, selection, prep, pr
         metrics=metrics,
         boxes=boxes,
         methods=parse_methods(c.method),
+        model_digest=probe.model_digest,
     )
     return dataclasses.replace(plan, fingerprint=fingerprint(plan) if files else "")
 
@@ -447,12 +573,26 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# The library that builds a spec's architecture: its version is part of the fingerprint.
+_SPEC_LIBRARIES = {"torchvision:": "torchvision", "timm:": "timm", "hf:": "transformers"}
+
+
 def _model_files(spec: str) -> list[str]:
-    """The local files whose content defines a model spec (the model file, or the factory's source)."""
+    """The local files whose content defines a model spec, beside its weights (which the state digest covers).
+
+    A model file; a factory's source; the JSON files of an ``hf:`` directory (its config and
+    preprocessor config). ``torchvision:`` and ``timm:`` architectures are defined by their
+    library's version.
+    """
     p = Path(spec)
     if p.is_file():
         return [str(p)]
-    if ":" in spec and not spec.startswith("torchvision:"):
+    if spec.startswith("hf:"):
+        d = Path(spec[len("hf:") :]).expanduser()
+        return sorted(str(f) for f in d.iterdir() if f.suffix == ".json" and f.is_file()) if d.is_dir() else []
+    if spec.startswith(tuple(_SPEC_LIBRARIES)):
+        return []
+    if ":" in spec:
         target = spec.rpartition(":")[0]
         if target.endswith(".py"):
             return [target] if Path(target).is_file() else []
@@ -462,6 +602,15 @@ def _model_files(spec: str) -> list[str]:
         if with_spec is not None and with_spec.origin and Path(with_spec.origin).is_file():
             return [with_spec.origin]
     return []
+
+
+def _library_versions(spec: str) -> dict[str, str]:
+    """{library: version} of the library that builds the spec's architecture (none for other specs)."""
+    for prefix, name in _SPEC_LIBRARIES.items():
+        if spec.startswith(prefix):
+            with contextlib.suppress(ImportError):
+                return {name: str(getattr(importlib.import_module(name), "__version__", "unknown"))}
+    return {}
 
 
 def _input_stamp(f: InputFile) -> list:
@@ -477,7 +626,9 @@ def _input_stamp(f: InputFile) -> list:
 def fingerprint(plan: RunPlan) -> str:
     """What decides the output's content: a resumed run must match it exactly.
 
-    Weights and model files count by content (sha256), inputs by size and modification time.
+    The model counts by content: the sha256 of its loaded state dict (whatever the weights' source,
+    a seeded random initialization included), of its model or factory file or ``hf:`` config files,
+    and its library's version; inputs count by size and modification time.
     Options that change only rounding or speed (device, batch size, compile, workers, decode
     memory) are left out, so that a run can be resumed on another machine or runner.
     """
@@ -491,6 +642,9 @@ def fingerprint(plan: RunPlan) -> str:
         "model": c.model,
         "model_files": [sha256_file(p) for p in _model_files(c.model)],
         "weights": sha256_file(c.weights) if c.weights and Path(c.weights).is_file() else c.weights,
+        "weights_strict": c.weights_strict,
+        "model_state": plan.model_digest,
+        "libraries": _library_versions(c.model),
         "num_classes": c.num_classes,
         "providers": list(c.providers) if c.providers else None,
         "target_layer": plan.target_layer,
@@ -522,30 +676,24 @@ def fingerprint(plan: RunPlan) -> str:
 
 
 def check_output(plan: RunPlan) -> None:
-    """The output directory is empty, absent, or holds this same run (or ``overwrite`` is set). Reads only."""
-    out, c = plan.out_dir, plan.config
-    if out is None or not out.exists() or c.overwrite:
+    """The output directory is absent or empty, holds this same run, or a run that ``overwrite``
+    replaces, and no foreign file is in the way (``sink.output_problem``). Reads only."""
+    if plan.out_dir is None:
         return
-    manifest = Manifest.load(out)
-    if manifest is None:
-        others = [p.name for p in out.iterdir() if p not in own_files(out) and p.name != ".lock"]
-        if others:
-            raise RunSetupError(
-                f"the output directory {c.output} is not empty and holds no gradcam-batch run; choose another"
-            )
-    elif manifest.data.get("fingerprint") != plan.fingerprint:
-        raise RunSetupError(
-            f"{c.output} holds a run with other settings, model or inputs; pass --overwrite to replace it, "
-            "or choose another output directory"
-        )
+    problem = output_problem(survey(plan.out_dir), fingerprint=plan.fingerprint, overwrite=plan.config.overwrite)
+    if problem is not None:
+        raise RunSetupError(problem)
 
 
 __all__ = [
     "ClassSelection",
     "ModelHandle",
     "RunPlan",
+    "MAX_SIDE",
     "build_plan",
     "check_column_roles",
+    "check_sizes",
+    "check_writable",
     "fingerprint",
     "plan_for_schema",
 ]

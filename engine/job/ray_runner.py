@@ -2,40 +2,60 @@
 
 It is driven by the plan's units (``RunPlan.units``: row ranges of the input files)::
 
-    ray.data.from_items(pending unit indices)
-      -> map_batches(read_and_decode, num_cpus=R)          # Ray tasks: pyarrow reads each unit's rows,
-                                                           #   Pillow decodes them (ParquetSource)
+    ray.data.from_items(read_tasks(pending units))         # one item per row group with pending units
+      -> map_batches(read_units, num_cpus=0, <= 2 tasks per node)
+                                                           # Ray tasks: pyarrow streams each row group
+                                                           #   once, one table of undecoded rows per unit
+      -> repartition(target_num_rows_per_block=4 batches)   # so that the decode spreads over tasks
+      -> map_batches(decode_rows, num_cpus=R)              # Ray tasks: Pillow decodes a batch of rows in
+                                                           #   a pool of R threads (ParquetSource)
       -> map_batches(ExplainActor, compute=ActorPoolStrategy(size=N), num_gpus=G, num_cpus=W)
                                                            # one BatchExplainer (the batch step) per actor
-      -> iter_batches() on the driver -> HeatmapWriter     # the sink and manifest of the local runner
+      -> iter_batches() on the driver, in input order -> UnitAssembler -> HeatmapWriter
 
 Each row carries its unit and its row number from the read, so its file, its default id and the
-unit it completes are known exactly. The driver writes a unit once all its rows are back, through
+unit it completes are known exactly. Warnings raised in an actor (a decode fallback, a compile
+fallback) ride on its next output rows to the driver, which says each once, as the local runner
+does; Ray's own log forwarding is off by default. The driver writes a unit once all its rows are back, through
 the same ``HeatmapWriter`` and manifest as the local runner (``engine/job/local.py``): resume works
 per unit, and each runner resumes the other's output. The driver holds the output directory's lock.
+
+Reads: a unit is not a read task of its own. pyarrow cannot start a read inside a row group, so a
+task per unit would stream its row group from the first row up to the unit: O(units^2) rows for a
+big row group. One task streams a row group once, and the decode tasks take its rows as they come,
+so a single huge row group still decodes on every node's CPUs.
+
+Order and driver memory: Ray Data is asked to keep the input order (``preserve_order``), so the
+output rows reach the driver unit after unit. The driver holds the rows of one incomplete unit at
+a time (at most ``DRIVER_UNITS_HELD``; more stops the run), and writes units in input order, as
+the local runner does. Rows that finish early wait in Ray's object store, which Ray bounds and
+spills, not in the driver's memory.
 
 Why decode is its own stage, apart from the GPU actors (as in Ray's batch-inference examples):
 decoding is CPU work that scales with the CPUs of every node, while the actors are as many as the
 GPUs. In one stage a GPU would wait for its actor's few decode threads; separate, Ray runs as
-many read tasks as the cluster's free CPUs allow and streams uint8 pixels (a quarter of float32)
+many decode tasks as the cluster's free CPUs allow and streams uint8 pixels (a quarter of float32)
 to the actors. The cost is the pixels' trip through the object store, small beside a forward pass.
 
 ``explain_dataset(ds, ...)`` is the API for a Ray Dataset already in hand: the same two stages
 over its rows, returning a lazy Dataset of output rows. Its rows have no file and row number, so
 it needs an id column.
 
-One module past 500 lines: the two stages, the resource check and the driver loop are one runner,
-and nothing outside Ray imports them.
+One module past 500 lines: the stages, the resource check and the driver loop are one runner, and
+nothing outside Ray imports them.
 """
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,17 +63,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from gradcam_batch.engine.job.config import RunConfig, RunSetupError
+from gradcam_batch.engine.job.config import RunConfig, RunSetupError, RunWarning
 from gradcam_batch.engine.job.local import execute
 from gradcam_batch.engine.job.plan import RunPlan, build_plan, plan_for_schema
 from gradcam_batch.engine.job.sink import HeatmapWriter, WriteItem, next_part_index
-from gradcam_batch.engine.job.source import DecodedBatch, InputFile, ParquetSource, assemble_images, result_sizes
+from gradcam_batch.engine.job.source import (
+    DecodedBatch,
+    InputFile,
+    ParquetSource,
+    Unit,
+    assemble_images,
+    result_sizes,
+)
 from gradcam_batch.source_root import drop_source_root
 
 # Columns that travel between the stages beside the input's own (check_column_roles keeps "__" names out).
 UNIT, ROW, ERROR, PIXELS, JPEG, FIRST, SIZE = "__unit", "__row", "__error", "__pixels", "__jpeg", "__first", "__size"
-_INTERNAL = (UNIT, ROW, FIRST)
+WARNINGS = "__warnings"  # an actor's new warnings, as JSON [[category, key, message], ...] on one row
+_INTERNAL = (UNIT, ROW, FIRST, WARNINGS)
 _NO_UNIT = -1  # rows of a user's Dataset
+DECODE_BLOCK_BATCHES = 4  # rows of one decode task, in batches
 
 
 class RayNotInstalled(RunSetupError):
@@ -80,7 +109,8 @@ class RayOptions:
     ``num_gpus_per_worker``, or 1 on a cluster without GPUs.
     ``num_gpus_per_worker``: GPUs per actor. Default: 1 when the cluster has GPUs, else 0.
     ``num_cpus_per_worker``: CPUs per actor. Default 1.
-    ``num_cpus_per_read``: CPUs per read-and-decode task (its decode threads). Default 1.
+    ``num_cpus_per_read``: CPUs per decode task (its decode threads). Default 1. The read tasks,
+    which only stream Parquet rows, reserve none.
     """
 
     address: str | None = None
@@ -98,8 +128,11 @@ def _decode_threads(cpus: float | None) -> int:
     return max(1, round(cpus or 1))
 
 
-def encode_decoded(db: DecodedBatch, unit_index: int, plan: RunPlan) -> pa.Table:
-    """A decoded batch as Arrow rows for the next stage: row columns, unit, row, error, pixels, JPEG."""
+def encode_decoded(db: DecodedBatch, units: np.ndarray | int, plan: RunPlan) -> pa.Table:
+    """A decoded batch as Arrow rows for the next stage: row columns, unit, row, error, pixels, JPEG.
+
+    ``units``: each row's unit index (or one for all rows).
+    """
     h, w = plan.prep.out_size
     size = h * w * 3
     n = db.num_rows
@@ -111,7 +144,7 @@ def encode_decoded(db: DecodedBatch, unit_index: int, plan: RunPlan) -> pa.Table
     for pos, data in db.jpegs:
         jpegs[ok_pos[pos]] = data
     cols = {name: db.rows.column(name) for name in plan.input_columns}
-    cols[UNIT] = pa.array(np.full(n, unit_index, np.int32))
+    cols[UNIT] = pa.array(np.broadcast_to(np.asarray(units, np.int32), (n,)))
     cols[ROW] = pa.array(db.row_index.astype(np.int64))
     cols[ERROR] = pa.array(db.errors, pa.string())
     cols[PIXELS] = pa.FixedSizeBinaryArray.from_buffers(pa.binary(size), n, [None, pa.py_buffer(pixels)])
@@ -137,37 +170,68 @@ def _source(plan: RunPlan, files, cpus: float | None) -> ParquetSource:
     )
 
 
-def read_units(batch: pa.Table, *, plan: RunPlan, cpus: float | None) -> pa.Table:
-    """Stage 1 for a planned run: unit indices in, their rows read and decoded out."""
+def read_tasks(plan: RunPlan, pending: list[int]) -> list[dict]:
+    """The read stage's items: the pending units (in order), one item per row group they fall in.
+
+    One task reads a row group once, however many units it holds: a task per unit would stream
+    the row group from its first row up to each unit, O(units^2) rows for a big row group.
+    """
+    tasks: list[dict] = []
+    last = None
+    for i in pending:
+        u = plan.units[i]
+        if tasks and (u.file_index, u.row_group) == last:
+            tasks[-1]["units"].append(i)
+        else:
+            tasks.append({"units": [i]})
+            last = (u.file_index, u.row_group)
+    return tasks
+
+
+def read_units(batch: pa.Table, *, plan: RunPlan) -> Iterator[pa.Table]:
+    """Stage 1 for a planned run: items of ``read_tasks`` in, each unit's rows out, undecoded.
+
+    A stream of tables (one per unit), so the decode tasks start on a big row group's first
+    units while the rest is still being read.
+    """
     drop_source_root()
-    source = _source(plan, plan.files, cpus)
-    tables = []
-    for index in batch.column("unit").to_pylist():
-        for db in source.batches([plan.units[index]]):
-            tables.append(encode_decoded(db, index, plan))
-    return pa.concat_tables(tables)
+    source = _source(plan, plan.files, 1)
+    for group in batch.column("units").to_pylist():
+        units = [plan.units[i] for i in group]
+        for index, (unit, rows) in zip(group, source.unit_rows(units), strict=True):
+            rows = rows.append_column(UNIT, pa.array(np.full(unit.rows, index, np.int32)))
+            yield rows.append_column(ROW, pa.array(np.arange(unit.start, unit.stop, dtype=np.int64)))
 
 
 def decode_rows(batch: pa.Table, *, plan: RunPlan, cpus: float | None) -> pa.Table:
-    """Stage 1 for a user's Dataset: rows with encoded images in, decoded rows out."""
+    """The decode stage: rows with encoded images in (from ``read_units``, or a user's Dataset),
+    decoded rows out, decoded in a pool of as many threads as the task has CPUs."""
     drop_source_root()
-    file = _cwd_file(plan)
-    source = _source(plan, [file], cpus)
-    values = batch.column(plan.image_column).to_pylist()
-    results = [source._decode_one((v, file)) for v in values]
+    n = batch.num_rows
+    if UNIT in batch.column_names:
+        units = batch.column(UNIT).to_numpy()
+        files = [plan.files[plan.units[u].file_index] for u in units.tolist()]
+        row_index = batch.column(ROW).to_numpy()
+        source = _source(plan, plan.files, cpus)
+    else:  # a user's Dataset: no file, no row number
+        units = np.full(n, _NO_UNIT, np.int32)
+        files = [_cwd_file(plan)] * n
+        row_index = np.full(n, -1, np.int64)
+        source = _source(plan, files[:1], cpus)
+    results = source.decode_values(batch.column(plan.image_column).to_pylist(), files)
     images, ok, jpegs = assemble_images(results, plan.prep.out_size)
     db = DecodedBatch(
         unit=None,
         unit_done=False,
         rows=batch.select(plan.input_columns),
-        row_index=np.full(batch.num_rows, -1, np.int64),
+        row_index=row_index,
         images=images,
         ok=ok,
         errors=[r[1] for r in results],
         jpegs=jpegs,
         sizes=result_sizes(results) if source.want_sizes else None,
     )
-    return encode_decoded(db, _NO_UNIT, plan)
+    return encode_decoded(db, units, plan)
 
 
 def _cwd_file(plan: RunPlan) -> InputFile:
@@ -223,8 +287,45 @@ def _sizes(part: pa.Table) -> np.ndarray | None:
     return part.column(SIZE).combine_chunks().flatten().to_numpy().reshape(-1, 2)
 
 
+class WarningRelay:
+    """Warnings recorded in one process, each kind once (``RunWarning.key``, else the text), to pass on."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.pending: list[list[str]] = []
+
+    @contextlib.contextmanager
+    def record(self):
+        with warnings.catch_warnings(record=True) as caught:
+            try:
+                yield
+            finally:
+                for w in caught:
+                    key = getattr(w.message, "key", None) or str(w.message)
+                    if key not in self.seen:
+                        self.seen.add(key)
+                        self.pending.append([w.category.__name__, key, str(w.message)])
+
+    def take(self) -> list[list[str]]:
+        out, self.pending = self.pending, []
+        return out
+
+
+def say_warning(category: str, key: str, message: str) -> None:
+    """Warn on this process (the driver) as the actor did: a ``RunWarning`` keeps its key."""
+    if category == RunWarning.__name__:
+        warnings.warn(RunWarning(message, key), stacklevel=2)
+        return
+    cls = getattr(builtins, category, None)
+    warnings.warn(message, cls if isinstance(cls, type) and issubclass(cls, Warning) else UserWarning, stacklevel=2)
+
+
 class ExplainActor:
-    """Stage 2: one ``BatchExplainer`` per actor, loaded once; decoded rows in, output rows out."""
+    """Stage 2: one ``BatchExplainer`` per actor, loaded once; decoded rows in, output rows out.
+
+    With ``tag_rows`` (a planned run, whose driver reads the rows) the warnings raised here go to
+    the driver on the output rows (``WARNINGS``); for a user's Dataset they stay with the worker.
+    """
 
     def __init__(self, plan: RunPlan, *, tag_rows: bool = True):
         # Ray puts the driver's working directory on the workers' sys.path; from a checkout that
@@ -235,29 +336,40 @@ class ExplainActor:
 
         self.plan = plan
         self.tag_rows = tag_rows
-        self.step = BatchExplainer(plan, resolve_device(plan.config.device))
+        self.relay = WarningRelay()
+        with self.relay.record() if tag_rows else contextlib.nullcontext():
+            self.step = BatchExplainer(plan, resolve_device(plan.config.device))
 
     def __call__(self, table: pa.Table) -> pa.Table:
         outs = []
-        for db, index in decoded_batches(table, self.plan):
-            out = self.step(db)
-            t = out.table
-            if self.tag_rows:
-                src = out.source_rows
-                first = np.ones(len(src), dtype=bool)
-                first[1:] = src[1:] != src[:-1]
-                t = t.append_column(UNIT, pa.array(np.full(len(src), index, np.int32)))
-                t = t.append_column(ROW, pa.array(db.row_index[src].astype(np.int64)))
-                t = t.append_column(FIRST, pa.array(first))
-            outs.append(t)
-        return pa.concat_tables(outs) if outs else _empty_output(self.plan, self.tag_rows)
+        with self.relay.record() if self.tag_rows else contextlib.nullcontext():
+            for db, index in decoded_batches(table, self.plan):
+                out = self.step(db)
+                t = out.table
+                if self.tag_rows:
+                    src = out.source_rows
+                    first = np.ones(len(src), dtype=bool)
+                    first[1:] = src[1:] != src[:-1]
+                    t = t.append_column(UNIT, pa.array(np.full(len(src), index, np.int32)))
+                    t = t.append_column(ROW, pa.array(db.row_index[src].astype(np.int64)))
+                    t = t.append_column(FIRST, pa.array(first))
+                outs.append(t)
+        if not outs:
+            return _empty_output(self.plan, self.tag_rows)  # the warnings wait for rows to ride on
+        result = pa.concat_tables(outs)
+        if self.tag_rows:
+            said = [None] * result.num_rows
+            if result.num_rows and self.relay.pending:
+                said[0] = json.dumps(self.relay.take())
+            result = result.append_column(WARNINGS, pa.array(said, pa.string()))
+        return result
 
 
 def _empty_output(plan: RunPlan, tagged: bool) -> pa.Table:
     schema = plan.schema
     if tagged:
         schema = schema.append(pa.field(UNIT, pa.int32())).append(pa.field(ROW, pa.int64()))
-        schema = schema.append(pa.field(FIRST, pa.bool_()))
+        schema = schema.append(pa.field(FIRST, pa.bool_())).append(pa.field(WARNINGS, pa.string()))
     return schema.empty_table()
 
 
@@ -330,21 +442,39 @@ def _spread() -> dict:
     return {"scheduling_strategy": "SPREAD"}
 
 
-def _stages(ds, plan: RunPlan, reader, workers: int, gpus: float, options: RayOptions, *, tag_rows: bool):
-    from ray.data import ActorPoolStrategy
+def _stages(ds, plan: RunPlan, workers: int, gpus: float, options: RayOptions, *, readers: int | None):
+    """The stages after ``ds``: with ``readers``, ds holds ``read_tasks`` items and a read stage of at
+    most that many tasks at once comes first; without, ds holds the rows of a user's Dataset."""
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     read_cpus = 1.0 if options.num_cpus_per_read is None else options.num_cpus_per_read
     with warnings.catch_warnings():
         # Deprecated in Ray 2.60 in favour of named arguments, none of which keeps the stages apart.
         warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
+        if readers is not None:
+            # Streams Parquet rows (I/O and decompression, no decode): it reserves no CPU, so it can
+            # never hold the CPUs that the decode tasks wait for; its task count is capped instead.
+            ds = ds.map_batches(
+                read_units,
+                fn_kwargs={"plan": plan},
+                batch_size=1,
+                batch_format="pyarrow",
+                num_cpus=0,
+                compute=TaskPoolStrategy(size=readers),
+                ray_remote_args_fn=_spread,
+            )
+        # A task takes whole blocks, and Ray merges a task's outputs into blocks of up to 128 MiB: a
+        # row group's undecoded rows would reach one decode task. Blocks of a few batches spread the
+        # decode; blocks of one batch were slower (per-task overhead; 94 s against 56 s on a test cluster).
+        ds = ds.repartition(target_num_rows_per_block=DECODE_BLOCK_BATCHES * plan.config.batch_size)
         ds = ds.map_batches(
-            reader,
+            decode_rows,
             fn_kwargs={"plan": plan, "cpus": read_cpus},
-            batch_size=1 if reader is read_units else plan.config.batch_size,
+            batch_size=plan.config.batch_size,
             batch_format="pyarrow",
             num_cpus=read_cpus,
-            # Spread the reads over the nodes. Remote args from a function also keep Ray from fusing
-            # the read into the actors' stage, which would undo the separation (see the module docstring).
+            # Spread the decodes over the nodes. Remote args from a function also keep Ray from fusing
+            # the stages, which would undo the separation (see the module docstring).
             ray_remote_args_fn=_spread,
         )
     actor_kwargs = {"num_gpus": gpus} if gpus else {}
@@ -352,7 +482,7 @@ def _stages(ds, plan: RunPlan, reader, workers: int, gpus: float, options: RayOp
         actor_kwargs["num_cpus"] = options.num_cpus_per_worker
     return ds.map_batches(
         ExplainActor,
-        fn_constructor_kwargs={"plan": plan, "tag_rows": tag_rows},
+        fn_constructor_kwargs={"plan": plan, "tag_rows": readers is not None},
         batch_size=plan.config.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=workers),
@@ -443,6 +573,69 @@ def _is_transient(exc: BaseException) -> bool:
     return bool(names & set(_TRANSIENT_RAY))
 
 
+# The most units whose output rows the driver holds at once (rows of a unit not yet complete, or
+# of a complete unit waiting for an earlier one). Ray Data delivers the rows in input order, so a
+# run holds one; more means that the order broke, and the run stops rather than grow without bound.
+DRIVER_UNITS_HELD = 2
+
+
+class UnitAssembler:
+    """The driver's side of a run: output rows of the pending units in, in any batches; each unit
+    out to ``put(unit, table, errors)`` once all its rows are back, in the order of ``pending``.
+
+    Holds at most ``bound`` units; ``peak`` is the most it held.
+    """
+
+    def __init__(self, plan: RunPlan, pending: list[int], put, *, bound: int = DRIVER_UNITS_HELD):
+        self.plan, self.put, self.bound = plan, put, bound
+        self.order = list(pending)
+        self.next = 0  # position in ``order`` of the next unit to hand to ``put``
+        self.buffers: dict[int, list[pa.Table]] = {}
+        self.seen: dict[int, int] = {}
+        self.peak = 0
+
+    def add(self, batch: pa.Table) -> int:
+        """Takes a batch of output rows; returns how many images of it were new."""
+        units = batch.column(UNIT).to_numpy()
+        firsts = batch.column(FIRST).to_numpy(zero_copy_only=False)
+        new_images = 0
+        for index in dict.fromkeys(units.tolist()):
+            mask = units == index
+            self.buffers.setdefault(index, []).append(batch.filter(pa.array(mask)))
+            images = int(firsts[mask].sum())
+            self.seen[index] = self.seen.get(index, 0) + images
+            new_images += images
+        while self.next < len(self.order):
+            index = self.order[self.next]
+            if self.seen.get(index, 0) != self.plan.units[index].rows:
+                break
+            self._hand_over(index)
+            self.next += 1
+        self.peak = max(self.peak, len(self.buffers))
+        if len(self.buffers) > self.bound:
+            waiting = self.plan.units[self.order[self.next]].key
+            raise RuntimeError(
+                f"Ray returned rows of {len(self.buffers)} units while unit {waiting} is incomplete, out of "
+                f"input order; the driver holds at most {self.bound}"
+            )
+        return new_images
+
+    def _hand_over(self, index: int) -> None:
+        unit = self.plan.units[index]
+        table = pa.concat_tables(self.buffers.pop(index))
+        del self.seen[index]
+        table = table.sort_by([(ROW, "ascending"), ("class_rank", "ascending")])
+        errors = int(pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0)
+        self.put(unit, table.drop_columns([c for c in _INTERNAL if c in table.column_names]), errors)
+
+    def finish(self) -> None:
+        """After the last batch: every unit must have been handed over."""
+        if self.next < len(self.order):
+            index = self.order[self.next]
+            unit = self.plan.units[index]
+            raise RuntimeError(f"Ray returned {self.seen.get(index, 0)} of the {unit.rows} rows of unit {unit.key}")
+
+
 class RayRun:
     """A planned ``--ray`` run; ``run()`` executes it. Made by ``prepare_ray``."""
 
@@ -459,8 +652,14 @@ class RayRun:
             if value is not None and value < 0:
                 raise RunSetupError(f"{name} must be >= 0, got {value}")
         # The driver probes the model on the CPU: it must not hold GPU memory that an actor needs,
-        # and a Ray Client driver may have no GPU at all.
-        self.plan = build_plan(config, device="cpu")
+        # and a Ray Client driver may have no GPU at all. Its warnings pass through the relay that
+        # the actors' warnings pass through, so that a warning both give is said once.
+        self.relay = WarningRelay()
+        try:
+            with self.relay.record():
+                self.plan = build_plan(config, device="cpu")
+        finally:
+            self._say_warnings([])
         if len({type(f.filesystem).__name__ for f in self.plan.files}) > 1:
             raise RunSetupError("with --ray all inputs must be on one filesystem (all local, or one URI scheme)")
         from gradcam_batch.engine.job.sink import Manifest
@@ -501,6 +700,16 @@ class RayRun:
     def device_label(self) -> str:
         return f"ray ({self.workers} x {self.gpus:g} GPU)" if self.gpus else f"ray ({self.workers} x CPU)"
 
+    def _say_warnings(self, payloads: list[str]) -> None:
+        """Say the warnings recorded here and those of the actors' rows (JSON), each kind once."""
+        for payload in payloads:
+            for category, key, message in json.loads(payload):
+                if key not in self.relay.seen:
+                    self.relay.seen.add(key)
+                    self.relay.pending.append([category, key, message])
+        for category, key, message in self.relay.take():
+            say_warning(category, key, message)
+
     def close(self) -> None:
         """Shut down the Ray that this run started (not one that was running before)."""
         if self._started:
@@ -522,8 +731,9 @@ class RayRun:
 
     def _stream(self, pending: list[int], manifest, session: dict) -> None:
         plan, c = self.plan, self.plan.config
-        ds = self.ray.data.from_items([{"unit": i} for i in pending])
-        ds = _stages(ds, plan, read_units, self.workers, self.gpus, self.options, tag_rows=True)
+        ds = self.ray.data.from_items(read_tasks(plan, pending))
+        readers = 2 * max(1, len(_alive_nodes(self.ray)))
+        ds = _stages(ds, plan, self.workers, self.gpus, self.options, readers=readers)
         writer = HeatmapWriter(
             plan.out_dir,
             plan.schema,
@@ -532,39 +742,33 @@ class RayRun:
             queue_depth=c.queue_depth,
             first_part=next_part_index(manifest),
         )
-        buffers: dict[int, list[pa.Table]] = {}
-        seen: dict[int, int] = {}
         bar = None
         if c.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=sum(plan.units[i].rows for i in pending), unit="img", dynamic_ncols=True, smoothing=0.1)
+
+        def put(unit: Unit, table: pa.Table, errors: int) -> None:
+            writer.put(WriteItem(table, unit.rows, errors, unit.key))
+            session["images"] += unit.rows
+            session["errors"] += errors
+            session["rows_out"] += table.num_rows
+
+        units = UnitAssembler(plan, pending, put)
+        # Ray Data hands the rows over in input order: the driver then holds one unit at a time,
+        # and the part files are in input order, as in a local run.
+        ds.context.execution_options.preserve_order = True
         try:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                units = batch.column(UNIT).to_numpy()
-                firsts = batch.column(FIRST).to_numpy(zero_copy_only=False)
-                for index in dict.fromkeys(units.tolist()):
-                    mask = units == index
-                    buffers.setdefault(index, []).append(batch.filter(pa.array(mask)))
-                    images = int(firsts[mask].sum())
-                    seen[index] = seen.get(index, 0) + images
+            with warnings.catch_warnings():
+                # Ray Data warns when it plans fewer input blocks than the tasks or actors it may run:
+                # the read stage's input is one item per row group, the blocks after it come later.
+                warnings.filterwarnings("ignore", message=r".*number of concurrent (tasks|actors) for 'MapBatches")
+                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    self._say_warnings(batch.column(WARNINGS).drop_null().to_pylist())
+                    images = units.add(batch)
                     if bar is not None:
                         bar.update(images)
-                    unit = plan.units[index]
-                    if seen[index] == unit.rows:
-                        table = pa.concat_tables(buffers.pop(index))
-                        table = table.sort_by([(ROW, "ascending"), ("class_rank", "ascending")])
-                        errors = int(pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0)
-                        table = table.drop_columns(list(_INTERNAL))
-                        writer.put(WriteItem(table, unit.rows, errors, unit.key))
-                        session["images"] += unit.rows
-                        session["errors"] += errors
-                        session["rows_out"] += table.num_rows
-            if buffers:
-                short = next(iter(buffers))
-                raise RuntimeError(
-                    f"Ray returned {seen[short]} of the {plan.units[short].rows} rows of unit {plan.units[short].key}"
-                )
+            units.finish()
             writer.close()
         except BaseException:
             try:  # keep the units already handed over (whole units only reach the writer)
@@ -655,7 +859,7 @@ def explain_dataset(
     )
     n_workers, gpus = _pool(ray, opts, config.device)
     ds = ds.select_columns(list(dict.fromkeys([plan.image_column, *plan.input_columns])))
-    return _stages(ds, plan, decode_rows, n_workers, gpus, opts, tag_rows=False)
+    return _stages(ds, plan, n_workers, gpus, opts, readers=None)
 
 
 __all__ = [

@@ -51,6 +51,7 @@ EXTRA_TYPES = {
 _BY_METRIC = {"deletion": ("deletion_auc",), "insertion": ("insertion_auc",), "confidence": METRIC_COLUMNS[2:]}
 METHOD_TYPE = pa.dictionary(pa.int32(), pa.string())
 HEATMAP_DTYPES = {"uint8": (pa.uint8(), np.uint8), "float16": (pa.float16(), np.float16)}
+CAM_DTYPES = {"float16": (pa.float16(), np.float16), "float32": (pa.float32(), np.float32)}
 
 
 def output_schema(
@@ -61,6 +62,7 @@ def output_schema(
     cam_shape: tuple[int, int],
     heatmap_shape: tuple[int, int] | None,
     heatmap_dtype: str = "uint8",
+    cam_dtype: str = "float16",
     metrics: tuple[str, ...] = (),
     boxes: bool = False,
     methods: tuple[str, ...] = (),
@@ -81,7 +83,7 @@ def output_schema(
     fields += [
         pa.field("score", pa.float32()),
         pa.field("probability", pa.float32()),
-        pa.field("cam", pa.fixed_shape_tensor(pa.float16(), list(cam_shape))),
+        pa.field("cam", pa.fixed_shape_tensor(CAM_DTYPES[cam_dtype][0], list(cam_shape))),
     ]
     if heatmap_shape is not None:
         fields.append(pa.field("heatmap", pa.fixed_shape_tensor(HEATMAP_DTYPES[heatmap_dtype][0], list(heatmap_shape))))
@@ -117,7 +119,7 @@ class ResultBatch:
     keep: np.ndarray  # (m, C) bool: False for duplicates and invalid label slots
     scores: np.ndarray  # (m, C) float32
     probabilities: np.ndarray  # (m, C) float32
-    cams: np.ndarray  # (m, C, h, w) float16
+    cams: np.ndarray  # (m, C, h, w) float16 or float32
     heatmaps: np.ndarray | None  # (m, C, H, W) uint8/float16
     cam_max: np.ndarray  # (m, C) float32
     peaks: np.ndarray  # (m, C, 2) int64
@@ -197,12 +199,11 @@ def build_table(batch: ResultBatch, schema: pa.Schema) -> tuple[pa.Table, np.nda
     arrays["probability"] = col(pick(batch.probabilities), pa.float32())
     cam_type = schema.field("cam").type
     cam_shape = tuple(cam_type.shape)
+    cam_np = CAM_DTYPES["float32" if cam_type.value_type == pa.float32() else "float16"][1]
     cams = pick(batch.cams)
     if cams is None:
-        cams = np.zeros((n_out, *cam_shape), np.float16)
-    arrays["cam"] = _tensor_column(
-        np.where(is_ok[:, None, None], cams, 0).astype(np.float16), is_ok, cam_shape, cam_type
-    )
+        cams = np.zeros((n_out, *cam_shape), cam_np)
+    arrays["cam"] = _tensor_column(np.where(is_ok[:, None, None], cams, 0).astype(cam_np), is_ok, cam_shape, cam_type)
     if "heatmap" in schema.names:
         heat_type = schema.field("heatmap").type
         heat_shape = tuple(heat_type.shape)
@@ -255,6 +256,7 @@ def build_table(batch: ResultBatch, schema: pa.Schema) -> tuple[pa.Table, np.nda
 
 __all__ = [
     "BOX_COLUMNS",
+    "CAM_DTYPES",
     "EXTRA_TYPES",
     "HEATMAP_DTYPES",
     "METRIC_COLUMNS",

@@ -13,8 +13,11 @@ Exactly-once writing (what makes resuming safe after a SIGKILL at any moment):
 3. ``manifest.json`` (config, versions, totals, the committed files) is rewritten, temp file and
    atomic rename, when a run starts and when it ends; each rewrite folds the log in and then
    empties it. Log lines carry a sequence number, so a crash between the two folds nothing twice.
-4. On restart, temp files and unlisted part files are deleted, and the committed units are
-   skipped. A torn last log line (a crash mid-append) is ignored.
+4. Before a part file is created, an ``{"open": name}`` line is appended to the log. On restart,
+   the temp and part files that such a line names and no commit lists are deleted, and the
+   committed units are skipped. A torn last log line (a crash mid-append) is ignored.
+
+Which files of an output directory are the tool's own, and may be deleted: ``engine/job/outdir.py``.
 
 One run at a time: ``OutputLock`` holds an exclusive ``flock`` on ``OUT/.lock`` for the whole
 run, local or Ray, and a second run stops at once with the holder's pid and host.
@@ -23,6 +26,7 @@ run, local or Ray, and a second run stops at once with the holder's pid and host
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import queue
@@ -41,11 +45,8 @@ COMMIT_LOG = "commits.jsonl"
 LOCK = ".lock"
 FORMAT = "gradcam-batch/2"
 _READABLE_FORMATS = ("gradcam-batch/1", FORMAT)
-_PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
-# Names that the sink itself puts in an output directory; nothing else is ever deleted.
-_OWN_RE = re.compile(
-    r"^(part-\d{5,}\.parquet|\.part-\d{5,}\.parquet\.tmp|manifest\.json|\.manifest\.json\.tmp|commits\.jsonl|\.lock)$"
-)
+MANIFEST_TMP = ".manifest.json.tmp"
+PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 
 
 # -- manifest -----------------------------------------------------------------------------------------
@@ -98,20 +99,21 @@ class Manifest:
 
     @classmethod
     def load(cls, out_dir: Path) -> Manifest | None:
-        """The manifest with every logged commit folded in; None when there is none. Writes nothing."""
+        """The manifest with every logged commit folded in; None when there is none. Writes nothing.
+
+        ``NotARun`` (a ValueError) when ``manifest.json`` is not a manifest of this tool (of a format
+        this version reads): then the directory holds no run, whatever its file names.
+        """
         path = Path(out_dir) / MANIFEST
         if not path.exists():
             return None
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes())
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{path} is not a readable manifest ({exc}); use --overwrite to start over") from None
-        if (
-            not isinstance(data, dict)
-            or data.get("format") not in _READABLE_FORMATS
-            or not isinstance(data.get("files"), list)
-        ):
-            raise ValueError(f"{path} was not written by this version of gradcam-batch; use --overwrite")
+            raise NotARun(f"{path} is not a gradcam-batch manifest ({first_line_of(exc)})") from None
+        problem = manifest_problem(data)
+        if problem is not None:
+            raise NotARun(f"{path} is not a gradcam-batch manifest ({problem})")
         data.pop("completed_units", None)  # format 1 kept the unit list twice
         seq = data.get("log_seq", 0)
         for entry in _read_log(Path(out_dir) / COMMIT_LOG):
@@ -141,7 +143,8 @@ class Manifest:
     def save(self) -> None:
         """Rewrite ``manifest.json`` with every commit folded in, then empty the log."""
         with self._lock:
-            self.data["format"] = FORMAT
+            # The format key leads the file: survey() recognises the manifest's temp file by it.
+            self.data = {"format": FORMAT, **{k: v for k, v in self.data.items() if k != "format"}}
             self.data["log_seq"] = self._seq
             self.bytes_written += atomic_write_json(self.path, self.data)
             if self.log_path.exists():
@@ -160,15 +163,31 @@ class Manifest:
         """The commit point of one part file: one fsynced line appended to the log."""
         entry = {"name": name, "rows": rows, "images": images, "errors": errors, "units": list(units)}
         with self._lock:
-            line = (json.dumps({"seq": self._seq + 1, **entry}, separators=(",", ":")) + "\n").encode()
-            with open(self.log_path, "ab") as fh:
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
-            self.bytes_written += len(line)
+            self._append({"seq": self._seq + 1, **entry})
             self._seq += 1
             self.data["files"].append(entry)
             self._add(entry)
+
+    def note_open(self, name: str) -> None:
+        """Record, before its temp file exists, that this run writes part file ``name`` (one fsynced line).
+
+        It is what lets a resume or an overwrite delete the file, or its temp file, when no commit
+        lists it. Readers of the commits skip the line: it has no sequence number.
+        """
+        with self._lock:
+            self._append({"open": name})
+
+    def opened_files(self) -> set[str]:
+        """The part files named by an open line of the log (committed or not)."""
+        return {e["open"] for e in _log_lines(self.log_path) if isinstance(e.get("open"), str)}
+
+    def _append(self, record: dict) -> None:
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        with open(self.log_path, "ab") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.bytes_written += len(line)
 
     def _add(self, entry: dict) -> None:
         t = self.data["totals"]
@@ -185,19 +204,67 @@ class Manifest:
             self._add(entry)
 
 
-def _read_log(path: Path) -> list[dict]:
-    """The complete lines of a commit log; a torn last line (a crash mid-append) is dropped."""
-    if not path.exists():
+class NotARun(ValueError):
+    """``manifest.json`` is not a manifest of this tool: the directory holds no gradcam-batch run."""
+
+
+def first_line_of(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def manifest_problem(data) -> str | None:
+    """Why parsed JSON is not a run manifest of a format this version reads; None when it is one."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    if data.get("format") not in _READABLE_FORMATS:
+        fmt = data.get("format")
+        return "no format key" if fmt is None else f"format {fmt!r} is not one this version reads"
+    if not isinstance(data.get("fingerprint"), str):
+        return "no fingerprint"
+    files = data.get("files")
+    if not isinstance(files, list):
+        return "no file list"
+    for f in files:
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not PART_RE.match(f["name"]):
+            return f"it lists {f.get('name') if isinstance(f, dict) else f!r}, which is not a part file's name"
+        if not isinstance(f.get("units"), list) or not all(
+            isinstance(f.get(k), int) and not isinstance(f.get(k), bool) for k in ("rows", "images", "errors")
+        ):
+            return f"its entry of {f['name']} lacks counts or units"
+    if not isinstance(data.get("log_seq", 0), int):
+        return "no log sequence number"
+    return None
+
+
+def _log_lines(path: Path) -> list[dict]:
+    """The complete JSON-object lines of a log; a torn last line (a crash mid-append) is dropped."""
+    try:
+        raw_lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
         return []
     entries = []
-    for raw in path.read_bytes().split(b"\n"):
+    for raw in raw_lines:
         try:
             entry = json.loads(raw)
         except ValueError:
             continue  # the torn tail, or an empty line
-        if isinstance(entry, dict) and isinstance(entry.get("seq"), int) and isinstance(entry.get("units"), list):
+        if isinstance(entry, dict):
             entries.append(entry)
     return entries
+
+
+def _read_log(path: Path) -> list[dict]:
+    """The commits of a log: lines with a sequence number, a part file's name, counts and units."""
+    return [
+        e
+        for e in _log_lines(path)
+        if isinstance(e.get("seq"), int)
+        and isinstance(e.get("units"), list)
+        and isinstance(e.get("name"), str)
+        and PART_RE.match(e["name"])
+        and all(isinstance(e.get(k), int) for k in ("rows", "images", "errors"))
+    ]
 
 
 class OutputLock:
@@ -246,31 +313,8 @@ class OutputLock:
         self.release()
 
 
-def own_files(out_dir: Path) -> list[Path]:
-    """Files in ``out_dir`` that the sink writes (parts, temp parts, the manifest and its log), not the lock."""
-    if not out_dir.is_dir():
-        return []
-    return sorted(p for p in out_dir.iterdir() if p.is_file() and _OWN_RE.match(p.name) and p.name != LOCK)
-
-
-def clean_uncommitted(out_dir: Path, manifest: Manifest) -> list[str]:
-    """Delete temp files and part files that the manifest does not list; returns their names."""
-    listed = {f["name"] for f in manifest.files}
-    removed = []
-    for p in own_files(out_dir):
-        if p.name in (MANIFEST, COMMIT_LOG, LOCK):
-            continue
-        if p.name.endswith(".tmp") or (_PART_RE.match(p.name) and p.name not in listed):
-            p.unlink()
-            removed.append(p.name)
-    missing = [name for name in listed if not (out_dir / name).exists()]
-    if missing:
-        raise ValueError(f"{out_dir}: the manifest lists {missing[0]}, which is missing; use --overwrite to start over")
-    return removed
-
-
 def next_part_index(manifest: Manifest) -> int:
-    nums = [int(m.group(1)) for f in manifest.files if (m := _PART_RE.match(f["name"]))]
+    nums = [int(m.group(1)) for f in manifest.files if (m := PART_RE.match(f["name"]))]
     return max(nums, default=-1) + 1
 
 
@@ -396,9 +440,17 @@ class HeatmapWriter:
     def _write(self, item: WriteItem) -> None:
         table = item.table
         if self._writer is None:
-            self._tmp = self.out_dir / f".part-{self._part:05d}.parquet.tmp"
+            name = f"part-{self._part:05d}.parquet"
+            tmp = self.out_dir / f".{name}.tmp"
+            final = self.out_dir / name
+            if os.path.lexists(final):  # the output checks keep foreign files out of the tool's names
+                raise FileExistsError(errno.EEXIST, "a file has the name of the next part file", str(final))
+            self.manifest.note_open(name)
+            with open(tmp, "xb"):  # created here, or FileExistsError: never another's file
+                pass
+            self._tmp = tmp
             self._writer = pq.ParquetWriter(
-                self._tmp, self.schema, compression="zstd", compression_level=self.compression_level
+                tmp, self.schema, compression="zstd", compression_level=self.compression_level
             )
         if table.num_rows:
             self._pending.append(table)
@@ -430,6 +482,8 @@ class HeatmapWriter:
         with open(self._tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         name = f"part-{self._part:05d}.parquet"
+        if os.path.lexists(self.out_dir / name):
+            raise FileExistsError(errno.EEXIST, "a file took the part file's name while it was written", name)
         os.replace(self._tmp, self.out_dir / name)
         self._tmp = None
         fsync_path(self.out_dir)
@@ -449,11 +503,14 @@ __all__ = [
     "MANIFEST",
     "HeatmapWriter",
     "Manifest",
+    "MANIFEST_TMP",
+    "PART_RE",
+    "NotARun",
     "OutputLock",
     "WriteItem",
     "atomic_write_json",
-    "clean_uncommitted",
+    "first_line_of",
     "fsync_path",
+    "manifest_problem",
     "next_part_index",
-    "own_files",
 ]

@@ -661,32 +661,76 @@ def jpeg_fits_device(data: bytes, max_image_pixels: int | None) -> bool:
     return w * h <= max_image_pixels
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says that the device ran out of memory (torch's error, or nvJPEG's allocator's)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "allocator_failure" in text
+
+
 def decode_jpegs_on_device(
     jpegs: Sequence[bytes],
     prep: Preprocess,
     device: torch.device,
     *,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    warn: Callable[[str, str], object] | None = None,
 ) -> tuple[list[torch.Tensor | None], list[str | None]]:
     """Decode JPEGs with torchvision on ``device`` (nvJPEG on CUDA), then resize and crop there.
 
-    Returns per image an (H, W, 3) uint8 tensor on ``device`` or None with the reason. A batch that
-    nvJPEG refuses as a whole is retried image by image; an image it cannot decode (CMYK,
-    unusual sampling, corrupt) falls back to Pillow on the host.
+    Returns per image an (H, W, 3) uint8 tensor on ``device`` or None with the reason. What does
+    not decode on the device falls back to Pillow on the host, which decides whether the image is
+    bad (an error row) or only beyond the device decoder (CMYK, unusual sampling). Each fallback
+    is reported through ``warn(kind, message)``, which the batch step says once per run per kind:
+
+    - ``"jpeg-oom"``: the device ran out of memory. That says nothing about the images, so none is
+      retried on the device (one by one would fail the same way) and the batch decodes on the host:
+      the output is right, only slower. Failing the batch instead would stop the run, and a rerun
+      would meet the same batch at the same memory.
+    - ``"jpeg-batch"``: the batched call refused the batch; the images are retried one at a time.
+    - ``"jpeg-image"``: an image failed on the device; Pillow decodes it, or makes it an error row.
     """
     import torch.nn.functional as F
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    def say(kind: str, message: str) -> None:
+        if warn is not None:
+            warn(kind, message)
+
+    def out_of_memory(exc: BaseException) -> None:
+        say(
+            "jpeg-oom",
+            f"device JPEG decode ran out of memory on {device} ({_first_line(exc)}); those batches were "
+            "decoded by Pillow on the host instead (slower, same output; a smaller --batch-size keeps "
+            "them on the device)",
+        )
+
     datas = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in jpegs]
+    decoded: list[torch.Tensor | None]
     try:
         decoded = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-    except Exception:
-        decoded = []
-        for d in datas:
-            try:
-                decoded.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
-            except Exception:
-                decoded.append(None)
+    except Exception as exc:
+        decoded = [None] * len(datas)
+        if is_out_of_memory(exc):
+            out_of_memory(exc)
+        else:
+            say(
+                "jpeg-batch",
+                f"device JPEG decode refused a batch ({_first_line(exc)}); its images were decoded one at a time",
+            )
+            for i, d in enumerate(datas):
+                try:
+                    decoded[i] = decode_jpeg(d, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+                except Exception as one:
+                    if is_out_of_memory(one):
+                        out_of_memory(one)
+                        break  # the rest of the batch goes to the host
+                    say(
+                        "jpeg-image",
+                        f"device JPEG decode failed on some images (first: {_first_line(one)}); Pillow decoded "
+                        "them on the host, or made them error rows",
+                    )
     out: list[torch.Tensor | None] = []
     errors: list[str | None] = []
     for raw, img in zip(jpegs, decoded, strict=True):
@@ -748,8 +792,17 @@ class DecodedBatch:
 
 
 def oriented_size(data: bytes) -> tuple[int, int]:
-    """(W, H) of an encoded image as shown, from its header: EXIF orientations 5 to 8 swap them."""
-    img = Image.open(io.BytesIO(data))
+    """(W, H) of an encoded image as shown, from its header: EXIF orientations 5 to 8 swap them.
+
+    ``DecodeError`` when the header cannot be read: a JPEG left for the device decoder reaches here
+    before any decode, and a corrupt one must become its row's error, not the run's.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise DecodeError("cannot identify image format (not an image, or corrupt)") from None
+    except Exception as exc:
+        raise DecodeError(f"cannot read the image header: {_first_line(exc)}") from None
     w, h = img.size
     with contextlib.suppress(Exception):
         if img.getexif().get(0x0112) in (5, 6, 7, 8):
@@ -949,6 +1002,82 @@ class ParquetSource:
                 f"cannot read rows {start}-{stop} (row group {row_group}) of {f.uri}{tries}: {_first_line(exc)}"
             ) from exc
 
+    def unit_rows(self, units: Sequence[Unit], *, chunk_rows: int = 4096) -> Iterator[tuple[Unit, pa.Table]]:
+        """Each unit's rows, undecoded (the image column first, then the needed columns), in the given order.
+
+        Units that follow each other in one row group are read in one pass over it, streamed in
+        chunks of ``chunk_rows`` rows: each row up to the last such unit's end is read once, and
+        only the unit being filled and one chunk are held. A transient ``OSError`` is tried again,
+        ``read_attempts`` tries in a row at most, each pass resuming at the first unit not yet
+        yielded (rows before it are read again: once per attempt); then ``InputReadError``.
+        """
+        i = 0
+        while i < len(units):
+            j = i + 1
+            while (
+                j < len(units)
+                and (units[j].file_index, units[j].row_group) == (units[i].file_index, units[i].row_group)
+                and units[j].start >= units[j - 1].stop
+            ):
+                j += 1
+            yield from self._unit_pass(list(units[i:j]), chunk_rows)
+            i = j
+
+    def _unit_pass(self, units: list[Unit], chunk_rows: int) -> Iterator[tuple[Unit, pa.Table]]:
+        """``unit_rows`` for units of one row group, in row order."""
+        f = self.files[units[0].file_index]
+        rg = units[0].row_group
+        rg_start = sum(f.row_group_rows[:rg])
+        columns = [self.image_column, *self.columns]
+        for u in units:
+            if not rg_start <= u.start < u.stop <= rg_start + f.row_group_rows[rg]:
+                raise ValueError(f"rows {u.start}-{u.stop} are not inside row group {rg} of {f.uri}")
+        todo = list(units)
+        attempt = 0
+        while todo:
+            try:
+                with f.filesystem.open_input_file(f.path) as fh:
+                    batches = pq.ParquetFile(fh).iter_batches(
+                        batch_size=max(1, min(chunk_rows, units[-1].stop - rg_start)),
+                        row_groups=[rg],
+                        columns=columns,
+                        use_threads=False,
+                    )
+                    with contextlib.closing(batches) as it:
+                        at = rg_start  # file row of the next chunk's first row
+                        parts: list[pa.RecordBatch] = []
+                        for rb in it:
+                            while todo and rb.num_rows:
+                                u = todo[0]
+                                lo, hi = max(u.start, at), min(u.stop, at + rb.num_rows)
+                                if hi > lo:
+                                    parts.append(rb.slice(lo - at, hi - lo))
+                                if at + rb.num_rows < u.stop:
+                                    break  # the unit goes on in the next chunk
+                                yield u, pa.Table.from_batches(parts, schema=rb.schema)
+                                parts = []
+                                todo.pop(0)
+                                attempt = 0
+                            at += rb.num_rows
+                            if not todo:
+                                break
+                if todo:
+                    raise OSError(f"row group {rg} of {f.uri} ended before row {todo[0].stop}")
+            except OSError as exc:
+                attempt += 1
+                if attempt >= self.read_attempts or is_permanent_os_error(exc):
+                    u = todo[0]
+                    tries = "" if is_permanent_os_error(exc) else f" after {self.read_attempts} attempts"
+                    raise InputReadError(
+                        f"cannot read rows {u.start}-{u.stop} (row group {rg}) of {f.uri}{tries}: {_first_line(exc)}"
+                    ) from exc
+                time.sleep(min(READ_RETRY_MAX_DELAY_S, self.retry_delay * 2 ** (attempt - 1)))
+
+    def decode_values(self, values: Sequence, files: Sequence[InputFile]) -> list[tuple]:
+        """``_decode_one`` over encoded values (with the file each came from), in the decode thread pool."""
+        with self._pool() as pool:
+            return list(pool.map(self._decode_one, zip(values, files, strict=True)))
+
     def _decode_unit(self, unit: Unit, table: pa.Table, table_start: int, pool) -> Iterator[DecodedBatch]:
         """The unit's rows of ``table`` (whose first row is file row ``table_start``), in batches."""
         f = self.files[unit.file_index]
@@ -1024,6 +1153,7 @@ __all__ = [
     "detect_image_column",
     "discover_inputs",
     "image_kind",
+    "is_out_of_memory",
     "is_permanent_os_error",
     "jpeg_fits_device",
     "plan_units",

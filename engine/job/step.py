@@ -8,7 +8,8 @@ thread, each Ray actor on its batches); no runner has per-batch code of its own.
    (top-k or listed classes, plus the label slot), the ``Explainer`` call, a finiteness check,
    and the results' copy back to pinned host memory. Nothing in it waits for the device.
 2. ``finish``: waits for that copy, turns invalid labels into notes or error rows, non-finite
-   results into error rows, and builds the table (``engine/job/schema.py``).
+   results (and cams past the range of the cam column's dtype) into error rows that say what
+   helps, and builds the table (``engine/job/schema.py``).
 
 Calling ``launch`` for batch i+1 before ``finish`` for batch i overlaps the device with the host.
 ``step(batch)`` does both.
@@ -24,12 +25,33 @@ import pyarrow as pa
 import torch
 
 from gradcam_batch.engine.explain.explainer import stack_methods
+from gradcam_batch.engine.job.config import RunSetupError, WarnOnce
 from gradcam_batch.engine.job.plan import RunPlan
 from gradcam_batch.engine.job.schema import ResultBatch, build_table
 from gradcam_batch.engine.job.source import DecodedBatch, decode_jpegs_on_device
+from gradcam_batch.engine.models.weights import state_digest
 from gradcam_batch.kernels.reference import quantize
 
-NON_FINITE = "non-finite scores or cam (a numeric overflow; --precision fp32 avoids the fp16/bf16 ones)"
+# Why an explained image becomes an error row after all: bits of DeviceResult.faults.
+SCORES_NOT_FINITE, CAM_NOT_FINITE, CAM_OUT_OF_RANGE = 1, 2, 4
+FLOAT16_MAX = 65504
+
+
+def fault_message(faults: int, precision: str) -> str:
+    """The ``error`` of an image whose results are not finite (``faults``: the bits above), with what helps.
+
+    In fp16/bf16 a non-finite score or cam is most likely an overflow of the reduced precision, which
+    ``--precision fp32`` avoids; in fp32 the model itself gives NaN or infinity, and no run option helps.
+    A cam that is finite but past float16's largest value fits a float32 cam column.
+    """
+    if faults & (SCORES_NOT_FINITE | CAM_NOT_FINITE):
+        what = "scores" if faults & SCORES_NOT_FINITE else "cam"
+        if precision != "fp32":
+            return f"non-finite {what} (likely an overflow in --precision {precision}; --precision fp32 avoids it)"
+        if what == "scores":
+            return "non-finite scores: the model gives NaN or infinity for this image in fp32 (check its weights)"
+        return "non-finite cam: NaN or infinite activations or gradients at the target layer, in fp32"
+    return f"cam values above float16's largest ({FLOAT16_MAX}) for the cam column; --cam-dtype float32 stores them"
 
 
 @dataclass
@@ -39,10 +61,10 @@ class DeviceResult:
     classes: torch.Tensor  # (m, C) int64
     scores: torch.Tensor  # (m, C) float32
     probabilities: torch.Tensor  # (m, C) float32
-    cams: torch.Tensor  # (m, C, h, w) float16
+    cams: torch.Tensor  # (m, C, h, w) in the cam column's dtype (float16 or float32)
     cam_max: torch.Tensor  # (m, C) float32
     peaks: torch.Tensor  # (m, C, 2) int64
-    finite: torch.Tensor  # (m,) bool
+    faults: torch.Tensor  # (m,) uint8: 0, or the bits SCORES_NOT_FINITE, CAM_NOT_FINITE, CAM_OUT_OF_RANGE
     heatmaps: torch.Tensor | None  # (m, C, H, W) uint8 or float16
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # metric columns, (m, C)
     saliency: torch.Tensor | None = None  # (m, C, H, W) float32 at the input size, for the box metrics
@@ -102,6 +124,14 @@ class BatchExplainer:
                 providers=c.providers,
                 weights_strict=c.weights_strict,
             )
+            # A worker's own load (a Ray actor) must explain the weights the plan hashed: a weights
+            # file replaced since, or a factory that builds other weights each time, would mix models.
+            if plan.model_digest is not None and state_digest(model) != plan.model_digest:
+                raise RunSetupError(
+                    f"the model {c.model} loaded here has weights that differ from the weights the run was "
+                    "planned with (a weights or model file changed since, or the factory does not build the "
+                    "same weights each time)"
+                )
         self.explainer = Explainer(
             model,
             target_layer=plan.target_layer,
@@ -119,6 +149,8 @@ class BatchExplainer:
         sel = plan.selection
         self._fixed = torch.tensor(sel.classes, dtype=torch.long, device=self.device) if sel.classes else None
         self._out_dtype = torch.uint8 if c.heatmap_dtype == "uint8" else torch.float16
+        self._cam_dtype = torch.float32 if c.cam_dtype == "float32" else torch.float16
+        self.warn = WarnOnce()  # fallbacks met in the batches, once per run each (a Ray actor forwards them)
 
     # -- host side ------------------------------------------------------------------------------------
 
@@ -165,9 +197,7 @@ class BatchExplainer:
         pending = PendingBatch(batch, rows, ok, errors, [], None)
         if len(batch.images) == 0:
             return pending
-        x = torch.from_numpy(batch.images)
-        if self._cuda:
-            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = to_device(torch.from_numpy(batch.images), self.device)
         ok_idx = np.flatnonzero(batch.ok)
         use = np.ones(len(ok_idx), dtype=bool)  # decoded images that go on to the model
         if batch.jpegs:
@@ -176,6 +206,7 @@ class BatchExplainer:
                 self.plan.prep,
                 self.device,
                 max_image_pixels=self.plan.config.max_image_pixels,
+                warn=self.warn,
             )
             for (pos, _), img, err in zip(batch.jpegs, decoded, errs, strict=True):
                 if img is None:
@@ -199,16 +230,13 @@ class BatchExplainer:
         if not use.any():
             return pending
         if not use.all():
-            x = x[torch.from_numpy(np.flatnonzero(use)).to(x.device)]
+            x = x[to_device(torch.from_numpy(np.flatnonzero(use)), self.device)]
             labels = labels[use] if labels is not None else None
 
         x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
         if self._cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        labels_t = None
-        if labels is not None:
-            labels_t = torch.from_numpy(labels)
-            labels_t = labels_t.pin_memory().to(self.device, non_blocking=True) if self._cuda else labels_t
+        labels_t = None if labels is None else to_device(torch.from_numpy(labels), self.device)
         hs = self.plan.heatmap_shape
         # Several methods stack on the class axis, method-major: C slots per method (schema.build_table).
         exp = stack_methods(
@@ -221,25 +249,29 @@ class BatchExplainer:
                 heatmaps=hs is not None,
             )
         )
-        cams = exp.cams
-        finite = (
-            torch.isfinite(exp.scores).all(1)
-            & torch.isfinite(exp.probabilities).all(1)
-            & torch.isfinite(cams.flatten(1)).all(1)
+        # Checked as computed and as stored: a cam past float16's range is finite before the cast, inf after.
+        cams = exp.cams.to(self._cam_dtype)
+        scores_ok = torch.isfinite(exp.scores).all(1) & torch.isfinite(exp.probabilities).all(1)
+        cam_ok = torch.isfinite(exp.cams.flatten(1)).all(1)
+        stored_ok = torch.isfinite(cams.flatten(1)).all(1)
+        faults = (
+            (~scores_ok).to(torch.uint8) * SCORES_NOT_FINITE
+            + (~cam_ok).to(torch.uint8) * CAM_NOT_FINITE
+            + (cam_ok & ~stored_ok).to(torch.uint8) * CAM_OUT_OF_RANGE
         )
         extras, saliency = self._metrics(x, exp) if self.plan.needs_saliency else ({}, None)
         result = DeviceResult(
             classes=exp.classes,
             scores=exp.scores.float(),
             probabilities=exp.probabilities.float(),
-            cams=cams.half(),
+            cams=cams,
             cam_max=exp.cam_max.float(),
             peaks=exp.peaks,
-            finite=finite,
+            faults=faults,
             heatmaps=exp.heatmaps if hs is not None else None,
             extras=extras,
             saliency=saliency if self.plan.boxes is not None else None,
-            guided=None if exp.guided is None else quantize(exp.guided.float(), torch.uint8),
+            guided=None if exp.guided is None else _guided_uint8(exp.guided),
         )
         if self._cuda:
             # Back to pinned host memory without waiting; finish() waits on the event, which is
@@ -287,15 +319,19 @@ class BatchExplainer:
         with torch.inference_mode(), autocast:
             return self.explainer._score_fn(self.explainer.model(x)).float()
 
-    def _box_metrics(self, pending: PendingBatch, host: DeviceResult, ok: np.ndarray) -> dict[str, np.ndarray]:
-        """Pointing game, box energy, the paper's box and its IoU, on the host (``engine/metrics``)."""
+    def _box_metrics(
+        self, pending: PendingBatch, host: DeviceResult, ok: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], list[str | None]]:
+        """Pointing game, box energy, the paper's box and its IoU, on the host (``engine/metrics``);
+        and per explained image, the note on a malformed box (``engine/job/boxes.py``)."""
         from gradcam_batch.engine.job.boxes import read_boxes, to_input_frame
         from gradcam_batch.engine.metrics import box_metrics
 
         batch, plan = pending.batch, self.plan
-        boxes, cats = read_boxes(batch.rows, plan.boxes)
+        boxes, cats, box_notes = read_boxes(batch.rows, plan.boxes)
         sizes = batch.sizes if batch.sizes is not None else np.full((batch.num_rows, 2), -1)
-        framed = [to_input_frame(boxes[r], cats[r], tuple(sizes[r]), plan.prep) for r in np.flatnonzero(ok)]
+        explained = np.flatnonzero(ok)
+        framed = [to_input_frame(boxes[r], cats[r], tuple(sizes[r]), plan.prep) for r in explained]
         have_cats = any(ct is not None for _, ct in framed)
         out = box_metrics(
             torch.from_numpy(host.saliency),
@@ -305,7 +341,7 @@ class BatchExplainer:
             categories=[None if ct is None else torch.from_numpy(ct) for _, ct in framed] if have_cats else None,
             classes=torch.from_numpy(host.classes) if have_cats else None,
         )
-        return {k: v.numpy() for k, v in out.items()}
+        return {k: v.numpy() for k, v in out.items()}, [box_notes[r] for r in explained]
 
     def _selector(self, labels: torch.Tensor | None):
         """scores (B, N) -> classes (B, C): the fixed classes or the top-k, then the label slot."""
@@ -334,22 +370,27 @@ class BatchExplainer:
         else:
             host = pending.result.map(lambda t: t.cpu().numpy())
             extras = dict(host.extras)
+            box_notes = None
             if self.plan.boxes is not None:
-                extras.update(self._box_metrics(pending, host, ok))
+                box_extras, box_notes = self._box_metrics(pending, host, ok)
+                extras.update(box_extras)
             arrays = {f.name: getattr(host, f.name) for f in fields(host) if f.name not in ("extras", "saliency")}
             keep = np.ones(arrays["classes"].shape, dtype=bool)
             if self.plan.label_column and self.plan.selection.slots > 1:
                 cls = arrays["classes"][:, :c_slots]  # every method's block holds the same classes
                 valid = np.array([nt is None for nt in notes], dtype=bool)
                 keep[:, c_slots - 1 :: c_slots] = (valid & ~(cls[:, :-1] == cls[:, -1:]).any(axis=1))[:, None]
+            if box_notes is not None:  # after the label notes decided which label slots to keep
+                notes = ["; ".join(n for n in pair if n) or None for pair in zip(notes, box_notes, strict=True)]
             arrays["keep"] = keep
-            finite = arrays.pop("finite")
+            faults = arrays.pop("faults")
             arrays["extras"] = extras
-            if not finite.all():
+            if faults.any():
                 ok_idx = np.flatnonzero(ok)
-                for j in np.flatnonzero(~finite):
+                for j in np.flatnonzero(faults):
                     ok[ok_idx[j]] = False
-                    errors[ok_idx[j]] = NON_FINITE
+                    errors[ok_idx[j]] = fault_message(int(faults[j]), self.plan.config.precision)
+                finite = faults == 0
                 arrays = {k: _take(v, finite) for k, v in arrays.items()}
                 notes = [nt for nt, f in zip(notes, finite, strict=True) if f]
         result = ResultBatch(rows=pending.rows, ok=ok, errors=errors, notes=notes, methods=self.plan.methods, **arrays)
@@ -358,6 +399,23 @@ class BatchExplainer:
 
     def __call__(self, batch: DecodedBatch) -> BatchOutput:
         return self.finish(self.launch(batch))
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host sync: on CUDA through pinned memory, non-blocking.
+
+    Every host-to-device copy of ``launch`` goes through here: from pageable memory, CUDA copies
+    synchronously, and the host would wait for the device's queue at that point.
+    """
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def _guided_uint8(guided: torch.Tensor) -> torch.Tensor:
+    """The guided column's uint8 from ``Explanation.guided``, which is already in the run's heatmap dtype:
+    quantized once (uint8 as it is; a float16 map in [0, 1] to uint8)."""
+    return guided if guided.dtype == torch.uint8 else quantize(guided.float(), torch.uint8)
 
 
 def _take(v, mask: np.ndarray):
@@ -380,4 +438,4 @@ def _empty(c_slots: int, cam_shape: tuple[int, int]) -> dict:
     }
 
 
-__all__ = ["NON_FINITE", "BatchExplainer", "BatchOutput", "DeviceResult", "PendingBatch"]
+__all__ = ["BatchExplainer", "BatchOutput", "DeviceResult", "PendingBatch", "fault_message", "to_device"]

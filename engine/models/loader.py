@@ -3,7 +3,7 @@
 Accepted specs (``load_model(spec, weights=..., num_classes=..., device=...)``):
 
 - ``torchvision:NAME`` — a torchvision classifier built with random weights
-  (``torchvision.models.get_model(NAME, weights=None)``); ``weights=FILE`` then loads a state
+  (``torchvision.models.get_model(NAME, weights=None)``, seeded: see below); ``weights=FILE`` then loads a state
   dict (``engine/models/weights.py``: safetensors, or ``torch.load(..., weights_only=True)``, so
   no pickled code runs), and ``num_classes`` sets the size of the classifier.
 - ``timm:NAME`` — ``timm.create_model(NAME, pretrained=False)`` (``engine/models/timm_models.py``);
@@ -21,6 +21,11 @@ Accepted specs (``load_model(spec, weights=..., num_classes=..., device=...)``):
   It loads and runs, but cannot be explained: TorchScript runs its submodules without Python
   hooks, so there is no target activation to capture; ``Explainer`` says so in one line.
 
+Every model built here (torchvision, timm, hf and factory specs) is initialized under seed 0 on a
+forked CPU RNG: a random initialization is the same in every process (a resumed run, each Ray
+actor), and the caller's RNG state is as it was. ``random_weights_note`` says when a
+spec without ``weights=`` has random weights (a run warns with it).
+
 What comes back is something ``Explainer`` accepts:
 
 - an ``nn.Module`` in eval mode on ``device`` for every torch spec;
@@ -34,11 +39,13 @@ Every bad spec, missing file, failing factory or mismatching state dict raises `
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -110,26 +117,67 @@ def load_model(
         return CompiledProgram(_load_torchscript(path), "TorchScript archive").to(device)
 
     if spec.startswith("torchvision:"):
-        model = _torchvision_model(spec[len("torchvision:") :], num_classes)
+        with seeded_init():
+            model = _torchvision_model(spec[len("torchvision:") :], num_classes)
     elif spec.startswith("timm:"):
         from gradcam_batch.engine.models.timm_models import timm_model
 
-        model = timm_model(spec[len("timm:") :], num_classes)
+        with seeded_init():
+            model = timm_model(spec[len("timm:") :], num_classes)
     elif spec.startswith("hf:"):
         from gradcam_batch.engine.models.hf_models import hf_model
 
-        model = hf_model(spec[len("hf:") :], num_classes)
+        with seeded_init():
+            model = hf_model(spec[len("hf:") :], num_classes)
     elif ":" in spec:
         target, _, factory_name = spec.rpartition(":")
         if not target or not factory_name.isidentifier():
             raise ModelSpecError(f"cannot parse model spec {spec!r}; {SPEC_HELP}")
         module = _import_file(target) if target.endswith(".py") else _import_module(target)
-        model = _call_factory(module, factory_name, spec, num_classes)
+        with seeded_init():
+            model = _call_factory(module, factory_name, spec, num_classes)
     else:
         raise ModelSpecError(f"cannot parse model spec {spec!r} (no such file, and no ':'); {SPEC_HELP}")
     if weights is not None:
         load_weights(model, weights, strict=weights_strict)
     return _finish(model, device)
+
+
+def random_weights_note(spec: str, weights, num_classes: int | None) -> str | None:
+    """One line when ``load_model(spec, weights=..., num_classes=...)`` gives random weights, else None.
+
+    ``torchvision:`` and ``timm:`` models are built untrained, and ``hf:`` with ``num_classes`` gets a
+    new head; without a weights file these stay as initialized (seed 0). Factories load what they load.
+    """
+    if weights is not None or not isinstance(spec, str):
+        return None
+    spec = spec.strip()
+    if spec.startswith(("torchvision:", "timm:")):
+        return (
+            f"{spec} has random weights (no weights file given; initialized with seed 0): "
+            "its maps explain an untrained model"
+        )
+    if spec.startswith("hf:") and num_classes is not None:
+        return (
+            f"{spec}: the new {num_classes}-class head has random weights "
+            "(no weights file given; initialized with seed 0)"
+        )
+    return None
+
+
+INIT_SEED = 0
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int = INIT_SEED) -> Iterator[None]:
+    """Build a model under a fixed CPU seed, on a forked RNG: the caller's RNG state is restored after.
+
+    Only the CPU generator is seeded and restored (``torch.manual_seed`` would reseed every CUDA
+    generator too): modules are built on the CPU, and moved to the device after.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 def model_preprocessing(spec: str) -> ModelPreprocess | None:
@@ -280,4 +328,13 @@ def _load_exported(path: Path) -> nn.Module:
         return CompiledProgram(program.module(), "torch.export program")
 
 
-__all__ = ["SPEC_HELP", "CompiledProgram", "ModelSpecError", "load_model", "model_preprocessing"]
+__all__ = [
+    "INIT_SEED",
+    "SPEC_HELP",
+    "CompiledProgram",
+    "ModelSpecError",
+    "load_model",
+    "model_preprocessing",
+    "random_weights_note",
+    "seeded_init",
+]

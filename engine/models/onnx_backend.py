@@ -18,7 +18,13 @@ pass-through op (for ResNet the last ReLU, for VGG the ReLU before the last max-
 
 Providers: on a CUDA device TensorRT, then CUDA, then CPU, whichever this ONNX Runtime build
 has; on CPU the CPU provider; ``providers=`` overrides. On CUDA the inputs and outputs are
-bound to torch CUDA buffers through IO binding, so nothing goes through host memory.
+bound to torch CUDA buffers through IO binding, so nothing goes through host memory (the outputs
+reach torch through DLPack, which ONNX Runtime has by default from 1.21; without it they are
+copied through host memory, and a warning says so once).
+
+Sessions: one ORT session per set of extra outputs. The layer probe's session (every float tensor
+an output, so ORT can reuse no buffer) is dropped as soon as the probe is done; the others are
+kept, at most ``MAX_CACHED_SESSIONS``, the least recently used dropped first.
 
 The external-backend protocol (what ``Explainer`` calls on a model that is not an ``nn.Module``):
 
@@ -44,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +65,9 @@ from gradcam_batch.engine.explain.layers import LayerInfo, TargetLayerError
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _POOL_OPS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool", "ReduceMean"}
 _PASS_OPS = {"Identity", "Dropout", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast"}
+# Sessions kept per model, the most recently used ones: one per set of extra outputs asked for (the
+# explained target, plain inference). Each holds its own arena (GPU memory on CUDA) until it is dropped.
+MAX_CACHED_SESSIONS = 2
 
 
 class OnnxBackendError(ValueError):
@@ -187,33 +197,47 @@ class OnnxModel:
     def eval(self) -> OnnxModel:
         return self  # an exported graph has its inference semantics fixed
 
-    def _session(self, extra: tuple[str, ...]):
-        if extra not in self._sessions:
-            onnx, ort = _require_onnx()
-            proto = onnx.ModelProto()
-            proto.CopyFrom(self._proto)
-            have = {o.name for o in proto.graph.output}
-            for name in extra:
-                if name not in have:
-                    elem = self._types.get(name) or onnx.TensorProto.FLOAT
-                    proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-                    proto.graph.output[-1].type.tensor_type.elem_type = elem
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
-            try:
-                self._sessions[extra] = ort.InferenceSession(
-                    proto.SerializeToString(), sess_options=opts, providers=self.providers
-                )
-            except Exception as exc:
-                raise OnnxBackendError(f"ONNX Runtime cannot load {self.path.name}: {exc}") from None
-        return self._sessions[extra]
+    def _session(self, extra: tuple[str, ...], *, keep: bool = True):
+        """The session with ``extra`` as further outputs: cached when ``keep``, else made for one use."""
+        sess = self._sessions.pop(extra, None)
+        if sess is None:
+            sess = self._new_session(extra)
+        if keep:
+            self._sessions[extra] = sess  # the most recently used last
+            while len(self._sessions) > MAX_CACHED_SESSIONS:
+                del self._sessions[next(iter(self._sessions))]
+        return sess
 
-    def run(self, images: torch.Tensor, extra: Sequence[str] = ()) -> dict[str, torch.Tensor]:
-        """Scores and the ``extra`` tensors for a batch, as torch tensors on ``images.device``."""
+    def _new_session(self, extra: tuple[str, ...]):
+        onnx, ort = _require_onnx()
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self._proto)
+        have = {o.name for o in proto.graph.output}
+        for name in extra:
+            if name not in have:
+                elem = self._types.get(name) or onnx.TensorProto.FLOAT
+                proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+                proto.graph.output[-1].type.tensor_type.elem_type = elem
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        try:
+            return ort.InferenceSession(proto.SerializeToString(), sess_options=opts, providers=self.providers)
+        except Exception as exc:
+            raise OnnxBackendError(f"ONNX Runtime cannot load {self.path.name}: {exc}") from None
+
+    def run(
+        self, images: torch.Tensor, extra: Sequence[str] = (), *, keep_session: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Scores and the ``extra`` tensors for a batch, as torch tensors on ``images.device``.
+
+        ``keep_session=False``: the session made for these outputs is dropped after this call
+        (unless one was cached already), with its memory.
+        """
         extra = tuple(dict.fromkeys(e for e in extra if e != self.output_name))
         names = (self.output_name, *extra)
+        sess = self._session(extra, keep=keep_session or extra in self._sessions)
         b = images.shape[0]
         fb = self.fixed_batch
         if fb is not None and fb != b:
@@ -224,13 +248,12 @@ class OnnxModel:
                 n = part.shape[0]
                 if n < fb:
                     part = torch.cat([part, part.new_zeros((fb - n, *part.shape[1:]))])
-                out = self._run_once(part, names)
+                out = self._run_once(sess, part, names)
                 chunks.append({k: v[:n] for k, v in out.items()})
             return {k: torch.cat([c[k] for c in chunks]) for k in names}
-        return self._run_once(images, names)
+        return self._run_once(sess, images, names)
 
-    def _run_once(self, images: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        sess = self._session(names[1:])
+    def _run_once(self, sess, images: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         x = images.detach()
         if x.dtype != torch.float32:
             x = x.float()
@@ -287,7 +310,9 @@ class OnnxModel:
         values = self._float_values()
         shapes: dict[str, tuple[int, ...]] = {}
         try:
-            outs = self.run(sample, values)
+            # Every tensor an output: ORT can reuse no buffer, so this session's arena is the whole
+            # network's activations. It is dropped after this one run.
+            outs = self.run(sample, values, keep_session=False)
         except OnnxBackendError:
             raise
         except Exception as exc:
@@ -464,10 +489,26 @@ class _HeadPlan:
     module: OnnxHead | None
 
 
+_DLPACK_FALLBACK_SAID = False  # the host round trip below is announced once per process
+
+
 def _ortvalue_to_torch(ortv, device: torch.device) -> torch.Tensor:
+    global _DLPACK_FALLBACK_SAID
     try:
         return torch.from_dlpack(ortv).to(device)
-    except Exception:  # builds without DLPack: one copy through host memory
+    except Exception as exc:  # ONNX Runtime before 1.21 has no DLPack: one copy through host memory
+        if not _DLPACK_FALLBACK_SAID:
+            _DLPACK_FALLBACK_SAID = True
+            import onnxruntime
+
+            warnings.warn(
+                f"ONNX Runtime {onnxruntime.__version__} cannot hand its outputs to torch through DLPack "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else '-'}); "
+                "they are copied through host memory, which on CUDA costs a device-host round trip per batch. "
+                "onnxruntime 1.21 or newer avoids it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return torch.from_numpy(np.array(ortv.numpy(), copy=True)).to(device)
 
 

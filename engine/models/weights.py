@@ -16,6 +16,7 @@ See the README's "Models and backends" and "Trust" sections.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Mapping
@@ -141,4 +142,33 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
     model.load_state_dict(state, strict=strict)
 
 
-__all__ = ["CHECKPOINT_KEYS", "PREFIXES", "load_weights", "match_report", "read_weights", "strip_prefixes"]
+def state_digest(model: nn.Module) -> str:
+    """sha256 of the model's state dict: each tensor's name, dtype, shape and bytes, in the state dict's order.
+
+    What identifies the weights a run explains, whatever their source (a weights file, a factory's own
+    loading, a seeded random initialization). The bytes are read in the standard contiguous layout, so a
+    model on another device or in channels_last gives the same digest.
+    """
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if t.is_quantized:
+            t = t.int_repr()
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        flat = t.cpu().contiguous().reshape(-1)
+        if flat.numel():
+            h.update(flat.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+__all__ = [
+    "CHECKPOINT_KEYS",
+    "PREFIXES",
+    "load_weights",
+    "match_report",
+    "read_weights",
+    "state_digest",
+    "strip_prefixes",
+]
