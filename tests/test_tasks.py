@@ -306,3 +306,123 @@ def test_compact_packs_dedupes_and_pads():
     ok = torch.tensor([[True, False, True, True], [False, False, False, False]])
     classes, keep = compact(cand, ok)
     assert classes.tolist() == [[3, 2], [0, 0]] and keep.tolist() == [[True, True], [False, False]]
+
+
+# -- segmentation: torchvision and Transformers models ------------------------------------------------------
+
+
+def varied(model: nn.Module, size: int = 48) -> nn.Module:
+    """A randomly initialized torchvision segmentation model whose prediction is not one class everywhere:
+    BatchNorm statistics from one batch of noise, and a last classifier conv with unit-variance weights."""
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, size, size))
+    convs = [m for m in model.classifier.modules() if isinstance(m, nn.Conv2d)]
+    nn.init.normal_(convs[-1].weight, std=1.0)
+    return model.eval()
+
+
+def tv_model(name: str, n_classes: int = 6) -> nn.Module:
+    import torchvision.models.segmentation as seg
+
+    return varied(getattr(seg, name)(weights=None, weights_backbone=None, num_classes=n_classes))
+
+
+def tiny_segformer(tmp_path) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.SegformerConfig(
+        num_channels=3,
+        num_encoder_blocks=4,
+        depths=[1, 1, 1, 1],
+        sr_ratios=[8, 4, 2, 1],
+        hidden_sizes=[8, 16, 24, 32],
+        num_attention_heads=[1, 1, 1, 1],
+        mlp_ratios=[2, 2, 2, 2],
+        decoder_hidden_size=16,
+        num_labels=4,
+    )
+    transformers.SegformerForSemanticSegmentation(cfg).save_pretrained(tmp_path / "segformer")
+    return transformers.AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "segformer").eval()
+
+
+def test_lraspp_top3_equals_one_full_backward_per_class_float64():
+    model = tv_model("lraspp_mobilenet_v3_large").double()
+    images = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    exp = TaskExplainer(model, "segmentation")(images, top_k=3)
+    e = exp.explanation
+    assert e.target_layer == "backbone.16.2"  # the backbone's last feature map (the "high" features)
+    assert exp.keep.all() and (exp.area > 0).all()
+    ref = reference_gradcam(
+        model, images, e.target_layer, e.classes, score_fn=reference_seg_score((48, 48)), method="gradcam"
+    )
+    torch.testing.assert_close(e.scores, ref["scores"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(e.cams, ref["cams"], atol=1e-6, rtol=1e-6)
+    assert float(e.cams.abs().max()) > 0
+
+
+@pytest.mark.parametrize("name", ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"])
+def test_maps_agree_with_pytorch_grad_cams_segmentation_target(name):
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    model = tv_model(name)
+    images = torch.randn(2, 3, 64, 64)
+    exp = TaskExplainer(model, "segmentation")(images, top_k=3)
+    e = exp.explanation
+
+    class Out(nn.Module):  # the tutorial's wrapper: the "out" logits
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x)["out"]
+
+    layer = model.get_submodule(e.target_layer)
+    checked = 0
+    with pgc.GradCAM(model=Out(model), target_layers=[layer]) as cam:
+        for b in range(2):
+            for j in range(e.classes.shape[1]):
+                if not exp.keep[b, j] or float(e.cam_max[b, j]) == 0:
+                    continue
+                c = int(e.classes[b, j])
+                target = SemanticSegmentationTarget(c, (exp.pred_mask[b] == c).float().numpy())
+                theirs = torch.from_numpy(cam(input_tensor=images[b : b + 1], targets=[target])[0])
+                assert pearson(e.heatmaps[b, j], theirs) >= 0.999, (b, c)
+                checked += 1
+    assert checked >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "layer"),
+    [
+        ("lraspp_mobilenet_v3_large", "backbone.16.2"),
+        ("deeplabv3_mobilenet_v3_large", "backbone.16.2"),
+        ("fcn_resnet50", "backbone.layer4.2"),
+    ],
+)
+def test_default_layer_of_torchvision_segmentation_models(name, layer):
+    import torchvision.models.segmentation as seg
+
+    model = getattr(seg, name)(weights=None, weights_backbone=None).eval()
+    exp = TaskExplainer(model, "segmentation")(torch.randn(1, 3, 64, 64), top_k=1)
+    assert exp.explanation.target_layer == layer
+    assert exp.keep.all() and exp.explanation.cams.shape[0] == 1
+
+
+def test_segformer_logits_at_a_quarter_are_upsampled_and_its_last_stage_is_the_layer(tmp_path):
+    model = tiny_segformer(tmp_path)
+    assert detect_task(model) == "segmentation"
+    images = torch.randn(2, 3, 64, 64)
+    with pytest.warns(RuntimeWarning, match="graph split failed"):  # Transformers models do not trace: hook path
+        exp = TaskExplainer(model, "segmentation")(images, top_k=2)
+    e = exp.explanation
+    assert e.target_layer == "segformer.stages.3"
+    up = F.interpolate(model(images).logits, size=(64, 64), mode="bilinear", align_corners=False)
+    assert torch.equal(exp.pred_mask, up.argmax(1))
+    torch.testing.assert_close(e.scores, reference_seg_score((64, 64))(up).gather(1, e.classes), rtol=1e-5, atol=1e-4)
+    assert e.heatmaps.shape == (2, e.classes.shape[1], 64, 64)
