@@ -19,6 +19,7 @@ from gradcam_batch.engine.explain.tasks import (
     check_true_mask,
     compact,
     detect_task,
+    first_max,
     positive_labels,
     select_multilabel,
 )
@@ -102,6 +103,11 @@ def test_segmentation_score_is_pytorch_grad_cams_target_sum():
         for c in range(4):
             assert float(scores[b, c]) == pytest.approx(float((logits[b, c] * (mask[b] == c)).sum()), abs=1e-12)
             assert int(aux["count"][b, c]) == int((mask[b] == c).sum())
+
+
+def test_first_max_is_argmax_with_ties_to_the_lower_class():
+    x = torch.randint(0, 3, (2, 7, 50)).float()  # many ties
+    assert torch.equal(first_max(x, x.amax(1, keepdim=True)), x.argmax(1))
 
 
 def test_top_k_takes_the_largest_regions_and_never_an_empty_one():
