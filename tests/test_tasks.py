@@ -432,3 +432,24 @@ def test_segformer_logits_at_a_quarter_are_upsampled_and_its_last_stage_is_the_l
     assert torch.equal(exp.pred_mask, up.argmax(1))
     torch.testing.assert_close(e.scores, reference_seg_score((64, 64))(up).gather(1, e.classes), rtol=1e-5, atol=1e-4)
     assert e.heatmaps.shape == (2, e.classes.shape[1], 64, 64)
+
+
+@pytest.mark.parametrize("strategy", ["batched_grad", "loop", "vmap"])
+def test_every_vjp_strategy_and_the_hook_path_give_the_same_segmentation_maps(strategy, monkeypatch):
+    model = TinySegNet(5).double()
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    base = TaskExplainer(model, "segmentation", target_layer="backbone")(images, top_k=3)
+    other = TaskExplainer(model, "segmentation", target_layer="backbone", vjp_strategy=strategy)
+    got = other(images, top_k=3)
+    assert torch.equal(got.explanation.classes, base.explanation.classes)
+    torch.testing.assert_close(got.explanation.cams, base.explanation.cams, atol=1e-10, rtol=1e-10)
+    from gradcam_batch.engine.explain import explainer as explainer_module
+
+    def no_split(*args, **kwargs):
+        raise explainer_module.SplitError("forced")
+
+    monkeypatch.setattr(explainer_module, "split_at", no_split)
+    with pytest.warns(RuntimeWarning, match="forced"):
+        hooked = TaskExplainer(model, "segmentation", target_layer="backbone")(images, top_k=3)
+    torch.testing.assert_close(hooked.explanation.cams, base.explanation.cams, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(hooked.area, base.area)
