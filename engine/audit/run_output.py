@@ -18,11 +18,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# Metric columns of the run (the metrics issue's names); each is used when present.
-FLOAT_METRICS = ("deletion_auc", "insertion_auc", "confidence_drop", "box_energy", "box_iou")
-BOOL_METRICS = ("confidence_increase", "pointing_hit")
+from gradcam_batch.engine.job.columns import Layout, audited
+
+# The metric columns: those the column registry marks as read by the audit; each is used when present.
+FLOAT_METRICS = tuple(c.name for c in audited() if not pa.types.is_boolean(c.arrow_type(Layout())))
+BOOL_METRICS = tuple(c.name for c in audited() if pa.types.is_boolean(c.arrow_type(Layout())))
 METRICS = FLOAT_METRICS + BOOL_METRICS
-BOX_METRICS = ("pointing_hit", "box_energy", "box_iou")
+BOX_METRICS = tuple(c.name for c in audited() if c.option == "box_column")
 
 
 class AuditError(ValueError):

@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from gradcam_batch.engine.job.columns import COLUMNS, add_tally, means, summary_labels, tally
 from gradcam_batch.engine.job.config import (
     OutputBusy,
     RunConfig,
@@ -125,41 +126,17 @@ def start_output(manifest: Manifest, device_label: str, extra_versions: dict | N
     manifest.save()
 
 
-# Dataset means of the metric columns: name in the summary -> (column, how one row counts).
-_MEANS = {
-    "deletion_auc": ("deletion_auc", None),
-    "insertion_auc": ("insertion_auc", None),
-    "average_drop": ("confidence_drop", None),
-    "increase_rate": ("confidence_increase", None),
-    "pointing_accuracy": ("pointing_hit", None),
-    "localization_accuracy": ("box_iou", 0.5),  # the share of rows whose paper box has IoU >= 0.5
-}
-
-
 def metric_means(out_dir: Path, files: list[dict], schema) -> dict:
-    """The dataset means of the metric columns over the committed files (explained rows that have them)."""
-    import pyarrow.compute as pc
+    """The dataset means of the summary's columns over the committed files (explained rows that have them)."""
     import pyarrow.parquet as pq
 
-    wanted = {k: v for k, v in _MEANS.items() if v[0] in schema.names}
-    if not wanted:
+    names = [c.name for c in COLUMNS if c.mean is not None and c.name in schema.names]
+    if not names:
         return {}
-    sums = dict.fromkeys(wanted, 0.0)
-    counts = dict.fromkeys(wanted, 0)
-    columns = sorted({col for col, _ in wanted.values()})
+    total: dict[str, list[float]] = {}
     for f in files:
-        t = pq.read_table(out_dir / f["name"], columns=columns)
-        for name, (col, at_least) in wanted.items():
-            values = t.column(col).drop_null()
-            if at_least is not None:
-                values = pc.greater_equal(values, at_least)
-            if values.type == "bool":
-                values = pc.cast(values, "float64")
-            counts[name] += len(values)
-            sums[name] += pc.sum(values).as_py() or 0.0
-    return {name: (round(sums[name] / counts[name], 4) if counts[name] else None) for name in wanted} | {
-        "rows": dict(counts)
-    }
+        add_tally(total, tally(pq.read_table(out_dir / f["name"], columns=names)))
+    return means(total, schema)
 
 
 def malformed_box_images(out_dir: Path, files: list[dict], plan: RunPlan) -> int | None:
@@ -407,14 +384,7 @@ def summary_line(summary: dict) -> str:
     t = summary["totals"]
     resumed = f", {_count(summary['resumed_units'], 'unit')} already done" if summary.get("resumed_units") else ""
     means = summary.get("metric_means") or {}
-    labels = {
-        "deletion_auc": "deletion AUC {:.3f}",
-        "insertion_auc": "insertion AUC {:.3f}",
-        "average_drop": "average drop {:.1%}",
-        "increase_rate": "increase in confidence {:.1%}",
-        "pointing_accuracy": "pointing accuracy {:.3f}",
-        "localization_accuracy": "localization accuracy {:.3f}",
-    }
+    labels = summary_labels()
     shown = [labels[k].format(v) for k, v in means.items() if k in labels and v is not None]
     metrics = f"; {', '.join(shown)}" if shown else ""
     if summary.get("malformed_boxes"):

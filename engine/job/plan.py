@@ -40,9 +40,10 @@ import torch
 
 from gradcam_batch.engine.explain.methods import parse_methods
 from gradcam_batch.engine.job.boxes import BoxSpec, box_spec
+from gradcam_batch.engine.job.columns import CAM_DTYPES, HEATMAP_DTYPES, RESERVED, Column, Layout, columns_of
 from gradcam_batch.engine.job.config import RunConfig, RunSetupError, RunWarning, first_line, resolve_device
 from gradcam_batch.engine.job.outdir import output_problem, survey
-from gradcam_batch.engine.job.schema import CAM_DTYPES, HEATMAP_DTYPES, RESULT_COLUMNS, output_schema
+from gradcam_batch.engine.job.schema import output_schema
 from gradcam_batch.engine.job.source import (
     InputFile,
     Preprocess,
@@ -104,6 +105,7 @@ class RunPlan:
     cam_shape: tuple[int, int]
     unit_rows: int
     units: tuple[Unit, ...]
+    layout: Layout  # which columns the output has (engine/job/columns.py)
     schema: pa.Schema
     fingerprint: str
     metrics: tuple[str, ...] = ()  # of METRICS, in that order
@@ -120,6 +122,11 @@ class RunPlan:
     @property
     def label_column(self) -> str | None:
         return self.config.label_column
+
+    @property
+    def columns(self) -> tuple[Column, ...]:
+        """The output's columns, from the registry (``engine/job/columns.py``)."""
+        return columns_of(self.layout)
 
     @property
     def total_rows(self) -> int:
@@ -321,7 +328,7 @@ def check_column_roles(schema: pa.Schema, *, image_column: str, keep: Sequence[s
             f"column {image_column!r} has type {schema.field(image_column).type}; images must be "
             "binary, struct<bytes, path> or string paths"
         )
-    clash = [k for k in keep if k in ("id", *RESULT_COLUMNS) or k.startswith("__")]
+    clash = [k for k in keep if k in RESERVED or k.startswith("__")]
     if clash:
         raise RunSetupError(f"kept column {clash[0]!r} has the name of an output column; it cannot be kept")
     if label_column is not None:
@@ -523,17 +530,17 @@ def _assemble(c, files, out_dir, schema, image_column, keep, selection, prep, pr
         raise RunSetupError(f"heatmap size must be positive, got {heatmap_shape}")
     boxes = box_spec(schema, c.box_column, c.box_format) if c.box_column else None
     metrics = tuple(m for m in METRICS if m in c.metrics)
-    out_schema = output_schema(
+    layout = Layout(
         id_type=schema.field(c.id_column).type if c.id_column else pa.string(),
-        passthrough=[schema.field(k) for k in keep],
+        passthrough=tuple(schema.field(k) for k in keep),
         label_type=schema.field(c.label_column).type if c.label_column else None,
         cam_shape=probe.cam_shape,
+        cam_dtype=c.cam_dtype,
         heatmap_shape=heatmap_shape,
         heatmap_dtype=c.heatmap_dtype,
-        cam_dtype=c.cam_dtype,
+        methods=parse_methods(c.method),
         metrics=metrics,
         boxes=boxes is not None,
-        methods=parse_methods(c.method),
         guided_shape=prep.out_size if c.guided else None,
     )
     plan = RunPlan(
@@ -551,7 +558,8 @@ def _assemble(c, files, out_dir, schema, image_column, keep, selection, prep, pr
         cam_shape=probe.cam_shape,
         unit_rows=unit_rows,
         units=units,
-        schema=out_schema,
+        layout=layout,
+        schema=output_schema(layout),
         fingerprint="",
         metrics=metrics,
         boxes=boxes,
