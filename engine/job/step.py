@@ -104,21 +104,11 @@ class DeviceFill:
     def guided(self) -> torch.Tensor:
         return _guided_uint8(self.exp.guided)
 
-    @functools.cached_property
+    @property
     def saliency(self) -> torch.Tensor:
-        """(m, C, H, W) float32: the heatmap at the input size before quantization, which the metrics read.
-
-        The fused kernel run again on the low-resolution cams (weights of one), so it is the heatmap
-        column's own map.
-        """
-        from gradcam_batch.kernels import fused_cam
-
-        cams = self.exp.cams.float()
-        m, c, h, w = cams.shape
-        size = self.step.plan.prep.out_size
-        ones = torch.ones((m * c, 1, 1), device=cams.device)
-        maps = fused_cam(cams.reshape(m * c, 1, h, w), ones, size, out_dtype=torch.float32)
-        return maps.heatmaps.reshape(m, c, *size)
+        """(m, C, H, W) float32: the heatmap at the input size before quantization, which the metrics read
+        (``Explanation.saliency``: made once by the Explainer, shared with the heatmap and guided)."""
+        return self.exp.saliency
 
     @functools.cached_property
     def faithfulness(self) -> dict[str, torch.Tensor]:
@@ -321,6 +311,7 @@ class BatchExplainer:
                 output_size=hs,
                 out_dtype=self._out_dtype,
                 heatmaps=hs is not None,
+                saliency=self.plan.needs_saliency,
             )
         )
         fill = DeviceFill(self, x, exp, seen[0])
