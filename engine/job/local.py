@@ -27,20 +27,17 @@ from gradcam_batch.engine.job.config import (
     RunFailed,
     RunSetupError,
     first_line,
-    resolve_device,
     versions,
 )
 from gradcam_batch.engine.job.outdir import output_problem, remove_own, survey
 from gradcam_batch.engine.job.plan import ModelHandle, RunPlan, build_plan
 from gradcam_batch.engine.job.sink import (
     LOCK,
-    HeatmapWriter,
     Manifest,
     OutputLock,
     WriteItem,
-    next_part_index,
 )
-from gradcam_batch.engine.job.source import InputFile, ParquetSource, SourceError
+from gradcam_batch.engine.job.source import InputFile, SourceError
 from gradcam_batch.engine.job.step import BatchExplainer
 
 
@@ -72,16 +69,16 @@ def open_output(plan: RunPlan) -> tuple[Manifest, list[str]]:
     and the names of the uncommitted files deleted. Both runners call this, so the output of one
     can be resumed by the other.
     """
-    out, c = plan.out_dir, plan.config
+    out, overwrite = plan.out_dir, plan.sink.overwrite
     s = survey(out)
-    problem = output_problem(s, fingerprint=plan.fingerprint, overwrite=c.overwrite)
+    problem = output_problem(s, fingerprint=plan.fingerprint, overwrite=overwrite)
     if problem is not None:
         raise RunSetupError(problem)
-    if s.manifest is not None and not c.overwrite:
+    if s.manifest is not None and not overwrite:
         remove_own(s, s.uncommitted)
         return s.manifest, sorted(s.uncommitted)
     remove_own(s, [n for n in s.own if n != LOCK])  # an overwrite, or a run killed before its first manifest
-    return Manifest.new(out, fingerprint=plan.fingerprint, config=plan.manifest_config(), versions={}), []
+    return Manifest.new(out, fingerprint=plan.fingerprint, config=plan.manifest_config, versions={}), []
 
 
 def make_output_dir(out: Path) -> list[Path]:
@@ -246,16 +243,14 @@ class LocalRun:
     """A planned run on this process's device; ``run()`` executes it. Made by ``prepare``."""
 
     def __init__(self, config: RunConfig):
-        self.device = resolve_device(config.device)
-        # The plan's probe and the batch step share one model, loaded once on the run's device.
-        handle = ModelHandle(config, self.device)
-        self.plan = build_plan(config, device=self.device, model=handle)
-        try:
-            self.step = BatchExplainer(self.plan, self.device, model=handle.get())
-        except (ValueError, TypeError) as exc:
-            raise RunSetupError(first_line(exc)) from None
+        # The plan's probe loads the model, builds the Explainer and traces the model on the run's
+        # device; the batch step runs that same Explainer.
+        handle = ModelHandle(config)
+        self.device = handle.device
+        self.plan = build_plan(config, model=handle)
+        self.step = BatchExplainer(self.plan, self.device, explainer=handle.explainer)
         out = self.plan.out_dir
-        self.manifest = Manifest.load(out) if not config.overwrite and out.exists() else None
+        self.manifest = Manifest.load(out) if not self.plan.sink.overwrite and out.exists() else None
 
     @property
     def config(self) -> RunConfig:
@@ -270,28 +265,10 @@ class LocalRun:
         )
 
     def _stream(self, pending, manifest: Manifest, session: dict) -> None:
-        plan, c = self.plan, self.plan.config
-        source = ParquetSource(
-            plan.files,
-            plan.image_column,
-            plan.input_columns,
-            plan.prep,
-            batch_size=c.batch_size,
-            workers=c.workers,
-            device_jpeg=c.device_jpeg,
-            max_image_pixels=c.max_image_pixels,
-            decode_memory=c.decode_memory_mb << 20 if c.decode_memory_mb else None,
-            want_sizes=plan.boxes is not None,
-        )
-        writer = HeatmapWriter(
-            plan.out_dir,
-            plan.schema,
-            manifest,
-            rows_per_file=c.rows_per_file,
-            queue_depth=c.queue_depth,
-            first_part=next_part_index(manifest),
-        )
-        inbox: queue.Queue = queue.Queue(maxsize=c.queue_depth)
+        plan = self.plan
+        source = plan.source.open()
+        writer = plan.sink.writer(manifest)
+        inbox: queue.Queue = queue.Queue(maxsize=plan.sink.queue_depth)
         stop = threading.Event()
         done_marker = object()
         reader_error: list[BaseException] = []
@@ -316,7 +293,7 @@ class LocalRun:
                 put(done_marker)
 
         bar = None
-        if c.progress:
+        if plan.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=sum(u.rows for u in pending), unit="img", dynamic_ncols=True, smoothing=0.1)

@@ -66,7 +66,7 @@ import pyarrow.fs as pafs
 from gradcam_batch.engine.job.config import RunConfig, RunSetupError, RunWarning
 from gradcam_batch.engine.job.local import execute
 from gradcam_batch.engine.job.plan import RunPlan, build_plan, plan_for_schema
-from gradcam_batch.engine.job.sink import HeatmapWriter, WriteItem, next_part_index
+from gradcam_batch.engine.job.sink import WriteItem
 from gradcam_batch.engine.job.source import (
     DecodedBatch,
     InputFile,
@@ -155,19 +155,7 @@ def encode_decoded(db: DecodedBatch, units: np.ndarray | int, plan: RunPlan) -> 
 
 
 def _source(plan: RunPlan, files, cpus: float | None) -> ParquetSource:
-    c = plan.config
-    return ParquetSource(
-        files,
-        plan.image_column,
-        plan.input_columns,
-        plan.prep,
-        batch_size=c.batch_size,
-        workers=_decode_threads(cpus),
-        device_jpeg=c.device_jpeg,
-        max_image_pixels=c.max_image_pixels,
-        decode_memory=c.decode_memory_mb << 20 if c.decode_memory_mb else None,
-        want_sizes=plan.boxes is not None,
-    )
+    return plan.source.open(files, threads=_decode_threads(cpus))
 
 
 def read_tasks(plan: RunPlan, pending: list[int]) -> list[dict]:
@@ -338,7 +326,7 @@ class ExplainActor:
         self.tag_rows = tag_rows
         self.relay = WarningRelay()
         with self.relay.record() if tag_rows else contextlib.nullcontext():
-            self.step = BatchExplainer(plan, resolve_device(plan.config.device))
+            self.step = BatchExplainer(plan, resolve_device(plan.device))
 
     def __call__(self, table: pa.Table) -> pa.Table:
         outs = []
@@ -466,11 +454,11 @@ def _stages(ds, plan: RunPlan, workers: int, gpus: float, options: RayOptions, *
         # A task takes whole blocks, and Ray merges a task's outputs into blocks of up to 128 MiB: a
         # row group's undecoded rows would reach one decode task. Blocks of a few batches spread the
         # decode; blocks of one batch were slower (per-task overhead; 94 s against 56 s on a test cluster).
-        ds = ds.repartition(target_num_rows_per_block=DECODE_BLOCK_BATCHES * plan.config.batch_size)
+        ds = ds.repartition(target_num_rows_per_block=DECODE_BLOCK_BATCHES * plan.source.batch_size)
         ds = ds.map_batches(
             decode_rows,
             fn_kwargs={"plan": plan, "cpus": read_cpus},
-            batch_size=plan.config.batch_size,
+            batch_size=plan.source.batch_size,
             batch_format="pyarrow",
             num_cpus=read_cpus,
             # Spread the decodes over the nodes. Remote args from a function also keep Ray from fusing
@@ -483,7 +471,7 @@ def _stages(ds, plan: RunPlan, workers: int, gpus: float, options: RayOptions, *
     return ds.map_batches(
         ExplainActor,
         fn_constructor_kwargs={"plan": plan, "tag_rows": readers is not None},
-        batch_size=plan.config.batch_size,
+        batch_size=plan.source.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=workers),
         **actor_kwargs,
@@ -665,7 +653,7 @@ class RayRun:
         from gradcam_batch.engine.job.sink import Manifest
 
         out = self.plan.out_dir
-        self.manifest = Manifest.load(out) if not config.overwrite and out.exists() else None
+        self.manifest = Manifest.load(out) if not self.plan.sink.overwrite and out.exists() else None
         self._started = False
         if not ray.is_initialized():
             level = logging.ERROR if options.quiet else logging.INFO
@@ -682,7 +670,7 @@ class RayRun:
         try:
             if options.quiet:
                 _quiet_ray_data()
-            self.workers, self.gpus = _pool(ray, options, config.device)
+            self.workers, self.gpus = _pool(ray, options, self.plan.device)
             actor = {"CPU": 1.0 if options.num_cpus_per_worker is None else options.num_cpus_per_worker}
             if self.gpus:
                 actor["GPU"] = self.gpus
@@ -730,20 +718,13 @@ class RayRun:
         )
 
     def _stream(self, pending: list[int], manifest, session: dict) -> None:
-        plan, c = self.plan, self.plan.config
+        plan = self.plan
         ds = self.ray.data.from_items(read_tasks(plan, pending))
         readers = 2 * max(1, len(_alive_nodes(self.ray)))
         ds = _stages(ds, plan, self.workers, self.gpus, self.options, readers=readers)
-        writer = HeatmapWriter(
-            plan.out_dir,
-            plan.schema,
-            manifest,
-            rows_per_file=c.rows_per_file,
-            queue_depth=c.queue_depth,
-            first_part=next_part_index(manifest),
-        )
+        writer = plan.sink.writer(manifest)
         bar = None
-        if c.progress:
+        if plan.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=sum(plan.units[i].rows for i in pending), unit="img", dynamic_ncols=True, smoothing=0.1)
@@ -857,7 +838,7 @@ def explain_dataset(
         num_cpus_per_worker=num_cpus_per_worker,
         num_cpus_per_read=num_cpus_per_read,
     )
-    n_workers, gpus = _pool(ray, opts, config.device)
+    n_workers, gpus = _pool(ray, opts, plan.device)
     ds = ds.select_columns(list(dict.fromkeys([plan.image_column, *plan.input_columns])))
     return _stages(ds, plan, n_workers, gpus, opts, readers=None)
 

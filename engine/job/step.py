@@ -25,13 +25,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from gradcam_batch.engine.explain.explainer import stack_methods
+from gradcam_batch.engine.explain.explainer import default_score_fn, stack_methods
 from gradcam_batch.engine.job.columns import DEVICE, HOST
-from gradcam_batch.engine.job.config import RunSetupError, WarnOnce
+from gradcam_batch.engine.job.config import WarnOnce
 from gradcam_batch.engine.job.plan import RunPlan
 from gradcam_batch.engine.job.schema import ResultBatch, build_table
 from gradcam_batch.engine.job.source import DecodedBatch, decode_jpegs_on_device
-from gradcam_batch.engine.models.weights import state_digest
 from gradcam_batch.kernels.reference import quantize
 
 # Why an explained image becomes an error row after all: bits of DeviceResult.faults.
@@ -166,51 +165,29 @@ class BatchOutput:
 class BatchExplainer:
     """Turns decoded batches into output tables for one plan, on one device (see the module docstring)."""
 
-    def __init__(self, plan: RunPlan, device: torch.device | str, *, model=None):
-        from gradcam_batch.engine.explain.explainer import Explainer
-        from gradcam_batch.engine.models.loader import load_model
-
-        c = plan.config
+    def __init__(self, plan: RunPlan, device: torch.device | str, *, model=None, explainer=None):
+        """``explainer``: the plan's own (its probe's, set up on this device); ``model``: a loaded model
+        to build one for. Without either, the model is loaded here and checked against the plan's
+        digest (a Ray actor)."""
         self.plan = plan
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._cuda = self.device.type == "cuda"
-        if model is None:
-            model = load_model(
-                c.model,
-                weights=c.weights,
-                num_classes=c.num_classes,
-                device=self.device,
-                providers=c.providers,
-                weights_strict=c.weights_strict,
-            )
-            # A worker's own load (a Ray actor) must explain the weights the plan hashed: a weights
-            # file replaced since, or a factory that builds other weights each time, would mix models.
-            if plan.model_digest is not None and state_digest(model) != plan.model_digest:
-                raise RunSetupError(
-                    f"the model {c.model} loaded here has weights that differ from the weights the run was "
-                    "planned with (a weights or model file changed since, or the factory does not build the "
-                    "same weights each time)"
-                )
-        self.explainer = Explainer(
-            model,
-            target_layer=plan.target_layer,
-            method=plan.methods,  # a sequence: {name: Explanation}, stacked by stack_methods below
-            guided=c.guided,
-            scorecam_batch=c.scorecam_batch,
-            compile=c.compile,
-            precision=c.precision,
-            reshape=c.reshape,
-            token_grid=c.token_grid,
-        )
+        spec = plan.explain
+        if explainer is None:
+            if model is None:
+                model = plan.model.load(self.device)
+                plan.model.check(model)
+            explainer = spec.explainer(model)
+        self.explainer = explainer
         # Made once: a tensor built from Python values per batch would be a host-to-device copy each time.
         self._mean = torch.tensor(plan.prep.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(plan.prep.std, device=self.device).view(1, 3, 1, 1)
         sel = plan.selection
         self._fixed = torch.tensor(sel.classes, dtype=torch.long, device=self.device) if sel.classes else None
-        self._out_dtype = torch.uint8 if c.heatmap_dtype == "uint8" else torch.float16
-        self._cam_dtype = torch.float32 if c.cam_dtype == "float32" else torch.float16
+        self._out_dtype = torch.uint8 if spec.heatmap_dtype == "uint8" else torch.float16
+        self._cam_dtype = torch.float32 if spec.cam_dtype == "float32" else torch.float16
         self._device_columns = [col for col in plan.columns if col.origin == DEVICE]
         self._host_columns = [col for col in plan.columns if col.origin == HOST]
         self.warn = WarnOnce()  # fallbacks met in the batches, once per run each (a Ray actor forwards them)
@@ -268,7 +245,7 @@ class BatchExplainer:
                 [d for _, d in batch.jpegs],
                 self.plan.prep,
                 self.device,
-                max_image_pixels=self.plan.config.max_image_pixels,
+                max_image_pixels=self.plan.source.max_image_pixels,
                 warn=self.warn,
             )
             for (pos, _), img, err in zip(batch.jpegs, decoded, errs, strict=True):
@@ -307,7 +284,7 @@ class BatchExplainer:
             self.explainer(
                 x,
                 classes=self._selector(labels_t, seen),
-                counterfactual=self.plan.config.counterfactual,
+                counterfactual=self.plan.explain.counterfactual,
                 output_size=hs,
                 out_dtype=self._out_dtype,
                 heatmaps=hs is not None,
@@ -343,25 +320,22 @@ class BatchExplainer:
         from gradcam_batch.engine.metrics import confidence_change, deletion_insertion
 
         x, exp, saliency = fill.x, fill.exp, fill.saliency
-        cfg, out = self.plan.config, {}
-        chunk = cfg.metrics_batch or cfg.batch_size
-        if "deletion" in self.plan.metrics or "insertion" in self.plan.metrics:
-            d, i = deletion_insertion(
-                self._predict, x, saliency, exp.classes, steps=cfg.metrics_steps, batch_size=chunk
-            )
+        spec, out = self.plan.metrics, {}
+        if "deletion" in spec.names or "insertion" in spec.names:
+            d, i = deletion_insertion(self._predict, x, saliency, exp.classes, steps=spec.steps, batch_size=spec.batch)
             out["deletion_auc"], out["insertion_auc"] = d.float(), i.float()
-        if "confidence" in self.plan.metrics:
-            drop, increase = confidence_change(self._predict, x, saliency, exp.classes, batch_size=chunk)
+        if "confidence" in spec.names:
+            drop, increase = confidence_change(self._predict, x, saliency, exp.classes, batch_size=spec.batch)
             out["confidence_drop"], out["confidence_increase"] = drop.float(), increase
         return out
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         """Class scores (B, N) of the model, in the run's precision, with no graph (the metrics' forwards)."""
-        precision = self.plan.config.precision
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.plan.explain.precision)
         autocast = torch.autocast(x.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        score_fn = self.explainer.score_fn or default_score_fn
         with torch.inference_mode(), autocast:
-            return self.explainer._score_fn(self.explainer.model(x)).float()
+            return score_fn(self.explainer.model(x)).float()
 
     def _box_metrics(
         self, pending: PendingBatch, host: DeviceResult, ok: np.ndarray
@@ -380,8 +354,8 @@ class BatchExplainer:
         out = box_metrics(
             torch.from_numpy(host.saliency),
             [None if b is None else torch.from_numpy(b).float() for b, _ in framed],
-            tolerance=plan.config.pointing_tolerance,
-            threshold=plan.config.box_threshold,
+            tolerance=plan.metrics.tolerance,
+            threshold=plan.metrics.threshold,
             categories=[None if ct is None else torch.from_numpy(ct) for _, ct in framed] if have_cats else None,
             classes=torch.from_numpy(host.values["class_index"]) if have_cats else None,
         )
@@ -434,7 +408,7 @@ class BatchExplainer:
                 ok_idx = np.flatnonzero(ok)
                 for j in np.flatnonzero(faults):
                     ok[ok_idx[j]] = False
-                    errors[ok_idx[j]] = fault_message(int(faults[j]), self.plan.config.precision)
+                    errors[ok_idx[j]] = fault_message(int(faults[j]), self.plan.explain.precision)
                 finite = faults == 0
                 values = {k: v[finite] for k, v in values.items()}
                 keep = keep[finite]
