@@ -180,7 +180,8 @@ def run(ctx: click.Context, inputs, **opts) -> None:
 
 def _run(ctx: click.Context, inputs, opts: dict) -> None:
     from gradcam_batch.engine.job.config import RunFailed, RunSetupError
-    from gradcam_batch.engine.job.local import prepare, summary_line
+    from gradcam_batch.engine.job.local import prepare
+    from gradcam_batch.engine.job.session import summary_line
 
     ray_opts = {k: opts.pop(k) for k in _RAY_OPTIONS}
     use_ray = ray_opts.pop("use_ray")

@@ -255,7 +255,7 @@ def test_a_corrupt_jpeg_on_the_device_route_with_boxes_is_an_error_row(tmp_path)
 def test_an_image_error_that_escapes_is_not_transient():
     from PIL import UnidentifiedImageError
 
-    from gradcam_batch.engine.job.local import is_transient
+    from gradcam_batch.engine.job.session import is_transient
 
     assert not is_transient(UnidentifiedImageError("cannot identify image file"))
     assert is_transient(OSError(28, "No space left on device"))

@@ -264,6 +264,43 @@ def test_save_then_crash_before_truncating_folds_nothing_twice(tmp_path):
     assert [f["units"] for f in loaded.files] == [["a"]]
 
 
+def test_each_commit_line_keeps_its_files_tally_and_a_reload_folds_it_in(tmp_path):
+    man = Manifest.new(tmp_path, fingerprint="f", config={}, versions={})
+    man.save()
+    w = HeatmapWriter(tmp_path, _schema(), man, rows_per_file=5, tally=lambda t: {"rows.sum": t.num_rows, "x": 0.5})
+    w.put(_item(_batch([1, 1], [[0, 1], [1, 2]], [[1, 0], [1, 0]], prefix="a"), None))
+    w.put(_item(_batch([1, 1], [[0, 1], [1, 2]], [[1, 0], [1, 0]], prefix="a2"), "a"))
+    w.put(_item(_batch([1], [[0, 1]], [[1, 0]], prefix="b"), "b"))
+    w.close()
+    lines = [json.loads(x) for x in (tmp_path / COMMIT_LOG).read_text().splitlines() if '"seq"' in x]
+    assert [e["tally"] for e in lines] == [{"rows.sum": 8, "x": 1.0}, {"rows.sum": 2, "x": 0.5}]
+    with open(tmp_path / COMMIT_LOG, "a") as fh:  # a line whose tally is not numbers is no commit
+        fh.write(json.dumps({"seq": 3, "name": "part-00002.parquet", "rows": 1, "images": 1, "errors": 0,
+                             "units": ["c"], "tally": {"x": "y"}}) + "\n")  # fmt: skip
+    loaded = Manifest.load(tmp_path)
+    assert [f["tally"] for f in loaded.files] == [{"rows.sum": 8, "x": 1.0}, {"rows.sum": 2, "x": 0.5}]
+    loaded.save()
+    assert [f["tally"] for f in json.loads((tmp_path / "manifest.json").read_text())["files"]][1] == {
+        "rows.sum": 2,
+        "x": 0.5,
+    }
+
+
+def test_format_2_manifests_still_load(tmp_path):
+    (tmp_path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "gradcam-batch/2",
+                "status": "complete",
+                "fingerprint": "f",
+                "files": [{"name": "part-00000.parquet", "rows": 2, "images": 1, "errors": 0, "units": ["u"]}],
+            }
+        )
+    )
+    loaded = Manifest.load(tmp_path)
+    assert loaded.completed_units() == {"u"} and "tally" not in loaded.files[0]
+
+
 def test_format_1_manifests_still_load(tmp_path):
     (tmp_path / "manifest.json").write_text(
         json.dumps(

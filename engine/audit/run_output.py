@@ -164,15 +164,17 @@ def _load_manifest(out: Path):
 def unit_progress(manifest, inputs: Sequence[str] | None = None) -> dict | None:
     """``{"units_done": N, "units_total": M}`` for a run whose manifest is not complete; None for a complete one.
 
-    The manifest records the committed units but not how many there are in all: M comes from
-    planning the units again from the run's inputs (``inputs``, or the files in the manifest),
-    its ``unit_rows`` and ``limit``, exactly as the run did. M is None when the inputs cannot be
-    read or no longer hold every committed unit.
+    M is the manifest's ``units_total`` (what the run planned). A run of an earlier version did not
+    record it: M then comes from planning the units again from the run's inputs (``inputs``, or the
+    files in the manifest), its ``unit_rows`` and ``limit``, exactly as the run did; None when the
+    inputs cannot be read or no longer hold every committed unit.
     """
     if manifest.data.get("status") == "complete":
         return None
     done = manifest.completed_units()
-    total = _planned_units(manifest.data.get("config") or {}, inputs, done)
+    total = manifest.data.get("units_total")
+    if not isinstance(total, int) or isinstance(total, bool):
+        total = _planned_units(manifest.data.get("config") or {}, inputs, done)
     if total is not None and len(done) >= total:
         return None  # every unit is committed: stopped between its last commit and its close
     return {"units_done": len(done), "units_total": total}

@@ -618,7 +618,8 @@ def run_end_to_end(cfg: BenchConfig, progress: Callable[[str], None] | None = No
     import tempfile
 
     try:
-        from gradcam_batch.engine.job.local import RunConfig, run_job
+        from gradcam_batch.engine.job.config import RunConfig
+        from gradcam_batch.engine.job.local import run_job
     except ImportError as e:
         return [Result(END_TO_END, k, "skipped", f"the run pipeline is not available ({e})") for k in cfg.top_k]
     n = cfg.e2e_images or 4 * cfg.batch_size

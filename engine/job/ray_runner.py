@@ -64,9 +64,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from gradcam_batch.engine.job.config import RunConfig, RunSetupError, RunWarning
-from gradcam_batch.engine.job.local import execute
 from gradcam_batch.engine.job.plan import RunPlan, build_plan, plan_for_schema
-from gradcam_batch.engine.job.sink import WriteItem
+from gradcam_batch.engine.job.session import OutputSession, execute, existing_manifest, is_transient
 from gradcam_batch.engine.job.source import (
     DecodedBatch,
     InputFile,
@@ -550,8 +549,6 @@ _OS_ERRORS = {"OSError", "IOError", "InputReadError", "ConnectionError", "Timeou
 def _is_transient(exc: BaseException) -> bool:
     """A lost node, actor or object, or an I/O error: a rerun can get past it. An error that the
     user's code or model raised (inside an actor too, even when Ray reports the actor dead) cannot."""
-    from gradcam_batch.engine.job.local import is_transient
-
     if is_transient(exc):
         return True
     original = _original_error(exc)
@@ -650,10 +647,7 @@ class RayRun:
             self._say_warnings([])
         if len({type(f.filesystem).__name__ for f in self.plan.files}) > 1:
             raise RunSetupError("with --ray all inputs must be on one filesystem (all local, or one URI scheme)")
-        from gradcam_batch.engine.job.sink import Manifest
-
-        out = self.plan.out_dir
-        self.manifest = Manifest.load(out) if not self.plan.sink.overwrite and out.exists() else None
+        self.manifest = existing_manifest(self.plan)
         self._started = False
         if not ray.is_initialized():
             level = logging.ERROR if options.quiet else logging.INFO
@@ -717,51 +711,31 @@ class RayRun:
             self, self.device_label, self._stream, extra_versions=extra, describe=_first_line, transient=_is_transient
         )
 
-    def _stream(self, pending: list[int], manifest, session: dict) -> None:
+    def _stream(self, session: OutputSession) -> None:
         plan = self.plan
-        ds = self.ray.data.from_items(read_tasks(plan, pending))
+        ds = self.ray.data.from_items(read_tasks(plan, session.pending))
         readers = 2 * max(1, len(_alive_nodes(self.ray)))
         ds = _stages(ds, plan, self.workers, self.gpus, self.options, readers=readers)
-        writer = plan.sink.writer(manifest)
-        bar = None
-        if plan.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=sum(plan.units[i].rows for i in pending), unit="img", dynamic_ncols=True, smoothing=0.1)
 
         def put(unit: Unit, table: pa.Table, errors: int) -> None:
-            writer.put(WriteItem(table, unit.rows, errors, unit.key))
-            session["images"] += unit.rows
-            session["errors"] += errors
-            session["rows_out"] += table.num_rows
+            session.write(table, unit.rows, errors, unit.key)
 
-        units = UnitAssembler(plan, pending, put)
+        units = UnitAssembler(plan, session.pending, put)
         # Ray Data hands the rows over in input order: the driver then holds one unit at a time,
         # and the part files are in input order, as in a local run.
         ds.context.execution_options.preserve_order = True
         try:
-            with warnings.catch_warnings():
+            with session.writing(), warnings.catch_warnings():
                 # Ray Data warns when it plans fewer input blocks than the tasks or actors it may run:
                 # the read stage's input is one item per row group, the blocks after it come later.
                 warnings.filterwarnings("ignore", message=r".*number of concurrent (tasks|actors) for 'MapBatches")
                 for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                     self._say_warnings(batch.column(WARNINGS).drop_null().to_pylist())
-                    images = units.add(batch)
-                    if bar is not None:
-                        bar.update(images)
-            units.finish()
-            writer.close()
-        except BaseException:
-            try:  # keep the units already handed over (whole units only reach the writer)
-                writer.close()
-            except BaseException:
-                writer.abort()
-            raise
+                    session.advance(units.add(batch))
+                units.finish()
         finally:
-            if bar is not None:
-                bar.close()
-            if self.log is not None and session["images"]:
-                self.log(f"ray: {session['images']} images, {session['rows_out']} rows, {session['errors']} errors")
+            if self.log is not None and session.images:
+                self.log(f"ray: {session.images} images, {session.rows_out} rows, {session.errors} errors")
 
 
 def prepare_ray(config: RunConfig, options: RayOptions | None = None, *, log=None) -> RayRun:
@@ -848,8 +822,6 @@ __all__ = [
     "RayNotInstalled",
     "RayOptions",
     "RayRun",
-    "RunConfig",
-    "RunSetupError",
     "check_schedulable",
     "explain_dataset",
     "prepare_ray",

@@ -143,8 +143,9 @@ class SinkSpec:
     queue_depth: int = 4  # batches queued before the writer (and, locally, before the compute)
     overwrite: bool = False
 
-    def writer(self, manifest):
-        """A ``HeatmapWriter`` that goes on after the manifest's last part file."""
+    def writer(self, manifest, *, tally=None):
+        """A ``HeatmapWriter`` that goes on after the manifest's last part file; ``tally(table)`` is
+        what each table adds to its file's commit line."""
         from gradcam_batch.engine.job.sink import HeatmapWriter, next_part_index
 
         return HeatmapWriter(
@@ -154,6 +155,7 @@ class SinkSpec:
             rows_per_file=self.rows_per_file,
             queue_depth=self.queue_depth,
             first_part=next_part_index(manifest),
+            tally=tally,
         )
 
 
