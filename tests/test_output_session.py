@@ -99,3 +99,14 @@ def test_the_entropy_column_gives_the_runs_of_the_previous_schema_another_finger
     plan = prepare(cfg).plan
     older = plan.schema.remove(plan.schema.get_field_index("entropy"))
     assert fingerprint(dataclasses.replace(plan, sink=dataclasses.replace(plan.sink, schema=older))) != plan.fingerprint
+
+
+def test_the_runners_reexport_no_config_types_and_the_former_ray_module_is_gone():
+    import importlib.util
+
+    from gradcam_batch.engine.job import config, local, ray_runner
+
+    assert importlib.util.find_spec("gradcam_batch.engine.ray_job") is None
+    for runner in (local, ray_runner):
+        assert not set(runner.__all__) & set(config.__all__), runner.__name__
+    assert "execute" not in vars(ray_runner) or ray_runner.execute.__module__.endswith(".session")
