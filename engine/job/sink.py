@@ -21,6 +21,9 @@ Exactly-once writing (what makes resuming safe after a SIGKILL at any moment):
 
 Which files of an output directory are the tool's own, and may be deleted: ``engine/job/outdir.py``.
 
+One module past 500 lines because the writer, the manifest and the commit log are one protocol:
+the order of their writes is what makes a commit exactly-once, and it reads best in one place.
+
 One run at a time: ``OutputLock`` holds an exclusive ``flock`` on ``OUT/.lock`` for the whole
 run, local or Ray, and a second run stops at once with the holder's pid and host.
 """
