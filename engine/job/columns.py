@@ -244,7 +244,7 @@ def audited() -> tuple[Column, ...]:
 def tally(table: pa.Table) -> dict[str, list[float]]:
     """``{column: [sum, rows]}`` of the columns with a ``Mean`` in ``table`` (the rows that hold a value).
 
-    Added up over the committed files (the commit log keeps each file's), they give ``means``.
+    Each commit line keeps its file's (``session.OutputSession.tally``); added up, they give ``means``.
     """
     import pyarrow.compute as pc
 
@@ -259,14 +259,6 @@ def tally(table: pa.Table) -> dict[str, list[float]]:
             values = pc.cast(values, pa.float64())
         out[c.name] = [float(pc.sum(values).as_py() or 0.0), len(values)]
     return out
-
-
-def add_tally(total: dict[str, list[float]], more: dict[str, list[float]]) -> dict[str, list[float]]:
-    for name, (s, n) in more.items():
-        t = total.setdefault(name, [0.0, 0])
-        t[0] += s
-        t[1] += n
-    return total
 
 
 def means(total: dict[str, list[float]], schema: pa.Schema) -> dict:
@@ -304,7 +296,6 @@ __all__ = [
     "Mean",
     "RESERVED",
     "TABLE",
-    "add_tally",
     "audited",
     "columns_of",
     "means",
