@@ -6,25 +6,17 @@ import json
 
 import click
 
+from gradcam_batch.cli.options import BadInvocation, compute_options, model_source_options
 from gradcam_batch.engine.bench import BASELINES, METHOD_BASELINES
+
+DEFAULT_MODEL = "torchvision:resnet50"
 
 
 @click.command()
-@click.option(
-    "--model",
-    "model_spec",
-    default="torchvision:resnet50",
-    show_default=True,
-    help="Model spec: torchvision:NAME (random weights unless --weights).",
-)
-@click.option("--weights", type=click.Path(dir_okay=False), help="State dict file for the model (weights_only load).")
-@click.option("--batch-size", default=16, show_default=True, type=int, help="Images per batch.")
+@model_source_options
+@compute_options(batch_size=16)
 @click.option("--image-size", default=224, show_default=True, type=int, help="Height and width of the inputs.")
 @click.option("--top-k", default="1,5", show_default=True, help="Comma-separated numbers of classes to explain.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option(
-    "--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]), help="Model dtype."
-)
 @click.option("--iters", default=10, show_default=True, type=int, help="Timed rounds (each runs every contender).")
 @click.option("--warmup", default=2, show_default=True, type=int, help="Untimed rounds first.")
 @click.option(
@@ -48,13 +40,6 @@ from gradcam_batch.engine.bench import BASELINES, METHOD_BASELINES
     help="Comma-separated engine VJP strategies to time (vmap, loop, batched_grad); non-linear heads only.",
 )
 @click.option(
-    "--compile/--no-compile",
-    "compile_",
-    default=False,
-    show_default=True,
-    help="torch.compile the engine's backbone (and the model, for the inference limit).",
-)
-@click.option(
     "--end-to-end",
     is_flag=True,
     help="Also time the full `run` pipeline (JPEG decode -> explain -> Parquet) on generated JPEGs.",
@@ -64,41 +49,45 @@ from gradcam_batch.engine.bench import BASELINES, METHOD_BASELINES
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Write the results as JSON.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the synthetic inputs.")
 def bench(
-    model_spec, weights, batch_size, image_size, top_k, device, precision, iters, warmup, baselines, methods,
-    scorecam_batch, vjp_strategy, compile_, end_to_end, e2e_images, check, json_path, seed,
+    model_spec, weights, weights_strict, num_classes, batch_size, device, precision, compile, image_size, top_k,
+    iters, warmup, baselines, methods, scorecam_batch, vjp_strategy, end_to_end, e2e_images, check, json_path, seed,
 ) -> None:  # fmt: skip
     """Time Grad-CAM on synthetic batches next to pure inference and the usual libraries.
 
     Every contender gets the same model, target layer, batches, device and precision; rounds
-    are interleaved and the median after warm-up is reported.
+    are interleaved and the median after warm-up is reported. The model is torchvision:resnet50
+    (random weights) unless --model says otherwise; --compile compiles the engine's backbone and
+    adds a compiled-model row next to the eager inference limit.
     """
     from gradcam_batch.engine.bench.harness import BenchConfig, load_model, run_bench
 
-    cfg = BenchConfig(
-        model=model_spec,
-        weights=weights,
-        batch_size=batch_size,
-        image_size=image_size,
-        top_k=top_k,
-        device=device,
-        precision=precision,
-        iters=iters,
-        warmup=warmup,
-        baselines=baselines,
-        vjp_strategies=vjp_strategy,
-        compile=compile_,
-        end_to_end=end_to_end,
-        e2e_images=e2e_images,
-        seed=seed,
-        check=check,
-        methods=methods or (),
-        scorecam_batch=scorecam_batch,
-    )
     try:
+        cfg = BenchConfig.parse(
+            top_k=top_k,
+            baselines=baselines,
+            vjp_strategies=vjp_strategy,
+            methods=methods,
+            model=model_spec or DEFAULT_MODEL,
+            weights=weights,
+            weights_strict=weights_strict,
+            num_classes=num_classes,
+            batch_size=batch_size,
+            image_size=image_size,
+            device=device,
+            precision=precision,
+            iters=iters,
+            warmup=warmup,
+            compile=compile,
+            end_to_end=end_to_end,
+            e2e_images=e2e_images,
+            seed=seed,
+            check=check,
+            scorecam_batch=scorecam_batch,
+        )
         cfg.validate()
-        model = load_model(cfg.model, cfg.weights)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
+        model = load_model(cfg.model, cfg.weights, num_classes=cfg.num_classes, weights_strict=cfg.weights_strict)
+    except ValueError as e:  # a bad value, or the loader's ModelSpecError: one line, exit 2, as in `run`
+        raise BadInvocation(str(e)) from None
     try:
         report = run_bench(cfg, model=model, progress=lambda msg: click.echo(msg, err=True))
     except ValueError as e:

@@ -2,38 +2,13 @@
 
 from __future__ import annotations
 
-import re
-
 import click
 
-from gradcam_batch.cli.options import BadInvocation
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
-    if not m or int(m.group(1)) < 1 or (m.group(2) is not None and int(m.group(2)) < 1):
-        raise click.BadParameter(f"expected N or HxW (e.g. 224 or 240x320), got {text!r}")
-    h = int(m.group(1))
-    return h, int(m.group(2) or h)
+from gradcam_batch.cli.options import BadInvocation, model_source_options, parse_size
 
 
 @click.command()
-@click.option(
-    "--model",
-    "model_spec",
-    required=True,
-    help="torchvision:NAME, timm:NAME, hf:DIR, path/to/file.py:FACTORY, package.module:FACTORY, "
-    "or a .onnx/.pt2/TorchScript file.",
-)
-@click.option(
-    "--weights",
-    type=click.Path(dir_okay=False),
-    help="Weights for torchvision:/timm:/hf:/factory specs (.safetensors, state dict or checkpoint).",
-)
-@click.option(
-    "--weights-strict", type=click.BOOL, default=True, show_default=True, help="Every tensor must match by name."
-)
-@click.option("--num-classes", type=click.IntRange(min=1), help="Classifier size for torchvision:/timm:/hf:/factory.")
+@model_source_options
 @click.option(
     "--input-size",
     help="Probe input size: N or HxW. [default: the model's own preprocessing, an ONNX model's static input "
@@ -47,7 +22,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 )
 @click.option("--all", "show_all", is_flag=True, help="List every module (tensor for ONNX), not only candidates.")
 def layers(
-    model_spec: str,
+    model_spec: str | None,
     weights: str | None,
     weights_strict: bool,
     num_classes: int | None,
@@ -65,11 +40,16 @@ def layers(
     """
     import torch
 
+    from gradcam_batch.engine.errors import first_line
     from gradcam_batch.engine.explain.explainer import default_score_fn, eval_mode
     from gradcam_batch.engine.explain.layers import probe_layers
     from gradcam_batch.engine.models.loader import load_model, model_preprocessing
 
-    size = _parse_size(input_size) if input_size is not None else None
+    if not model_spec:
+        raise BadInvocation("--model is required (e.g. --model torchvision:resnet50)")
+    size = parse_size(input_size, what="--input-size", allow=()) if input_size is not None else None
+    if isinstance(size, int):
+        size = (size, size)
     try:
         prep = model_preprocessing(model_spec)
         model = load_model(model_spec, weights=weights, num_classes=num_classes, weights_strict=weights_strict)
@@ -97,8 +77,7 @@ def layers(
         else:
             infos = model.probe_layers(sample)
     except (ValueError, TypeError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BadInvocation(f"probe forward at input size {h}x{w} failed: {first}") from None
+        raise BadInvocation(f"probe forward at input size {h}x{w} failed: {first_line(exc)}") from None
 
     rows = [i for i in infos if show_all or i.candidate or i.chosen]
     if not rows:

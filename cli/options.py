@@ -56,38 +56,53 @@ def split_names(values: tuple[str, ...]) -> list[str]:
     return [n.strip() for v in values for n in v.split(",") if n.strip()]
 
 
-def compute_options(f: Callable) -> Callable:
-    """--batch-size, --device, --precision, --compile/--no-compile."""
-    for deco in reversed(
-        [
-            click.option(
-                "--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per batch."
-            ),
-            click.option(
-                "--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N."
-            ),
-            click.option(
-                "--precision",
-                type=click.Choice(["fp32", "bf16", "fp16"]),
-                default="fp32",
-                show_default=True,
-                help="Autocast dtype of the backbone (the head and the maps stay fp32).",
-            ),
-            click.option(
-                "--compile/--no-compile",
-                default=False,
-                show_default=True,
-                help="torch.compile the backbone (falls back to eager with a warning when it fails).",
-            ),
-        ]
-    ):
-        f = deco(f)
-    return f
+def compute_options(*, batch_size: int = 64) -> Callable[[Callable], Callable]:
+    """--batch-size (its default per command), --device, --precision, --compile/--no-compile."""
+
+    def bundle(f: Callable) -> Callable:
+        for deco in reversed(
+            [
+                click.option(
+                    "--batch-size",
+                    default=batch_size,
+                    show_default=True,
+                    type=click.IntRange(min=1),
+                    help="Images per batch.",
+                ),
+                click.option(
+                    "--device",
+                    default="auto",
+                    show_default=True,
+                    help="auto (CUDA when available), cpu, cuda or cuda:N.",
+                ),
+                click.option(
+                    "--precision",
+                    type=click.Choice(["fp32", "bf16", "fp16"]),
+                    default="fp32",
+                    show_default=True,
+                    help="Autocast dtype of the backbone (the head and the maps stay fp32).",
+                ),
+                click.option(
+                    "--compile/--no-compile",
+                    default=False,
+                    show_default=True,
+                    help="torch.compile the backbone (falls back to eager with a warning when it fails).",
+                ),
+            ]
+        ):
+            f = deco(f)
+        return f
+
+    return bundle
 
 
-def model_options(f: Callable) -> Callable:
-    """--model, --weights, --num-classes, --providers, --reshape, --token-grid, --target-layer, --method,
-    --guided, --scorecam-batch, --counterfactual."""
+def model_source_options(f: Callable) -> Callable:
+    """--model, --weights, --weights-strict, --num-classes: which model, as ``run``, ``layers`` and ``bench`` take it.
+
+    Each value is checked in one place: its click type here, or the model loader (a spec that does not
+    parse, a weights file that is missing or does not fit), whose ``ModelSpecError`` each command prints
+    as one ``Error:`` line with exit 2 (``BadInvocation``).
+    """
     for deco in reversed(
         [
             click.option(
@@ -112,6 +127,17 @@ def model_options(f: Callable) -> Callable:
                 "unexpected ones (shapes must always match).",
             ),
             click.option("--num-classes", type=click.IntRange(min=1), help="Classifier size, when not the default."),
+        ]
+    ):
+        f = deco(f)
+    return f
+
+
+def explain_options(f: Callable) -> Callable:
+    """--providers, --reshape, --token-grid, --target-layer, --method, --guided, --scorecam-batch,
+    --counterfactual: how ``run`` explains."""
+    for deco in reversed(
+        [
             click.option(
                 "--providers",
                 multiple=True,
@@ -163,6 +189,37 @@ def model_options(f: Callable) -> Callable:
     return f
 
 
+def model_options(f: Callable) -> Callable:
+    """``run``'s model bundle: ``model_source_options`` and ``explain_options``."""
+    return model_source_options(explain_options(f))
+
+
+def preprocessing_options(f: Callable) -> Callable:
+    """--resize, --crop, --mean, --std, --interpolation: the preprocessing of ``run`` (and what ``layers`` shows).
+
+    The defaults are ImageNet's; timm: and hf: models bring their own (``cli/preprocessing.py``), and an
+    option given on the command line wins over the model's value.
+    """
+    for deco in reversed(
+        [
+            click.option("--resize", default="256", show_default=True, help="Shorter side N, exact HxW, or none."),
+            click.option("--crop", default="224", show_default=True, help="Center crop N or HxW, or none."),
+            click.option("--mean", default="0.485,0.456,0.406", show_default=True, help="Normalization mean (R,G,B)."),
+            click.option("--std", default="0.229,0.224,0.225", show_default=True, help="Normalization std (R,G,B)."),
+            click.option(
+                "--interpolation",
+                type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos"]),
+                default="bilinear",
+                show_default=True,
+                help="Resize filter. timm: and hf: models bring their own resize, crop, mean, std and "
+                "interpolation; these options override them.",
+            ),
+        ]
+    ):
+        f = deco(f)
+    return f
+
+
 def _check_methods(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """The --method list, checked and normalized ("GradCAM, layercam" -> "gradcam,layercam")."""
     from gradcam_batch.engine.explain.methods import parse_methods
@@ -192,9 +249,12 @@ __all__ = [
     "BadInvocation",
     "Interrupted",
     "compute_options",
+    "explain_options",
     "model_options",
+    "model_source_options",
     "parse_floats3",
     "parse_int_list",
     "parse_size",
+    "preprocessing_options",
     "split_names",
 ]

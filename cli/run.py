@@ -17,6 +17,7 @@ from gradcam_batch.cli.options import (
     parse_floats3,
     parse_int_list,
     parse_size,
+    preprocessing_options,
     split_names,
 )
 
@@ -39,19 +40,8 @@ def _is_default(ctx: click.Context, name: str) -> bool:
 @click.option("--image-column", metavar="COL", help="Column with the images (bytes, HF struct, or paths). Auto.")
 @click.option("--id-column", metavar="COL", help="Column to use as id. [default: <input file>:<row>]")
 @click.option("--keep-columns", multiple=True, metavar="A,B", help="Input columns passed through to the output.")
-@click.option("--resize", default="256", show_default=True, help="Shorter side N, exact HxW, or none.")
-@click.option("--crop", default="224", show_default=True, help="Center crop N or HxW, or none.")
-@click.option("--mean", default="0.485,0.456,0.406", show_default=True, help="Normalization mean (R,G,B).")
-@click.option("--std", default="0.229,0.224,0.225", show_default=True, help="Normalization std (R,G,B).")
-@click.option(
-    "--interpolation",
-    type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos"]),
-    default="bilinear",
-    show_default=True,
-    help="Resize filter. timm: and hf: models bring their own resize, crop, mean, std and interpolation; "
-    "these options override them.",
-)
-@compute_options
+@preprocessing_options
+@compute_options()
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -183,9 +173,9 @@ def _run(ctx: click.Context, inputs, opts: dict) -> None:
     from gradcam_batch.engine.job.local import prepare
     from gradcam_batch.engine.job.session import summary_line
 
-    ray_opts = {k: opts.pop(k) for k in _RAY_OPTIONS}
-    use_ray = ray_opts.pop("use_ray")
-    fail_on_error, summary_json = opts.pop("fail_on_error"), opts.pop("summary_json")
+    use_ray = opts["use_ray"]
+    ray_opts = {k: opts[k] for k in _RAY_OPTIONS}
+    fail_on_error, summary_json = opts["fail_on_error"], opts["summary_json"]
     if not inputs and not opts["model_spec"]:
         _demo_defaults(ctx, opts)
         from gradcam_batch.engine.demo import assets as demo_assets
@@ -236,7 +226,9 @@ def format_run_warning(message, category, filename, lineno, line=None, _default=
     return _default(message, category, filename, lineno, line)
 
 
-_RAY_OPTIONS = ("use_ray", "ray_address", "num_gpus_per_worker", "num_cpus_per_worker", "num_cpus_per_read")
+_RAY_OPTIONS = ("ray_address", "num_gpus_per_worker", "num_cpus_per_worker", "num_cpus_per_read")
+# Options that say how the CLI runs the job, not what the job is: no RunConfig field.
+CLI_ONLY_OPTIONS = ("use_ray", *_RAY_OPTIONS, "fail_on_error", "summary_json")
 
 
 def _demo_defaults(ctx: click.Context, opts: dict) -> None:
@@ -258,34 +250,85 @@ def _demo_defaults(ctx: click.Context, opts: dict) -> None:
         opts["label_column"] = "label"
 
 
-def run_config(inputs, opts: dict):
-    """The ``RunConfig`` of the parsed options: options named as fields pass as they are, the rest are parsed."""
-    import dataclasses
+# click destination -> RunConfig field, for every option that is part of the job. A new option gets a line
+# here (and, when its text needs reading, one in _PARSE); test_run_cli checks that none is left out.
+RUN_CONFIG_OPTIONS = {
+    "output": "output",
+    "model_spec": "model",
+    "weights": "weights",
+    "weights_strict": "weights_strict",
+    "num_classes": "num_classes",
+    "providers": "providers",
+    "reshape": "reshape",
+    "token_grid": "token_grid",
+    "target_layer": "target_layer",
+    "method": "method",
+    "guided": "guided",
+    "scorecam_batch": "scorecam_batch",
+    "counterfactual": "counterfactual",
+    "top_k": "top_k",
+    "classes_text": "classes",
+    "label_column": "label_column",
+    "image_column": "image_column",
+    "id_column": "id_column",
+    "keep_columns": "keep_columns",
+    "resize": "resize",
+    "crop": "crop",
+    "mean": "mean",
+    "std": "std",
+    "interpolation": "interpolation",
+    "batch_size": "batch_size",
+    "device": "device",
+    "precision": "precision",
+    "compile": "compile",
+    "workers": "workers",
+    "device_jpeg": "device_jpeg",
+    "heatmap_size": "heatmap_size",
+    "heatmap_dtype": "heatmap_dtype",
+    "cam_dtype": "cam_dtype",
+    "rows_per_file": "rows_per_file",
+    "resume": "overwrite",
+    "limit": "limit",
+    "progress": "progress",
+    "max_image_pixels": "max_image_pixels",
+    "decode_memory_mb": "decode_memory_mb",
+    "metrics_text": "metrics",
+    "metrics_steps": "metrics_steps",
+    "metrics_batch": "metrics_batch",
+    "box_column": "box_column",
+    "box_format": "box_format",
+    "pointing_tolerance": "pointing_tolerance",
+    "box_threshold": "box_threshold",
+}
 
+# click destination -> the option's value as its field's; options not named here pass as they are.
+_PARSE = {
+    "classes_text": lambda v: parse_int_list(v, what="--classes"),
+    "keep_columns": split_names,
+    "resize": lambda v: parse_size(v, what="--resize"),
+    "crop": lambda v: _square(parse_size(v, what="--crop")),
+    "mean": lambda v: parse_floats3(v, what="--mean"),
+    "std": lambda v: parse_floats3(v, what="--std"),
+    "providers": lambda v: split_names(v) or None,
+    "heatmap_size": lambda v: _square(parse_size(v, what="--heatmap-size", allow=("none", "input"))),
+    "max_image_pixels": lambda v: _pixels(v),
+    "decode_memory_mb": lambda v: v or None,
+    "metrics_text": lambda v: tuple(split_names((v,))) if v else (),
+    "resume": lambda v: not v,
+    "progress": lambda v: sys.stderr.isatty() if v is None else v,
+}
+
+
+def run_config(inputs, opts: dict):
+    """The ``RunConfig`` of the parsed options, through ``RUN_CONFIG_OPTIONS``; ``opts`` is left as it is."""
     from gradcam_batch.engine.job.config import RunConfig
 
-    progress = opts.pop("progress")
-    parsed = {
-        "model": opts.pop("model_spec"),
-        "classes": parse_int_list(opts.pop("classes_text"), what="--classes"),
-        "keep_columns": split_names(opts.pop("keep_columns")),
-        "resize": parse_size(opts.pop("resize"), what="--resize"),
-        "crop": _square(parse_size(opts.pop("crop"), what="--crop")),
-        "mean": parse_floats3(opts.pop("mean"), what="--mean"),
-        "std": parse_floats3(opts.pop("std"), what="--std"),
-        "providers": split_names(opts.pop("providers")) or None,
-        "heatmap_size": _square(parse_size(opts.pop("heatmap_size"), what="--heatmap-size", allow=("none", "input"))),
-        "max_image_pixels": _pixels(opts.pop("max_image_pixels")),
-        "decode_memory_mb": opts.pop("decode_memory_mb") or None,
-        "metrics": tuple(split_names((metrics_text,))) if (metrics_text := opts.pop("metrics_text")) else (),
-        "overwrite": not opts.pop("resume"),
-        "progress": sys.stderr.isatty() if progress is None else progress,
-    }
-    names = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = set(opts) - names
-    if unknown:  # a new option must be parsed above or named as its RunConfig field
-        raise RuntimeError(f"options without a RunConfig field: {sorted(unknown)}")
-    return RunConfig(inputs=list(inputs), **opts, **parsed)
+    values = {field: _PARSE.get(name, _as_is)(opts[name]) for name, field in RUN_CONFIG_OPTIONS.items()}
+    return RunConfig(inputs=list(inputs), **values)
+
+
+def _as_is(value):
+    return value
 
 
 def _pixels(text: str) -> int:

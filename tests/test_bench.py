@@ -6,6 +6,7 @@ that its numbers are consistent with each other.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 
@@ -14,15 +15,18 @@ import torch
 from click.testing import CliRunner
 
 from gradcam_batch.cli import cli
+from gradcam_batch.engine.bench import CAPTUM, END_TO_END, INFERENCE, OURS, PYTORCH_GRAD_CAM, TORCHCAM
 from gradcam_batch.engine.bench import harness as bench_mod
 from gradcam_batch.engine.bench.harness import (
     BenchConfig,
+    Contender,
     Result,
     _fill_ratios,
+    contenders,
+    label,
     load_model,
     make_batches,
     parse_top_ks,
-    resolve_device,
     run_bench,
 )
 
@@ -122,7 +126,7 @@ def test_vjp_strategies_on_a_nonlinear_head():
             iters=1,
             warmup=0,
             baselines=("inference",),
-            vjp_strategies="vmap,loop,batched_grad",
+            vjp_strategies=("vmap", "loop", "batched_grad"),
             device="cpu",
         )
     )
@@ -159,10 +163,20 @@ def test_a_failing_contender_is_reported_not_fatal(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no bf16 here\nsecond line")
 
-    monkeypatch.setattr(bench_mod, "_captum", broken)
+    from gradcam_batch.engine.bench import methods as libraries
+
+    monkeypatch.setitem(libraries.LIBRARIES, CAPTUM, (libraries.LIBRARIES[CAPTUM][0], broken))
     monkeypatch.setattr(bench_mod, "_installed", lambda m: True)
-    cfg = BenchConfig(model="torchvision:resnet18", batch_size=1, image_size=64, top_k=(1,), iters=1, warmup=0)
-    cfg.baselines = ("inference", "captum")
+    cfg = BenchConfig(
+        model="torchvision:resnet18",
+        batch_size=1,
+        image_size=64,
+        top_k=(1,),
+        iters=1,
+        warmup=0,
+        baselines=("inference", "captum"),
+        device="cpu",
+    )
     report = run_bench(cfg)
     failed = report.result("captum", 1)
     assert failed.status == "failed" and failed.reason == "RuntimeError: no bf16 here"
@@ -226,7 +240,7 @@ def test_weights_file_is_loaded(tmp_path):
         (["--baselines", "inference,lime"], "unknown baseline 'lime'"),
         (["--vjp-strategy", "fast"], "unknown vjp strategy 'fast'"),
         (["--device", "tpu"], "unknown device 'tpu'"),
-        (["--batch-size", "0"], "batch size must be positive"),
+        (["--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1"),
         (["--iters", "0"], "iters must be at least 1"),
         (["--e2e-images", "0"], "e2e_images must be positive"),
         (["--precision", "fp8"], "'fp8' is not one of"),
@@ -259,10 +273,6 @@ def test_top_k_above_the_class_count_is_one_line(tmp_path):
 def test_helpers():
     assert parse_top_ks("5, 1,5") == (5, 1)
     assert parse_top_ks([3]) == (3,)
-    assert resolve_device("cpu") == torch.device("cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            resolve_device("cuda")
     cfg = BenchConfig(batch_size=3, image_size=16, n_batches=3)
     batches = make_batches(cfg, torch.device("cpu"))
     assert len(batches) == 3 and all(b.shape == (3, 3, 16, 16) and b.dtype == torch.float32 for b in batches)
@@ -273,21 +283,134 @@ def test_helpers():
     assert torch.equal(make_batches(cfg, torch.device("cpu"))[2], batches[2])
 
 
-def test_ratios():
-    results = [
-        Result("inference", None, "ok", img_per_s=100.0),
-        Result("gradcam-batch", 1, "ok", img_per_s=95.0),
-        Result("pytorch-grad-cam", 1, "ok", img_per_s=20.0),
-        Result("captum", 1, "failed", reason="x"),
-        Result("gradcam-batch", 5, "ok", img_per_s=90.0),
-        Result("captum", 5, "ok", img_per_s=15.0),
-    ]
+def _result(key: Contender, img_per_s: float | None, status: str = "ok") -> Result:
+    # The labels are deliberately not the table's: ratios must come from the keys alone.
+    return Result(key, f"label-{id(key)}", status, img_per_s=img_per_s)
+
+
+def test_ratios_are_looked_up_by_contender_key():
+    gradcam, eigencam = ("gradcam",), ("eigencam",)
+    inf = _result(Contender(INFERENCE), 100.0)
+    inf_compiled = _result(Contender(INFERENCE, compile=True), 400.0)
+    ours1 = _result(Contender(OURS, gradcam, 1, vjp_strategy="vmap"), 95.0)
+    pgc1 = _result(Contender(PYTORCH_GRAD_CAM, gradcam, 1), 20.0)
+    captum1 = _result(Contender(CAPTUM, gradcam, 1), None, "failed")
+    ours5 = _result(Contender(OURS, gradcam, 5, vjp_strategy="vmap"), 90.0)
+    captum5 = _result(Contender(CAPTUM, gradcam, 5), 15.0)
+    e2e5 = _result(Contender(END_TO_END, gradcam, 5), 30.0)
+    # --methods: each method against the same method of each library, the list against none.
+    eig = _result(Contender(OURS, eigencam, 5, vjp_strategy="vmap"), 60.0)
+    pgc_eig = _result(Contender(PYTORCH_GRAD_CAM, eigencam, 5), 12.0)
+    both = _result(Contender(OURS, ("gradcam", "eigencam"), 5, vjp_strategy="vmap"), 50.0)
+    results = [inf, inf_compiled, ours1, pgc1, captum1, ours5, captum5, e2e5, eig, pgc_eig, both]
     _fill_ratios(results)
-    assert results[1].vs_inference == pytest.approx(0.95)
-    assert results[1].speedup == {"pytorch-grad-cam": pytest.approx(4.75)}
-    assert results[2].vs_inference == pytest.approx(0.2) and results[2].speedup == {}
-    assert results[4].speedup == {"captum": pytest.approx(6.0)}
-    assert results[3].vs_inference is None
+    assert ours1.vs_inference == pytest.approx(0.95)  # against eager inference, not the compiled row
+    assert inf_compiled.vs_inference == pytest.approx(4.0)
+    assert ours1.speedup == {PYTORCH_GRAD_CAM: pytest.approx(4.75)}
+    assert pgc1.vs_inference == pytest.approx(0.2) and pgc1.speedup == {}
+    assert ours5.speedup == {CAPTUM: pytest.approx(6.0)}
+    assert e2e5.speedup == {CAPTUM: pytest.approx(2.0)}
+    assert captum1.vs_inference is None
+    assert eig.speedup == {PYTORCH_GRAD_CAM: pytest.approx(5.0)}
+    assert both.speedup == {}
+
+
+def test_one_builder_makes_every_contender_as_data():
+    plain = BenchConfig(top_k=(1, 5), baselines=(INFERENCE, PYTORCH_GRAD_CAM, CAPTUM), compile=True, end_to_end=True)
+    keys = contenders(plain)
+    gradcam = ("gradcam",)
+    assert keys == [
+        Contender(INFERENCE),
+        Contender(INFERENCE, compile=True),
+        Contender(OURS, gradcam, 1, compile=True, vjp_strategy="vmap"),
+        Contender(PYTORCH_GRAD_CAM, gradcam, 1),
+        Contender(CAPTUM, gradcam, 1),
+        Contender(OURS, gradcam, 5, compile=True, vjp_strategy="vmap"),
+        Contender(PYTORCH_GRAD_CAM, gradcam, 5),
+        Contender(CAPTUM, gradcam, 5),
+        Contender(END_TO_END, gradcam, 1, compile=True),
+        Contender(END_TO_END, gradcam, 5, compile=True),
+    ]
+    labels = [label(k, plain) for k in keys]
+    assert labels[:5] == ["inference", "inference[compiled]", "gradcam-batch", "pytorch-grad-cam", "captum"]
+    assert labels[-1] == "gradcam-batch run"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        keys[0].library = OURS  # type: ignore[misc]
+
+    methods = BenchConfig(
+        top_k=(2,), methods=("gradcam", "eigencam"), baselines=(PYTORCH_GRAD_CAM, TORCHCAM), precision="bf16"
+    )
+    keys = contenders(methods)
+    assert all(k.precision == "bf16" and k.top_k == 2 for k in keys)
+    assert [label(k, methods) for k in keys] == [
+        "gradcam-batch[gradcam]",
+        "gradcam-batch[eigencam]",
+        "gradcam-batch[2 methods]",
+        "pytorch-grad-cam[gradcam]",
+        "pytorch-grad-cam[eigencam]",
+        "torchcam[gradcam]",
+        "torchcam[eigencam]",
+    ]
+    assert keys[2].methods == ("gradcam", "eigencam")
+
+    strategies = BenchConfig(top_k=(1,), baselines=(INFERENCE,), vjp_strategies=("vmap", "loop"))
+    assert [label(k, strategies) for k in contenders(strategies)] == [
+        "inference",
+        "gradcam-batch[vmap]",
+        "gradcam-batch[loop]",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"top_k": "1,5"}, "top_k must be a tuple of positive integers, each once, got '1,5'"),
+        ({"top_k": (0,)}, "top_k must be a tuple of positive integers, each once, got (0,)"),
+        ({"batch_size": "16"}, "batch_size must be an integer, got '16'"),
+        ({"batch_size": 0}, "batch size must be positive, got 0"),
+        ({"iters": 2.5}, "iters must be an integer, got 2.5"),
+        ({"compile": "yes"}, "compile must be True or False, got 'yes'"),
+        ({"baselines": "inference"}, "baselines must be a tuple of names, got 'inference'"),
+        ({"baselines": ("inference", "lime")}, "unknown baseline 'lime'"),
+        ({"vjp_strategies": "vmap"}, "vjp_strategies must be a tuple of names, got 'vmap'"),
+        ({"methods": "gradcam"}, "methods must be a tuple of names, got 'gradcam'"),
+        ({"methods": ("nope",)}, "unknown method 'nope'"),
+        ({"methods": ("GradCAM",)}, "methods must be unique lower-case names, got ('GradCAM',)"),
+        ({"device": "tpu"}, "unknown device 'tpu'; expected auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_validate_gives_one_clear_error_and_converts_nothing(change, message):
+    cfg = BenchConfig(**change)
+    before = dataclasses.asdict(cfg)
+    with pytest.raises(ValueError) as info:
+        cfg.validate()
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert dataclasses.asdict(cfg) == before
+
+
+def test_the_command_line_text_is_parsed_once_into_typed_fields():
+    cfg = BenchConfig.parse(top_k="5, 1,5", baselines=None, vjp_strategies="vmap,loop", methods="GradCAM,eigencam")
+    assert cfg.top_k == (5, 1) and cfg.vjp_strategies == ("vmap", "loop")
+    assert cfg.methods == ("gradcam", "eigencam")
+    assert cfg.baselines == ("inference", "pytorch-grad-cam", "torchcam")  # the --methods default
+    cfg.validate()
+    assert BenchConfig.parse(top_k="1", baselines=None, vjp_strategies="vmap", methods=None).baselines == (
+        "inference",
+        "pytorch-grad-cam",
+        "captum",
+    )
+
+
+def test_bench_and_run_give_the_same_device_error(tmp_path):
+    from gradcam_batch.engine.demo import assets
+
+    bench = CliRunner().invoke(cli, ["bench", *TINY, "--device", "tpu"])
+    args = ["run", str(assets.SAMPLE), "-o", str(tmp_path / "o"), "--model", "torchvision:resnet18"]
+    run = CliRunner().invoke(cli, [*args, "--device", "tpu"])
+    errors = [[line for line in r.output.splitlines() if line.startswith("Error:")] for r in (bench, run)]
+    assert bench.exit_code == run.exit_code == 2, (bench.output, run.output)
+    assert errors[0] == errors[1] and len(errors[0]) == 1, errors
+    assert "unknown device 'tpu'" in errors[0][0]
 
 
 def test_bench_has_help():

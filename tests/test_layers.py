@@ -143,7 +143,8 @@ def test_layers_command_onnx(tmp_path):
     ("args", "message"),
     [
         (["--model", "torchvision:nope"], "unknown torchvision model 'nope'"),
-        (["--model", "torchvision:resnet18", "--input-size", "big"], "expected N or HxW"),
+        # the message of run's sizes (--crop big), from the one size parser
+        (["--model", "torchvision:resnet18", "--input-size", "big"], "'big' is not a size: expected N, HxW"),
         (["--model", "missing_file.onnx"], "model file not found"),
         (["--model", "no_colon_and_no_file"], "cannot parse model spec"),
     ],

@@ -36,7 +36,7 @@ from gradcam_batch.engine.job.plan import build_plan  # noqa: E402
 from gradcam_batch.engine.job.ray_runner import (  # noqa: E402
     RayOptions,
     RunSetupError,
-    _first_line,
+    _error_line,
     check_schedulable,
     explain_dataset,
     run_ray,
@@ -362,9 +362,9 @@ def test_actor_errors_become_one_line():
     inner = RuntimeError(remote)
     outer = RuntimeError("SystemException")
     outer.__cause__ = inner
-    assert _first_line(outer) == "device 'cuda' asked for, but CUDA is not available here"
-    assert _first_line(RuntimeError("Traceback:\n  ...\nValueError: bad value")) == "ValueError: bad value"
-    assert _first_line(KeyError("k")) == "'k'"
+    assert _error_line(outer) == "device 'cuda' asked for, but CUDA is not available here"
+    assert _error_line(RuntimeError("Traceback:\n  ...\nValueError: bad value")) == "ValueError: bad value"
+    assert _error_line(KeyError("k")) == "'k'"
 
 
 def test_ray_is_optional(tmp_path):

@@ -332,3 +332,25 @@ def test_a_run_warning_prints_as_one_line():
     line = format_run_warning(RunWarning("random weights", "k"), RunWarning, "plan.py", 3)
     assert line == "warning: random weights\n"
     assert "plan.py:3: UserWarning: other" in format_run_warning(UserWarning("other"), UserWarning, "plan.py", 3)
+
+
+def test_run_config_maps_every_option_explicitly_and_changes_nothing():
+    """Each option of `run` is mapped to a RunConfig field by name in cli/run.py, or is the CLI's own;
+    run_config reads the options without popping them (run() reads some afterwards)."""
+    import dataclasses
+
+    from gradcam_batch.cli.run import CLI_ONLY_OPTIONS, RUN_CONFIG_OPTIONS, run, run_config
+    from gradcam_batch.engine.job.config import RunConfig
+
+    ctx = run.make_context("run", ["in.parquet", "-o", "out", "--model", "torchvision:resnet18", "--workers", "3"])
+    opts = dict(ctx.params)
+    inputs = opts.pop("inputs")
+    assert set(opts) == set(RUN_CONFIG_OPTIONS) | set(CLI_ONLY_OPTIONS)
+    assert not set(RUN_CONFIG_OPTIONS) & set(CLI_ONLY_OPTIONS)
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    assert all(field in fields for field in RUN_CONFIG_OPTIONS.values())
+    before = dict(opts)
+    config = run_config(inputs, opts)
+    assert opts == before
+    assert config.model == "torchvision:resnet18" and config.workers == 3 and config.output == "out"
+    assert config.inputs == ["in.parquet"] and config.overwrite is False and config.crop == (224, 224)

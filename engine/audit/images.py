@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from gradcam_batch.engine.audit.inputs import InputFile, find_inputs
+from gradcam_batch.engine.errors import first_line
 
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
@@ -167,7 +168,7 @@ def load_images(
         if kind is None:
             raise ValueError(f"column {image_column!r} holds no images")
     except Exception as exc:  # unreachable or changed inputs: the report goes on without overlays
-        return {}, f"input images not reachable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        return {}, f"input images not reachable ({first_line(exc)})"
     max_pixels = config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
 
     where = _locate(files, wanted, config.get("id_column"))

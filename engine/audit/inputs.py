@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from gradcam_batch.engine.errors import first_line as _first_line
+
 _GLOB_CHARS = "*?["
 
 
@@ -112,11 +114,6 @@ def _common_parent(uris: list[str]) -> str:
         return uris[0].rsplit("/", 1)[0] + "/" if "/" in uris[0] else ""
     prefix = os.path.commonprefix(uris)
     return prefix[: prefix.rfind("/") + 1]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def find_inputs(specs: Sequence[str]) -> list[InputFile]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gradcam_batch.engine.errors import first_line as _first_line
 from gradcam_batch.engine.job.columns import Layout, audited
 
 # The metric columns: those the column registry marks as read by the audit; each is used when present.
@@ -37,11 +38,6 @@ class AuditInputError(AuditError):
 
 class AuditOutputError(AuditError):
     """The report cannot be written where asked (a read-only file system, a path below a file)."""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ config and one fairness contract; splitting them would spread that contract over
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import datetime
 import importlib.metadata
 import importlib.util
@@ -62,8 +62,10 @@ from gradcam_batch.engine.bench import (  # noqa: E402  (names the CLI reads wit
     PYTORCH_GRAD_CAM,
     TORCHCAM,
 )
+from gradcam_batch.engine.errors import first_line
 from gradcam_batch.engine.explain.compiled import backbone_context, prepare_input
 from gradcam_batch.engine.explain.explainer import VJP_STRATEGIES, Explainer
+from gradcam_batch.engine.job.config import resolve_device
 
 # The import module and PyPI name that provide each library baseline.
 _BASELINE_PACKAGES = {
@@ -76,7 +78,9 @@ PARITY_MIN_PEARSON = 0.999
 
 
 # -- models ---------------------------------------------------------------------------------------
-def load_model(spec: str, weights: str | None = None) -> nn.Module:
+def load_model(
+    spec: str, weights: str | None = None, *, num_classes: int | None = None, weights_strict: bool = True
+) -> nn.Module:
     """A torch model from ``spec`` (``torchvision:NAME`` with random weights, ``file.py:FACTORY``, ...).
 
     The specs are those of ``gradcam_batch.engine.models.loader.load_model``; the benchmark needs an
@@ -84,25 +88,10 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
     """
     from gradcam_batch.engine.models.loader import load_model as load_any
 
-    model = load_any(spec, weights=weights)
+    model = load_any(spec, weights=weights, num_classes=num_classes, weights_strict=weights_strict)
     if not isinstance(model, nn.Module) or getattr(model, "explain_unsupported", None):
         raise ValueError(f"bench needs a torch nn.Module that the baselines can run too; {spec!r} is not one")
     return model
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested, but CUDA is not available")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
-    return dev
 
 
 def parse_top_ks(text: str | Sequence[int]) -> tuple[int, ...]:
@@ -135,10 +124,19 @@ def parse_names(text: str | Sequence[str], allowed: Sequence[str], what: str) ->
 
 
 # -- configuration and results --------------------------------------------------------------------
-@dataclass
+def default_baselines(methods: Sequence[str]) -> tuple[str, ...]:
+    return METHOD_BASELINES if methods else BASELINES
+
+
+@dataclass(frozen=True)
 class BenchConfig:
+    """What to time. The fields hold typed values; ``parse`` reads the command line's comma lists into them,
+    and ``validate`` checks them (one ``ValueError`` per bad value) without converting anything."""
+
     model: str = "torchvision:resnet50"
     weights: str | None = None
+    weights_strict: bool = True
+    num_classes: int | None = None
     batch_size: int = 16
     image_size: int = 224
     top_k: tuple[int, ...] = (1, 5)
@@ -146,7 +144,7 @@ class BenchConfig:
     precision: str = "fp32"
     iters: int = 10
     warmup: int = 2
-    baselines: tuple[str, ...] | None = None  # None: BASELINES, or METHOD_BASELINES with methods
+    baselines: tuple[str, ...] | None = None  # None: default_baselines(methods)
     vjp_strategies: tuple[str, ...] = ("vmap",)
     compile: bool = False
     end_to_end: bool = False
@@ -157,7 +155,32 @@ class BenchConfig:
     methods: tuple[str, ...] = ()  # CAM methods to time against the libraries (engine/bench/methods.py)
     scorecam_batch: int = 64
 
+    @classmethod
+    def parse(
+        cls, *, top_k: str, baselines: str | None, vjp_strategies: str, methods: str | None, **fields
+    ) -> BenchConfig:
+        """The command line's comma-separated lists as typed fields; the other fields pass as they are."""
+        from gradcam_batch.engine.explain.methods import parse_methods
+
+        chosen = parse_methods(methods) if methods else ()
+        allowed = default_baselines(chosen)
+        return cls(
+            top_k=parse_top_ks(top_k),
+            baselines=allowed if baselines is None else parse_names(baselines, allowed, "baseline"),
+            vjp_strategies=parse_names(vjp_strategies, VJP_STRATEGIES, "vjp strategy"),
+            methods=chosen,
+            **fields,
+        )
+
     def validate(self) -> None:
+        for name in ("batch_size", "image_size", "iters", "warmup", "n_batches", "seed", "scorecam_batch"):
+            _check_int(name, getattr(self, name))
+        for name in ("e2e_images", "num_classes"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name))
+        for name in ("weights_strict", "compile", "end_to_end", "check"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be positive, got {self.batch_size}")
         if self.image_size < 8:
@@ -168,30 +191,107 @@ class BenchConfig:
             raise ValueError(f"warmup must be non-negative, got {self.warmup}")
         if self.e2e_images is not None and self.e2e_images < 1:
             raise ValueError(f"e2e_images must be positive, got {self.e2e_images}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {self.num_classes}")
         if self.n_batches < 1:
             raise ValueError(f"n_batches must be at least 1, got {self.n_batches}")
+        if self.scorecam_batch < 1:
+            raise ValueError(f"scorecam batch must be positive, got {self.scorecam_batch}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
-        self.top_k = parse_top_ks(self.top_k)
+        if not (
+            isinstance(self.top_k, tuple)
+            and self.top_k
+            and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.top_k)
+            and len(set(self.top_k)) == len(self.top_k)
+        ):
+            raise ValueError(f"top_k must be a tuple of positive integers, each once, got {self.top_k!r}")
+        for name in ("methods", "vjp_strategies") + (("baselines",) if self.baselines is not None else ()):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must be a tuple of names, got {value!r}")
         if self.methods:
             from gradcam_batch.engine.explain.methods import parse_methods
 
-            self.methods = parse_methods(self.methods)
-        if self.baselines is None:
-            self.baselines = METHOD_BASELINES if self.methods else BASELINES
-        self.baselines = parse_names(self.baselines, METHOD_BASELINES if self.methods else BASELINES, "baseline")
-        if self.scorecam_batch < 1:
-            raise ValueError(f"scorecam batch must be positive, got {self.scorecam_batch}")
-        self.vjp_strategies = parse_names(self.vjp_strategies, VJP_STRATEGIES, "vjp strategy")
-        resolve_device(self.device)
+            if parse_methods(self.methods) != self.methods:  # raises for an unknown name
+                raise ValueError(f"methods must be unique lower-case names, got {self.methods!r}")
+        if self.baselines is not None:
+            _check_names(self.baselines, default_baselines(self.methods), "baseline")
+        _check_names(self.vjp_strategies, VJP_STRATEGIES, "vjp strategy")
+        resolve_device(self.device)  # the engine's: the same message as `run`
+
+
+def _check_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def _check_names(names: tuple[str, ...], allowed: Sequence[str], what: str) -> None:
+    if parse_names(names, allowed, what) != names:
+        raise ValueError(f"each {what} once, please; got {', '.join(names)}")
+
+
+# -- contenders: identity as data -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Contender:
+    """Who is timed: a library (``engine/bench/__init__.py`` names them), the CAM methods of one call (empty for
+    pure inference; several: the engine's whole list in one call), top-k (None for inference), and how it
+    runs. Results, ratios and the table's order are keyed on it; ``label`` formats it for the table."""
+
+    library: str
+    methods: tuple[str, ...] = ()
+    top_k: int | None = None
+    precision: str = "fp32"
+    compile: bool = False
+    vjp_strategy: str | None = None  # the engine's contenders only
+
+
+def contenders(cfg: BenchConfig) -> list[Contender]:
+    """Every contender of ``cfg``, in the table's order: the one place that decides who runs.
+
+    Libraries that lack a method or are not installed stay in the list; ``run_bench`` reports them skipped.
+    """
+    from gradcam_batch.engine.bench.methods import LIBRARIES
+
+    baselines = cfg.baselines if cfg.baselines is not None else default_baselines(cfg.methods)
+    p = cfg.precision
+    out = []
+    if INFERENCE in baselines:
+        # The limit stays eager (the reference of the ratios); with compile, the compiled model is a second row.
+        out.append(Contender(INFERENCE, precision=p))
+        if cfg.compile:
+            out.append(Contender(INFERENCE, precision=p, compile=True))
+    ours = [(m,) for m in cfg.methods] + ([cfg.methods] if len(cfg.methods) > 1 else []) or [("gradcam",)]
+    for k in cfg.top_k:
+        out += [Contender(OURS, ms, k, p, cfg.compile, s) for s in cfg.vjp_strategies for ms in ours]
+        for lib in LIBRARIES:
+            if lib in baselines:
+                out += [Contender(lib, (m,), k, p) for m in cfg.methods or ("gradcam",)]
+    if cfg.end_to_end:
+        out += [Contender(END_TO_END, ("gradcam",), k, p, cfg.compile) for k in cfg.top_k]
+    return out
+
+
+def label(c: Contender, cfg: BenchConfig) -> str:
+    """The table's name of ``c``: the method in brackets with --methods, the VJP strategy when several are timed."""
+    if c.library == INFERENCE:
+        return INFERENCE_COMPILED if c.compile else INFERENCE
+    if c.library == END_TO_END:
+        return END_TO_END
+    tags = []
+    if cfg.methods:
+        tags.append(c.methods[0] if len(c.methods) == 1 else f"{len(c.methods)} methods")
+    if c.library == OURS and len(cfg.vjp_strategies) > 1:
+        tags.append(str(c.vjp_strategy))
+    return c.library + (f"[{', '.join(tags)}]" if tags else "")
 
 
 @dataclass
 class Result:
     """One contender at one top-k (None for pure inference)."""
 
-    contender: str
-    top_k: int | None
+    key: Contender
+    contender: str  # the key's label, for the table and the JSON
     status: str  # "ok", "skipped" (not installed) or "failed"
     reason: str = ""
     times_s: list[float] = field(default_factory=list)  # per batch, after warm-up
@@ -199,6 +299,10 @@ class Result:
     img_per_s: float | None = None
     vs_inference: float | None = None  # img/s over pure inference's img/s
     speedup: dict[str, float] = field(default_factory=dict)  # ours only: img/s over each baseline's
+    top_k: int | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.top_k = self.key.top_k
 
 
 @dataclass
@@ -222,6 +326,7 @@ class BenchReport:
         return asdict(self)
 
     def result(self, contender: str, top_k: int | None = None) -> Result:
+        """The result whose label is ``contender`` (a convenience for readers of the table)."""
         for r in self.results:
             if r.contender == contender and r.top_k == top_k:
                 return r
@@ -230,12 +335,7 @@ class BenchReport:
     def format_table(self) -> str:
         """The results as an aligned plain-text table, followed by skipped/failed notes."""
         c = self.config
-        ours = [r.contender for r in self.results if r.contender.startswith(OURS)]
-        base = [
-            b
-            for b in (PYTORCH_GRAD_CAM, CAPTUM, TORCHCAM)
-            if any(r.contender == b or r.contender.startswith(f"{b}[") for r in self.results)
-        ]
+        base = [b for b in (PYTORCH_GRAD_CAM, CAPTUM, TORCHCAM) if any(r.key.library == b for r in self.results)]
         header = ["contender", "top-k", "img/s", "ms/batch", "x inference", *[f"x {b}" for b in base]]
         rows = [header]
         notes = []
@@ -250,7 +350,7 @@ class BenchReport:
                 f"{r.median_s * 1000:.1f}",
                 _fmt_ratio(r.vs_inference),
             ]
-            row += [_fmt_ratio(r.speedup.get(b)) if r.contender in ours else "" for b in base]
+            row += [_fmt_ratio(r.speedup.get(b)) if r.key.library in (OURS, END_TO_END) else "" for b in base]
             rows.append(row)
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = [
@@ -277,14 +377,13 @@ class BenchReport:
 
 def _all_methods_notes(results: list[Result]) -> list[str]:
     """'all N methods in one call: X.XXx the time of gradcam alone', per top-k, in method mode."""
-    from gradcam_batch.engine.bench.methods import ours_name
-
+    ok = {r.key: r for r in results if r.status == "ok"}
     out = []
-    for r in results:
-        if r.status == "ok" and r.contender.startswith(f"{OURS}[") and r.contender.endswith(" methods]"):
-            alone = next((o for o in results if o.contender == ours_name("gradcam") and o.top_k == r.top_k), None)
-            if alone is not None and alone.status == "ok":
-                what = r.contender[len(OURS) + 1 : -1]
+    for key, r in ok.items():
+        if key.library == OURS and len(key.methods) > 1:
+            alone = ok.get(dataclasses.replace(key, methods=("gradcam",)))
+            if alone is not None:
+                what = f"{len(key.methods)} methods"
                 out.append(f"top-{r.top_k}: {what} in one call take {r.median_s / alone.median_s:.2f}x gradcam's time")
     return out
 
@@ -315,122 +414,71 @@ class _Timer:
 
 
 @dataclass
-class _Contender:
-    name: str
-    top_k: int | None
+class _Timed:
+    key: Contender
     run: Callable[[int], object]  # batch index -> runs one batch
     release: Callable[[], None] = lambda: None
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".strip()
+    """A contender's failure: its type, which says more than the text of a library's error, and its first line."""
+    return f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
 
 
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-# -- contenders -----------------------------------------------------------------------------------
-def _pytorch_grad_cam(model, layer, batches, classes, k, ctx) -> _Contender:
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    own = copy.deepcopy(model)
-    cam = GradCAM(model=own, target_layers=[own.get_submodule(layer)])
-    targets = [[[ClassifierOutputTarget(int(c)) for c in cls[:, r].tolist()] for r in range(k)] for cls in classes]
-
-    def run(i: int) -> object:
-        with ctx():
-            return [cam(input_tensor=batches[i], targets=targets[i][r]) for r in range(k)]
-
-    return _Contender(PYTORCH_GRAD_CAM, k, run, release=cam.activations_and_grads.release)
+# -- contenders, ready to time ---------------------------------------------------------------------
+def _explainer(model: nn.Module, key: Contender, cfg: BenchConfig) -> Explainer:
+    methods = list(key.methods) if len(key.methods) > 1 else key.methods[0]
+    return Explainer(
+        model,
+        method=methods,
+        vjp_strategy=key.vjp_strategy or "auto",
+        precision=key.precision,
+        compile=key.compile,
+        scorecam_batch=cfg.scorecam_batch,
+    )
 
 
-def _captum(model, layer, batches, classes, k, ctx) -> _Contender:
-    from captum.attr import LayerAttribution, LayerGradCam
+def _prepare(
+    keys: list[Contender], cfg: BenchConfig, model, explainers, batches, classes, ctx
+) -> tuple[list[_Timed], list[Result]]:
+    """The timed calls of ``keys`` (inference, the engine's explainers, the libraries), and a skipped or failed
+    result for each library that cannot run. The end-to-end contenders run after the rounds."""
+    from gradcam_batch.engine.bench.methods import LIBRARIES
 
-    gc = LayerGradCam(model, model.get_submodule(layer))
-    size = tuple(batches[0].shape[-2:])
-
-    def run(i: int) -> object:
-        out = []
-        with ctx():
-            for r in range(k):
-                attr = gc.attribute(batches[i], target=classes[i][:, r], relu_attributions=True)
-                out.append(LayerAttribution.interpolate(attr, size, "bilinear"))
-        return out
-
-    return _Contender(CAPTUM, k, run)
-
-
-def _method_contenders(cfg, model, explainers, batches, classes, ctx) -> tuple[list[_Contender], list[Result]]:
-    """``--methods``: inference, our explainers (one per method, one for the list), each library's methods."""
-    from gradcam_batch.engine.bench.methods import LIBRARIES, library_name
-
-    contenders, unavailable = _inference_contenders(cfg, model, batches, ctx), []
+    timed: list[_Timed] = []
+    unavailable: list[Result] = []
     layer = next(iter(explainers.values())).target_layer
-    for k in cfg.top_k:
-        for name, explainer in explainers.items():
-            contenders.append(_Contender(name, k, lambda i, e=explainer, k=k: e(batches[i], top_k=k)))
-        for lib, (known, make) in LIBRARIES.items():
-            if lib not in cfg.baselines:
-                continue
-            module, dist = _BASELINE_PACKAGES[lib]
-            for m in cfg.methods:
-                name = library_name(lib, m)
-                if m not in known:
-                    unavailable.append(Result(name, k, "skipped", f"{lib} has no {m}"))
-                elif not _installed(module):
-                    unavailable.append(Result(name, k, "skipped", f"not installed (pip install {dist})"))
-                else:
-                    try:
-                        run, release = make(model, layer, m, batches, classes, k, ctx, cfg.scorecam_batch)
-                        contenders.append(_Contender(name, k, run, release=release))
-                    except Exception as e:  # a library that cannot even be set up is reported, not fatal
-                        unavailable.append(Result(name, k, "failed", _one_line(e)))
-    return contenders, unavailable
-
-
-def _inference_contenders(cfg, model, batches, ctx) -> list[_Contender]:
-    contenders: list[_Contender] = []
-    if INFERENCE in cfg.baselines:
-        # The limit runs under the same autocast as the engine's backbone. It stays eager (the
-        # reference of the ratios); with compile, the compiled model is a second row, so the
-        # table shows both what compiling buys and how close the compiled engine gets to it.
-        variants = [(INFERENCE, model)]
-        if cfg.compile:
-            variants.append((INFERENCE_COMPILED, torch.compile(model)))
-        for name, m in variants:
+    for key in keys:
+        if key.library == INFERENCE:
+            m = torch.compile(model) if key.compile else model
 
             def infer(i: int, m=m) -> object:
                 with torch.inference_mode(), ctx():
                     return m(batches[i])
 
-            contenders.append(_Contender(name, None, infer))
-    return contenders
-
-
-def _build_contenders(cfg, model, explainers, batches, classes, ctx) -> tuple[list[_Contender], list[Result]]:
-    contenders: list[_Contender] = _inference_contenders(cfg, model, batches, ctx)
-    unavailable: list[Result] = []
-    layer = next(iter(explainers.values())).target_layer
-    for k in cfg.top_k:
-        for strategy, explainer in explainers.items():
-            name = OURS if len(explainers) == 1 else f"{OURS}[{strategy}]"
-            contenders.append(_Contender(name, k, lambda i, e=explainer, k=k: e(batches[i], top_k=k)))
-        for b, make in ((PYTORCH_GRAD_CAM, _pytorch_grad_cam), (CAPTUM, _captum)):
-            if b not in cfg.baselines:
-                continue
-            module, dist = _BASELINE_PACKAGES[b]
-            if not _installed(module):
-                unavailable.append(Result(b, k, "skipped", f"not installed (pip install {dist})"))
-                continue
-            try:
-                contenders.append(make(model, layer, batches, classes, k, ctx))
-            except Exception as e:  # a baseline that cannot even be set up is reported, not fatal
-                unavailable.append(Result(b, k, "failed", _one_line(e)))
-    return contenders, unavailable
+            timed.append(_Timed(key, infer))
+        elif key.library == OURS:
+            e, k = explainers[key.methods, key.vjp_strategy], key.top_k
+            timed.append(_Timed(key, lambda i, e=e, k=k: e(batches[i], top_k=k)))
+        elif key.library in LIBRARIES:
+            known, make = LIBRARIES[key.library]
+            module, dist = _BASELINE_PACKAGES[key.library]
+            method = key.methods[0]
+            if method not in known:
+                unavailable.append(Result(key, label(key, cfg), "skipped", f"{key.library} has no {method}"))
+            elif not _installed(module):
+                unavailable.append(Result(key, label(key, cfg), "skipped", f"not installed (pip install {dist})"))
+            else:
+                try:
+                    run, release = make(model, layer, method, batches, classes, key.top_k, ctx, cfg.scorecam_batch)
+                    timed.append(_Timed(key, run, release))
+                except Exception as e:  # a library that cannot even be set up is reported, not fatal
+                    unavailable.append(Result(key, label(key, cfg), "failed", _one_line(e)))
+    return timed, unavailable
 
 
 # -- the benchmark --------------------------------------------------------------------------------
@@ -480,10 +528,12 @@ def run_bench(
 
     The model is moved to the device and put in eval mode. Bad settings raise ``ValueError``.
     """
+    if cfg.baselines is None:
+        cfg = dataclasses.replace(cfg, baselines=default_baselines(cfg.methods))
     cfg.validate()
     device = resolve_device(cfg.device)
     if model is None:
-        model = load_model(cfg.model, cfg.weights)
+        model = load_model(cfg.model, cfg.weights, num_classes=cfg.num_classes, weights_strict=cfg.weights_strict)
     model = model.to(device).eval()
     torch.manual_seed(cfg.seed)
 
@@ -502,22 +552,8 @@ def run_bench(
         return backbone_context(device, cfg.precision)
 
     batches = make_batches(cfg, device)
-    if cfg.methods:
-        from gradcam_batch.engine.bench.methods import our_contenders
-
-        explainers = our_contenders(
-            model,
-            cfg.methods,
-            batches,
-            precision=cfg.precision,
-            compile=cfg.compile,
-            scorecam_batch=cfg.scorecam_batch,
-        )
-    else:
-        explainers = {
-            s: Explainer(model, vjp_strategy=s, precision=cfg.precision, compile=cfg.compile)
-            for s in cfg.vjp_strategies
-        }
+    keys = contenders(cfg)
+    explainers = {(key.methods, key.vjp_strategy): _explainer(model, key, cfg) for key in keys if key.library == OURS}
     kmax = max(cfg.top_k)
     classes = []
     # no_grad, not inference_mode: captum feeds the targets into autograd-tracked indexing.
@@ -533,44 +569,44 @@ def run_bench(
         e(batches[0][:1] if "scorecam" in e.methods else batches[0], top_k=1)
     first = next(iter(explainers.values()))
 
-    build = _method_contenders if cfg.methods else _build_contenders
-    contenders, results = build(cfg, model, explainers, batches, classes, ctx)
+    timed, results = _prepare(keys, cfg, model, explainers, batches, classes, ctx)
     timer = _Timer(device)
-    times: dict[int, list[float]] = {i: [] for i in range(len(contenders))}
+    times: dict[int, list[float]] = {i: [] for i in range(len(timed))}
     failed: dict[int, str] = {}
     try:
         rounds = cfg.warmup + cfg.iters
         for it in range(rounds):
             if progress is not None:
                 progress(f"round {it + 1}/{rounds}" + (" (warm-up)" if it < cfg.warmup else ""))
-            n = len(contenders)
+            n = len(timed)
             for j in range(n):
                 idx = (j + it) % n  # rotate the order so no contender always runs first
                 if idx in failed:
                     continue
                 batch_index = (it + idx) % len(batches)
                 try:
-                    dt = timer(lambda c=contenders[idx], b=batch_index: c.run(b))
+                    dt = timer(lambda c=timed[idx], b=batch_index: c.run(b))
                 except Exception as e:  # e.g. a baseline that does not support bf16
                     failed[idx] = _one_line(e)
                     continue
                 if it >= cfg.warmup:
                     times[idx].append(dt)
     finally:
-        for c in contenders:
+        for c in timed:
             c.release()
 
-    for i, c in enumerate(contenders):
+    for i, c in enumerate(timed):
+        name = label(c.key, cfg)
         if i in failed:
-            results.append(Result(c.name, c.top_k, "failed", failed[i]))
+            results.append(Result(c.key, name, "failed", failed[i]))
             continue
         med = statistics.median(times[i])
-        results.append(Result(c.name, c.top_k, "ok", times_s=times[i], median_s=med, img_per_s=cfg.batch_size / med))
+        results.append(Result(c.key, name, "ok", times_s=times[i], median_s=med, img_per_s=cfg.batch_size / med))
     if cfg.end_to_end:
-        results += run_end_to_end(cfg, progress)
+        results += run_end_to_end(cfg, [k for k in keys if k.library == END_TO_END], progress)
     _fill_ratios(results)
-    order = {name: i for i, name in enumerate([INFERENCE, *(c.name for c in contenders), PYTORCH_GRAD_CAM, CAPTUM])}
-    results.sort(key=lambda r: (r.top_k or 0, order.get(r.contender, len(order))))
+    order = {key: i for i, key in enumerate(keys)}
+    results.sort(key=lambda r: (r.top_k or 0, order[r.key]))
     return BenchReport(
         config=asdict(cfg),
         environment=environment(device),
@@ -608,7 +644,9 @@ def write_jpeg_dataset(path: str, n: int, size: int, seed: int = 0, row_group_ro
     return path
 
 
-def run_end_to_end(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> list[Result]:
+def run_end_to_end(
+    cfg: BenchConfig, keys: Sequence[Contender], progress: Callable[[str], None] | None = None
+) -> list[Result]:
     """``gradcam-batch run`` (decode -> explain -> Parquet written) on generated JPEGs, per top-k.
 
     Runs after the interleaved rounds, once per top-k; img/s is the pipeline's own count over
@@ -621,12 +659,13 @@ def run_end_to_end(cfg: BenchConfig, progress: Callable[[str], None] | None = No
         from gradcam_batch.engine.job.config import RunConfig
         from gradcam_batch.engine.job.local import run_job
     except ImportError as e:
-        return [Result(END_TO_END, k, "skipped", f"the run pipeline is not available ({e})") for k in cfg.top_k]
+        return [Result(key, END_TO_END, "skipped", f"the run pipeline is not available ({e})") for key in keys]
     n = cfg.e2e_images or 4 * cfg.batch_size
     out: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="gradcam-batch-bench-") as tmp:
         data = write_jpeg_dataset(os.path.join(tmp, "images.parquet"), n, cfg.image_size, cfg.seed)
-        for k in cfg.top_k:
+        for key in keys:
+            k = key.top_k
             if progress is not None:
                 progress(f"end-to-end: {n} JPEGs, top-{k}")
             run_cfg = RunConfig(
@@ -634,6 +673,8 @@ def run_end_to_end(cfg: BenchConfig, progress: Callable[[str], None] | None = No
                 output=os.path.join(tmp, f"out-top{k}"),
                 model=cfg.model,
                 weights=cfg.weights,
+                weights_strict=cfg.weights_strict,
+                num_classes=cfg.num_classes,
                 top_k=k,
                 resize=cfg.image_size,
                 crop=(cfg.image_size, cfg.image_size),
@@ -645,27 +686,28 @@ def run_end_to_end(cfg: BenchConfig, progress: Callable[[str], None] | None = No
             try:
                 summary = run_job(run_cfg)
             except Exception as e:  # reported in the table; the timed rounds stay valid
-                out.append(Result(END_TO_END, k, "failed", _one_line(e)))
+                out.append(Result(key, END_TO_END, "failed", _one_line(e)))
                 continue
             ips = float(summary["images_per_s"])
             per_batch = cfg.batch_size / ips if ips > 0 else float("nan")
             out.append(
-                Result(END_TO_END, k, "ok", times_s=[float(summary["seconds"])], median_s=per_batch, img_per_s=ips)
+                Result(key, END_TO_END, "ok", times_s=[float(summary["seconds"])], median_s=per_batch, img_per_s=ips)
             )
     return out
 
 
 def _fill_ratios(results: list[Result]) -> None:
-    ok = {(r.contender, r.top_k): r for r in results if r.status == "ok"}
-    inf = ok.get((INFERENCE, None))
-    for r in ok.values():
+    """img/s over eager inference's, and the engine's img/s over each library's at the same methods and top-k."""
+    ok = {r.key: r for r in results if r.status == "ok"}
+    inf = next((r for key, r in ok.items() if key.library == INFERENCE and not key.compile), None)
+    for key, r in ok.items():
         if inf is not None:
             r.vs_inference = r.img_per_s / inf.img_per_s
-        if r.contender.startswith(OURS):
-            # --methods: gradcam-batch[m] against library[m]; otherwise against the library's Grad-CAM.
-            method = r.contender[len(OURS) + 1 : -1] if r.contender.startswith(f"{OURS}[") else None
+        if key.library in (OURS, END_TO_END):
             for b in (PYTORCH_GRAD_CAM, CAPTUM, TORCHCAM):
-                other = ok.get((f"{b}[{method}]", r.top_k)) or ok.get((b, r.top_k))
+                other = next(
+                    (o for k, o in ok.items() if (k.library, k.methods, k.top_k) == (b, key.methods, key.top_k)), None
+                )
                 if other is not None:
                     r.speedup[b] = r.img_per_s / other.img_per_s
 
@@ -749,13 +791,15 @@ __all__ = [
     "BASELINES",
     "BenchConfig",
     "BenchReport",
+    "Contender",
     "ParityResult",
     "Result",
     "check_parity",
+    "contenders",
+    "label",
     "load_model",
     "make_batches",
     "parse_top_ks",
     "pearson",
-    "resolve_device",
     "run_bench",
 ]

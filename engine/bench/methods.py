@@ -1,11 +1,12 @@
-"""``gradcam-batch bench --methods``: each CAM method against pytorch-grad-cam's and torchcam's.
+"""The library contenders of ``gradcam-batch bench``: pytorch-grad-cam's, captum's and torchcam's CAM methods.
 
-Per top-k, the contenders are: one ``Explainer`` per method, one ``Explainer`` for the whole list (every
-method from one forward and one VJP), and each library's implementation of each method it has. The
-libraries explain top-k with k calls, one class column per call, as their users do (pytorch-grad-cam's
-``targets`` and torchcam's ``class_idx`` take one class per image), and are handed the classes for free,
-as in the Grad-CAM benchmark. Their Score-CAM runs with the engine's masked images per forward. Every
-contender produces maps at input size: torchcam's low-resolution maps are upsampled bilinearly.
+``harness.contenders`` decides who runs. With ``--methods``, per top-k: one ``Explainer`` per method, one
+``Explainer`` for the whole list (every method from one forward and one VJP), and each library's
+implementation of each method it has; without it, Grad-CAM alone. The libraries explain top-k with k
+calls, one class column per call, as their users do (pytorch-grad-cam's ``targets``, captum's ``target``
+and torchcam's ``class_idx`` take one class per image), and are handed the classes for free.
+Their Score-CAM runs with the engine's masked images per forward. Every contender produces maps at
+input size: torchcam's low-resolution maps are upsampled bilinearly.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from gradcam_batch.engine.bench import OURS, PYTORCH_GRAD_CAM, TORCHCAM
-from gradcam_batch.engine.explain.explainer import Explainer
+from gradcam_batch.engine.bench import CAPTUM, PYTORCH_GRAD_CAM, TORCHCAM
 
 # Our method name -> the library's class.
 PGC_CLASSES = {
@@ -39,31 +39,6 @@ TORCHCAM_CLASSES = {
     "layercam": "LayerCAM",
     "scorecam": "ScoreCAM",
 }
-
-
-def ours_name(method: str) -> str:
-    return f"{OURS}[{method}]"
-
-
-def all_name(methods) -> str:
-    return f"{OURS}[{len(methods)} methods]"
-
-
-def library_name(library: str, method: str) -> str:
-    return f"{library}[{method}]"
-
-
-def our_contenders(model, methods, batches, *, precision: str, compile: bool, scorecam_batch: int) -> dict:
-    """{contender name: prepared Explainer}: one per method, and one for the list when it has several."""
-    out = {
-        ours_name(m): Explainer(model, method=m, precision=precision, compile=compile, scorecam_batch=scorecam_batch)
-        for m in methods
-    }
-    if len(methods) > 1:
-        out[all_name(methods)] = Explainer(
-            model, method=list(methods), precision=precision, compile=compile, scorecam_batch=scorecam_batch
-        )
-    return out
 
 
 def pytorch_grad_cam_run(model, layer: str, method: str, batches, classes, k: int, ctx, scorecam_batch: int):
@@ -121,6 +96,31 @@ def torchcam_run(model, layer: str, method: str, batches, classes, k: int, ctx, 
     return run, extractor.remove_hooks
 
 
-LIBRARIES = {PYTORCH_GRAD_CAM: (PGC_CLASSES, pytorch_grad_cam_run), TORCHCAM: (TORCHCAM_CLASSES, torchcam_run)}
+def captum_run(model, layer: str, method: str, batches, classes, k: int, ctx, scorecam_batch: int):
+    """(run(i), release()) for captum's LayerGradCam: ReLU'd maps, upsampled bilinearly to the input size."""
+    from captum.attr import LayerAttribution, LayerGradCam
 
-__all__ = ["LIBRARIES", "all_name", "library_name", "our_contenders", "ours_name"]
+    gc = LayerGradCam(model, model.get_submodule(layer))
+    size = tuple(batches[0].shape[-2:])
+
+    def run(i: int) -> object:
+        out = []
+        with ctx():
+            for r in range(k):
+                attr = gc.attribute(batches[i], target=classes[i][:, r], relu_attributions=True)
+                out.append(LayerAttribution.interpolate(attr, size, "bilinear"))
+        return out
+
+    return run, lambda: None
+
+
+CAPTUM_CLASSES = {"gradcam": "LayerGradCam"}
+
+# Library -> (our method name -> its class, the runner); the order is the table's.
+LIBRARIES = {
+    PYTORCH_GRAD_CAM: (PGC_CLASSES, pytorch_grad_cam_run),
+    CAPTUM: (CAPTUM_CLASSES, captum_run),
+    TORCHCAM: (TORCHCAM_CLASSES, torchcam_run),
+}
+
+__all__ = ["LIBRARIES", "captum_run", "pytorch_grad_cam_run", "torchcam_run"]

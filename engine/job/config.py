@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import torch
 
+from gradcam_batch.engine.errors import first_line
 from gradcam_batch.engine.job.source import DEFAULT_MAX_IMAGE_PIXELS, IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -156,11 +157,6 @@ def versions(device: torch.device | None = None) -> dict:
         "device": str(device) if device is not None else None,
         "gpu": gpu,
     }
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 __all__ = [

@@ -63,6 +63,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from gradcam_batch.engine.errors import first_line
 from gradcam_batch.engine.job.config import RunConfig, RunSetupError, RunWarning
 from gradcam_batch.engine.job.plan import RunPlan, build_plan, plan_for_schema
 from gradcam_batch.engine.job.session import OutputSession, execute, existing_manifest, is_transient
@@ -531,7 +532,7 @@ def _original_error(exc: BaseException) -> tuple[str, str] | None:
     return None if found is None else (found.group(1).rsplit(".", 1)[-1], found.group(2))
 
 
-def _first_line(exc: BaseException) -> str:
+def _error_line(exc: BaseException) -> str:
     """The original error behind a Ray error, in one line."""
     found = _original_error(exc)
     if found is not None:
@@ -539,8 +540,7 @@ def _first_line(exc: BaseException) -> str:
         # The engine's own errors already read as one line; others keep their type.
         engine_errors = ("RunSetupError", "ModelSpecError", "SourceError", "TargetLayerError")
         return message if name in engine_errors else f"{name}: {message}"
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 _OS_ERRORS = {"OSError", "IOError", "InputReadError", "ConnectionError", "TimeoutError", "MemoryError"}
@@ -658,7 +658,7 @@ class RayRun:
                 ray.init(**init)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise RunSetupError(
-                    f"cannot start or reach Ray at {options.address or 'local'}: {_first_line(exc)}"
+                    f"cannot start or reach Ray at {options.address or 'local'}: {_error_line(exc)}"
                 ) from None
             self._started = True
         try:
@@ -708,7 +708,7 @@ class RayRun:
     def _run(self) -> dict:
         extra = {"ray": self.ray.__version__}
         return execute(
-            self, self.device_label, self._stream, extra_versions=extra, describe=_first_line, transient=_is_transient
+            self, self.device_label, self._stream, extra_versions=extra, describe=_error_line, transient=_is_transient
         )
 
     def _stream(self, session: OutputSession) -> None:

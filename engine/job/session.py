@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from gradcam_batch.engine.errors import first_line
 from gradcam_batch.engine.job import columns
-from gradcam_batch.engine.job.config import OutputBusy, RunFailed, RunSetupError, first_line, versions
+from gradcam_batch.engine.job.config import OutputBusy, RunFailed, RunSetupError, versions
 from gradcam_batch.engine.job.outdir import output_problem, remove_own, survey
 from gradcam_batch.engine.job.plan import RunPlan
 from gradcam_batch.engine.job.sink import LOCK, HeatmapWriter, Manifest, OutputLock, WriteItem

@@ -45,6 +45,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gradcam_batch.engine.errors import first_line as first_line_of
+
 MANIFEST = "manifest.json"
 COMMIT_LOG = "commits.jsonl"
 LOCK = ".lock"
@@ -218,11 +220,6 @@ class Manifest:
 
 class NotARun(ValueError):
     """``manifest.json`` is not a manifest of this tool: the directory holds no gradcam-batch run."""
-
-
-def first_line_of(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def manifest_problem(data) -> str | None:

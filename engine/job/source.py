@@ -51,6 +51,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from gradcam_batch.engine.errors import first_line as _first_line
+
 IMAGE_KINDS = ("bytes", "struct", "path")
 _IMAGE_NAME_HINTS = ("image", "img", "picture", "photo")
 _PATH_NAME_HINTS = ("path", "file", "filename", "uri", "url")
@@ -292,11 +294,6 @@ def _common_parent(uris: list[str]) -> str:
         return uris[0].rsplit("/", 1)[0] + "/" if "/" in uris[0] else ""
     prefix = os.path.commonprefix(uris)
     return prefix[: prefix.rfind("/") + 1]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # -- columns ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from gradcam_batch.engine.errors import first_line as _first_line
 from gradcam_batch.engine.models.preprocess import ModelPreprocess
 
 # PIL resampling codes, as image processors store them.
@@ -26,11 +27,6 @@ def _error(message: str) -> Exception:
     from gradcam_batch.engine.models.loader import ModelSpecError
 
     return ModelSpecError(message)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def hf_directory(target: str) -> Path:

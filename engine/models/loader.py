@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from gradcam_batch.engine.errors import first_line
 from gradcam_batch.engine.models.preprocess import ModelPreprocess
 from gradcam_batch.engine.models.weights import load_weights
 
@@ -318,8 +319,7 @@ def _load_exported(path: Path) -> nn.Module:
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelSpecError(f"cannot load {path.name} as a torch.export program: {first}") from None
+        raise ModelSpecError(f"cannot load {path.name} as a torch.export program: {first_line(exc)}") from None
     try:
         # unflatten restores the module hierarchy as modules that are *called*, so forward hooks
         # fire: target-layer detection and the engine's hook path work as for the original model.

@@ -13,6 +13,7 @@ import math
 
 import torch.nn as nn
 
+from gradcam_batch.engine.errors import first_line
 from gradcam_batch.engine.models.preprocess import INTERPOLATIONS, ModelPreprocess
 
 
@@ -45,8 +46,7 @@ def timm_model(name: str, num_classes: int | None) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelSpecError(f"timm model {name!r} could not be built: {first}") from None
+        raise ModelSpecError(f"timm model {name!r} could not be built: {first_line(exc)}") from None
 
 
 def timm_preprocess(name: str) -> ModelPreprocess:

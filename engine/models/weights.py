@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from gradcam_batch.engine.errors import first_line as _first_line
+
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "ema")
 PREFIXES = ("module.", "_orig_mod.")
 
@@ -33,11 +35,6 @@ def _error(message: str) -> Exception:
     from gradcam_batch.engine.models.loader import ModelSpecError
 
     return ModelSpecError(message)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
