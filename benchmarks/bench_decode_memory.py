@@ -32,6 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from gradcam_batch.engine.job.inputs import discover_inputs, plan_units
+from gradcam_batch.engine.job.preprocess import Preprocess
+
 BOMB_SIDE = 30000
 
 
@@ -92,14 +95,16 @@ def _peak_rss_mb() -> float:
 def child(args: argparse.Namespace) -> dict:
     """Runs in its own process, so that ru_maxrss is this measurement's alone."""
     src = _source_module(args.source)
-    files, _ = src.discover_inputs([args.child])
-    units = src.plan_units(files, unit_rows=64)
+    # A source.py from before the split by concern carries its own discovery and Preprocess.
+    discover = getattr(src, "discover_inputs", discover_inputs)
+    files, _ = discover([args.child])
+    units = getattr(src, "plan_units", plan_units)(files, unit_rows=64)
     kwargs = {}
     for name in ("max_image_pixels", "decode_memory"):
         value = getattr(args, name)
         if value != "default":
             kwargs[name] = None if value == "none" else int(value)
-    prep = src.Preprocess(resize=256, crop=(224, 224))
+    prep = getattr(src, "Preprocess", Preprocess)(resize=256, crop=(224, 224))
     source = src.ParquetSource(files, "image", ["kind"], prep, batch_size=64, workers=args.workers, **kwargs)
     before = _peak_rss_mb()
     t0 = time.perf_counter()

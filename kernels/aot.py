@@ -100,7 +100,7 @@ def _kernel():
             "Triton was imported with TRITON_INTERPRET=1, so the kernel cannot be compiled for a GPU in this "
             "process; use compile_in_subprocess()"
         )
-    return _kernel_module._cam_fwd_kernel
+    return _kernel_module.jit_kernel()
 
 
 def ast_source(variant: Variant) -> triton.compiler.ASTSource:

@@ -253,6 +253,12 @@ def interpreter_active() -> bool:
     return not isinstance(_cam_fwd_kernel, triton.runtime.JITFunction)
 
 
+def jit_kernel():
+    """The ``@triton.jit`` kernel itself, for the ahead-of-time compile (``kernels/aot.py``); launch it through
+    ``fused_cam_triton``."""
+    return _cam_fwd_kernel
+
+
 def _float32_ratio(n_in: int, n_out: int) -> float:
     # torch computes in / out in float32; passing that exact value avoids the GPU's approximate
     # division and double rounding.

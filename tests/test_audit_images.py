@@ -1,7 +1,7 @@
 """The audit's overlays without torch: its decode, its input discovery and its unit count equal the run's.
 
-``engine/audit/images.py`` and ``inputs.py`` repeat a few lines of ``engine/job/source.py`` (which
-imports torch, 600 MB of it); these tests hold the copies to the run's own functions, pixel for
+``engine/audit/images.py`` and ``inputs.py`` repeat a few lines of the run's ``engine/job/inputs.py``,
+``preprocess.py`` and ``decode.py``; these tests hold the copies to the run's own functions, pixel for
 pixel and key for key, and check that an audit with overlays never imports torch.
 """
 
@@ -21,7 +21,9 @@ from run_support import base_args, bytes_table, invoke, png_bytes, write_table
 
 from gradcam_batch.engine.audit.images import Geometry, decode, load_images
 from gradcam_batch.engine.audit.inputs import find_inputs, unit_keys
-from gradcam_batch.engine.job.source import Preprocess, decode_image, discover_inputs, plan_units
+from gradcam_batch.engine.job.decode import decode_image
+from gradcam_batch.engine.job.inputs import discover_inputs, plan_units
+from gradcam_batch.engine.job.preprocess import Preprocess
 
 PREPS = [
     {"resize": 32, "crop": [32, 32]},

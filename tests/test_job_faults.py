@@ -23,8 +23,8 @@ from run_support import base_args, bytes_table, invoke, model_file, png_bytes, r
 from gradcam_batch.engine.job.config import RunConfig, RunFailed
 from gradcam_batch.engine.job.local import prepare
 from gradcam_batch.engine.job.plan import build_plan
+from gradcam_batch.engine.job.preprocess import Preprocess
 from gradcam_batch.engine.job.sink import OutputLock
-from gradcam_batch.engine.job.source import Preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ from run_support import base_args, bytes_table, invoke, model_file, png_bytes, r
 from gradcam_batch.engine.explain.explainer import explain
 from gradcam_batch.engine.job.config import RunConfig, RunWarning
 from gradcam_batch.engine.job.plan import build_plan
-from gradcam_batch.engine.job.source import IMAGENET_MEAN, IMAGENET_STD
+from gradcam_batch.engine.job.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 METHODS = "gradcam,gradcam++,layercam,eigencam"
 

@@ -141,7 +141,7 @@ def test_onnx_explicit_classes_counterfactual_and_target(exported):
     assert got.target_layer == earlier
     assert torch.equal(got.classes, classes)
     assert not got.closed_form
-    assert any(n.op == "Conv" for n in onnx_model.head_plan(earlier).nodes)
+    assert any(n.op == "Conv" for n in onnx_model.split_at(earlier).head.nodes)
     ref = Explainer(model, target_layer="features.11")(images, classes=classes, counterfactual=True)
     assert ref.cams.abs().max() > 0
     assert _rel_err(got.cams, ref.cams) < 1e-4
@@ -254,7 +254,7 @@ def test_small_convnext_head_with_layernorm_matches_torch(tmp_path):
     onnx_model = OnnxModel(path)
     got = Explainer(onnx_model)(images, top_k=3)
     assert got.target_layer.startswith("/features/features.7/")
-    ops = {n.op for n in onnx_model.head_plan(got.target_layer).nodes}
+    ops = {n.op for n in onnx_model.split_at(got.target_layer).head.nodes}
     assert {"Transpose", "LayerNormalization", "Gemm"} <= ops, ops
     assert torch.equal(got.classes, ref.classes)
     assert _rel_err(got.cams, ref.cams) < 1e-4
@@ -266,7 +266,7 @@ def _ort_vs_interpreter(nodes, inits, x: torch.Tensor, out_shape, opset: int):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from gradcam_batch.engine.models.onnx_backend import OnnxHead, _Node
+    from gradcam_batch.engine.models.onnx_ops import OnnxHead, OnnxNode
 
     graph = helper.make_graph(
         nodes,
@@ -283,7 +283,7 @@ def _ort_vs_interpreter(nodes, inits, x: torch.Tensor, out_shape, opset: int):
     inodes = []
     for n in nodes:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        inodes.append(_Node(n.op_type, n.name, list(n.input), list(n.output), attrs))
+        inodes.append(OnnxNode(n.op_type, n.name, list(n.input), list(n.output), attrs))
     head = OnnxHead(inodes, "x", [], "y", {t.name: t for t in graph.initializer}, opset)
     return head(x), expected
 

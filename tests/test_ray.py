@@ -464,13 +464,13 @@ def test_the_decode_stage_decodes_in_parallel(one_row_group, tmp_path, monkeypat
 
     plan = build_plan(_config(one_row_group, tmp_path / "o", label_column=None, keep_columns=[]), device="cpu")
     both = threading.Barrier(2, timeout=20)  # passes only when two decodes overlap
-    decode_one = ParquetSource._decode_one
+    decode_value = ParquetSource.decode_value
 
-    def meeting(self, args):
+    def meeting(self, value, f):
         both.wait()
-        return decode_one(self, args)
+        return decode_value(self, value, f)
 
-    monkeypatch.setattr(ParquetSource, "_decode_one", meeting)
+    monkeypatch.setattr(ParquetSource, "decode_value", meeting)
     rows = pq.read_table(one_row_group).slice(0, 4)
     out = ray_runner.decode_rows(rows, plan=plan, cpus=2)
     assert out.num_rows == 4 and out.column(ray_runner.ERROR).null_count == 4
@@ -495,8 +495,8 @@ def _out_rows(index: int, rows: list[int], k: int = 2) -> pa.Table:
 def test_the_driver_writes_units_in_order_and_holds_a_bounded_number():
     from types import SimpleNamespace
 
+    from gradcam_batch.engine.job.inputs import Unit
     from gradcam_batch.engine.job.ray_runner import DRIVER_UNITS_HELD, UnitAssembler
-    from gradcam_batch.engine.job.source import Unit
 
     plan = SimpleNamespace(units=[Unit(0, 0, s, s + 4, f"f:{s}-{s + 4}") for s in range(0, 16, 4)])
     keys = [u.key for u in plan.units]

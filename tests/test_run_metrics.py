@@ -14,7 +14,7 @@ from run_support import base_args, bytes_table, invoke, model_file, png_bytes, r
 from gradcam_batch.engine.demo import assets as demo_assets
 from gradcam_batch.engine.job.boxes import BOX_NOTE, box_spec, read_boxes, to_input_frame
 from gradcam_batch.engine.job.config import RunSetupError
-from gradcam_batch.engine.job.source import Preprocess
+from gradcam_batch.engine.job.preprocess import Preprocess
 
 
 @pytest.mark.parametrize(

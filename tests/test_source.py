@@ -8,17 +8,11 @@ import pytest
 from PIL import Image
 from run_support import bytes_table, png_bytes, write_table
 
-from gradcam_batch.engine.job.source import (
-    DecodeError,
-    ParquetSource,
-    Preprocess,
-    SourceError,
-    decode_image,
-    detect_image_column,
-    discover_inputs,
-    plan_units,
-    to_rgb,
-)
+from gradcam_batch.engine.job.decode import decode_image, to_rgb
+from gradcam_batch.engine.job.errors import DecodeError, SourceError
+from gradcam_batch.engine.job.inputs import detect_image_column, discover_inputs, plan_units
+from gradcam_batch.engine.job.preprocess import Preprocess
+from gradcam_batch.engine.job.source import ParquetSource
 
 
 def test_discover_files_directories_globs_and_file_uris(tmp_path):

@@ -26,20 +26,12 @@ import pyarrow.parquet as pq
 import pytest
 from run_support import bytes_table, png_bytes, write_table
 
-from gradcam_batch.engine.job.source import (
-    READ_RETRY_DELAY_S,
-    DecodeError,
-    InputReadError,
-    ParquetSource,
-    PixelBudget,
-    Preprocess,
-    call_with_retries,
-    decode_image,
-    decode_memory_estimate,
-    discover_inputs,
-    jpeg_fits_device,
-    plan_units,
-)
+from gradcam_batch.engine.job.decode import PixelBudget, decode_image, decode_memory_estimate, jpeg_fits_device
+from gradcam_batch.engine.job.errors import DecodeError, InputReadError
+from gradcam_batch.engine.job.inputs import discover_inputs, plan_units
+from gradcam_batch.engine.job.preprocess import Preprocess
+from gradcam_batch.engine.job.retries import READ_RETRY_DELAY_S, call_with_retries
+from gradcam_batch.engine.job.source import ParquetSource
 
 PREP = Preprocess(resize=32, crop=32)
 JOIN_S = 60  # a liveness guard for threads, far above any real run; never a timing assertion
@@ -344,7 +336,7 @@ def _decode_with(monkeypatch, decoder: FailingDecoder, jpegs: list[bytes]):
     tvio = pytest.importorskip("torchvision.io")
     import torch
 
-    from gradcam_batch.engine.job.source import decode_jpegs_on_device
+    from gradcam_batch.engine.job.device_jpeg import decode_jpegs_on_device
 
     decoder.datas = jpegs
     monkeypatch.setattr(tvio, "decode_jpeg", decoder)

@@ -47,15 +47,20 @@ from gradcam_batch.engine.explain.methods import (
     parse_methods,
     scorecam_weights,
 )
-from gradcam_batch.engine.explain.split import LinearHead, SplitError, SplitModel, analyze_head, split_at
+from gradcam_batch.engine.explain.split import (
+    LinearHead,
+    SplitBackend,
+    SplitError,
+    SplitModel,
+    analyze_head,
+    split_at,
+)
 from gradcam_batch.engine.explain.tokens import RESHAPES, map_to_tokens, parse_grid, tokens_to_map
 from gradcam_batch.engine.explain.trunk import last_feature_map, layer_reshape, notice
 from gradcam_batch.engine.explain.vjp import AutoVjp
 from gradcam_batch.kernels import DEFAULT_EPS, fused_cam
 from gradcam_batch.kernels.reference import quantize
 
-# The methods an external backend (ONNX) computes itself; the rest need a torch model.
-EXTERNAL_METHODS = ("gradcam", "cam")
 VJP_STRATEGIES = ("auto", "vmap", "loop", "batched_grad")  # auto: measured per head (engine/explain/vjp.py)
 
 
@@ -128,10 +133,13 @@ def default_score_fn(output: object) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run in eval semantics and restore every module's own train/eval flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+def eval_mode(model: nn.Module | SplitBackend) -> Iterator[None]:
+    """Run in eval semantics and restore every module's own train/eval flag afterwards. A model that is
+    not a torch module (an exported ONNX graph) has its inference semantics fixed: nothing to switch."""
+    flags = []
+    if isinstance(model, nn.Module):
+        flags = [(m, m.training) for m in model.modules()]
+        model.eval()
     try:
         yield
     finally:
@@ -203,11 +211,12 @@ class Explainer:
     The model is always explained in eval semantics (BatchNorm running statistics, no
     dropout); each module's train/eval flag is restored after every call. Parameters,
     ``requires_grad`` flags, ``.grad`` and hooks of the caller's model are left as they were.
+    An ``OnnxModel`` is cut by itself (``SplitBackend``) and explained the same way.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | SplitBackend,
         target_layer: str | nn.Module | None = None,
         method: str | Sequence[str] = "gradcam",
         score_fn: Callable[[object], torch.Tensor] | None = None,
@@ -252,20 +261,23 @@ class Explainer:
         self.reshape = reshape
         self.token_grid = parse_grid(token_grid)
         self._backbone = None
-        # A model that is not an nn.Module but has gradcam_weights() (the ONNX backend) does the
-        # per-batch weight computation itself; see engine/models/onnx_backend.py for the protocol.
-        self._external = not isinstance(model, nn.Module)
-        self._external_closed_form = False
-        if self._external and not hasattr(model, "gradcam_weights"):
+        # A model that is not a torch module cuts itself (SplitBackend: the ONNX Runtime backend); from the
+        # set-up on, its split runs like an FX split.
+        torch_model = isinstance(model, nn.Module)
+        if not torch_model and not callable(getattr(model, "split_at", None)):
             raise TypeError(f"model must be a torch nn.Module or an OnnxModel, got {type(model).__name__}")
-        if self._external:
-            other = [m for m in self.methods if m not in EXTERNAL_METHODS]
-            if other or self.guided:
-                what = f"method {other[0]!r}" if other else "guided=True"
-                raise ValueError(f"{what} needs a torch model; an ONNX model explains with gradcam or cam only")
-            self.target_layer: str | None = target_layer
-        else:
-            self.target_layer = None if target_layer is None else layer_name_of(model, target_layer)
+        # What a backbone that is not a torch module cannot give: a backward through it (guided), and a
+        # token output (its target is a 4-D tensor, found by its rank).
+        if self.guided and not torch_model:
+            raise ValueError(
+                f"guided=True needs a backward through the whole model, and {model!r} is not a torch module "
+                "(an ONNX Runtime backbone has no backward); every other method works without it"
+            )
+        if reshape is not None and not torch_model:
+            raise ValueError(f"reshape={reshape!r} is not supported for {model!r}; pick a 4-D target tensor")
+        self.target_layer: str | None = target_layer
+        if torch_model and target_layer is not None:
+            self.target_layer = layer_name_of(model, target_layer)
         self._split: SplitModel | None = None
         self._linear: LinearHead | None = None
         self._prepared = False
@@ -275,10 +287,27 @@ class Explainer:
     def _prepare(self, images: torch.Tensor) -> None:
         if getattr(self.model, "explain_unsupported", None):  # a TorchScript / torch.export program
             raise ValueError(self.model.explain_unsupported)
-        if self._external:
+        if not isinstance(self.model, nn.Module):
             self.target_layer = self.model.resolve_target_layer(self.target_layer, images[:1])
-            self._prepared = True
-            return
+            self._split = self.model.split_at(self.target_layer)
+        else:
+            self._split_torch(images)
+        if self._split is not None and self.score_fn is None and self.reshape is None:
+            self._linear = analyze_head(self._split)
+        if self._split is not None:
+            self._backbone = self._split.backbone
+            # torch.compile applies to a torch backbone; an ONNX Runtime session runs as exported.
+            if self.compile and isinstance(self._backbone, nn.Module):
+                self._backbone = CompiledBackbone(self._split.backbone, self.compile_mode)
+        if "cam" in self.methods and self._linear is None:
+            raise ValueError(
+                f"method='cam' needs a global-average-pool -> linear head after {self.target_layer!r}, "
+                "and the model has a different head; use method='gradcam'"
+            )
+        self._prepared = True
+
+    def _split_torch(self, images: torch.Tensor) -> None:
+        """The layer (found, or its reshape decided) and the FX cut of a torch model; the hook path without one."""
         if self.target_layer is None:
             found = last_feature_map(
                 self.model, images[:1], self._score_fn, reshape=self.reshape, token_grid=self.token_grid
@@ -293,18 +322,6 @@ class Explainer:
         except SplitError as exc:
             self._split = None
             self._warn_fallback(str(exc))
-        if self._split is not None and self.score_fn is None and self.reshape is None:
-            self._linear = analyze_head(self._split)
-        if self._split is not None:
-            self._backbone = self._split.backbone
-            if self.compile:
-                self._backbone = CompiledBackbone(self._split.backbone, self.compile_mode)
-        if "cam" in self.methods and self._linear is None:
-            raise ValueError(
-                f"method='cam' needs a global-average-pool -> linear head after {self.target_layer!r}, "
-                "and the model has a different head; use method='gradcam'"
-            )
-        self._prepared = True
 
     def _warn_fallback(self, cause: str) -> None:
         import warnings
@@ -331,7 +348,11 @@ class Explainer:
     @property
     def closed_form(self) -> bool:
         """True when the head is GAP -> linear and alpha needs no backward pass."""
-        return self._linear is not None or self._external_closed_form
+        return self._linear is not None
+
+    def scores(self, output: object) -> torch.Tensor:
+        """The (B, N) class scores of a model output, by the ``score_fn`` this Explainer was given (or the default)."""
+        return self._score_fn(output)
 
     def probe(self, sample: torch.Tensor, *, classes=None, counterfactual: bool = False) -> Explanation:
         """Set up on ``sample`` and explain it once, cheaply: what a job checks before it starts.
@@ -374,10 +395,10 @@ class Explainer:
             raise ValueError("images is an empty batch")
         sign = -1.0 if counterfactual else 1.0
         # inference_mode(False): a caller's inference_mode would leave the head no graph to differentiate.
-        with torch.inference_mode(False), contextlib.nullcontext() if self._external else eval_mode(self.model):
+        with torch.inference_mode(False), eval_mode(self.model):
             if not self._prepared:
                 self._prepare(images)
-            inputs, scores_all, precomputed = self._pass(images, classes, top_k, sign)
+            inputs, scores_all = self._pass(images, classes, top_k, sign)
             gb = None
             if self.guided:
                 gb = guided_backprop(self.model, images, inputs.classes, self._score_fn, sign=sign)
@@ -400,7 +421,7 @@ class Explainer:
         shared = want_saliency and heatmaps and normalize and out_size == in_size
         out: dict[str, Explanation] = {}
         for name in self.methods:
-            result = precomputed[name] if name in precomputed else METHODS[name].fn(inputs)
+            result = METHODS[name].fn(inputs)
             weights = result.contiguous() if result.dim() == 3 else None
             sal = None
             if shared:
@@ -457,22 +478,13 @@ class Explainer:
             peaks=maps.peaks.view(b, c, 2),
         )
 
-    def _pass(self, images, classes, top_k, sign) -> tuple[CamInputs, torch.Tensor, dict[str, torch.Tensor]]:
+    def _pass(self, images, classes, top_k, sign) -> tuple[CamInputs, torch.Tensor]:
         """One backbone forward and at most one VJP: A, the scores, the classes, g, and Score-CAM's weights.
 
-        Returns (inputs, all scores (B, N), weights an external backend computed per method).
+        Returns (inputs, all scores (B, N)).
         """
         need_grad = "grad" in self._needs
-        precomputed: dict[str, torch.Tensor] = {}
         grads = linear = None
-        if self._external:
-            for name in self.methods:
-                acts, scores_all, classes_t, alpha, self._external_closed_form = self.model.gradcam_weights(
-                    images, classes=classes, top_k=top_k, sign=sign, method=name, reshape=self.reshape
-                )
-                precomputed[name] = alpha
-            inputs = CamInputs(acts, classes_t, None, None, None)
-            return inputs, scores_all, precomputed
         if self._split is None:
             acts, scores_all, classes_t, grads = self._hooked_pass(images, classes, top_k, sign, need_grad)
         else:
@@ -482,7 +494,7 @@ class Explainer:
             score_weights = scorecam_weights(
                 self._forward_scores, images, acts, classes_t, batch_size=self.scorecam_batch, sign=sign
             )
-        return CamInputs(acts, classes_t, grads, linear, score_weights), scores_all, precomputed
+        return CamInputs(acts, classes_t, grads, linear, score_weights), scores_all
 
     def _split_pass(self, images, classes, top_k, sign, need_grad):
         """The FX path: no-grad backbone, then the head's closed form, its VJP, or its forward alone."""
@@ -511,7 +523,7 @@ class Explainer:
         if self._linear is not None:
             with torch.no_grad():
                 scores_all = score_fn(head(acts, *extra))
-            classes_t = _resolve_classes(classes, top_k, scores_all)
+            classes_t = resolve_classes(classes, top_k, scores_all)
             weight = self._linear.weight.detach().to(cdt)
             rows = weight[classes_t]  # (B, C, K)
             # g = W[c] / (h*w) at every position: stored once per channel, broadcast by the methods.
@@ -529,14 +541,14 @@ class Explainer:
             with torch.no_grad():
                 scores_all = head_scores(acts)
             self._check_scores(scores_all, images)
-            return acts, scores_all, _resolve_classes(classes, top_k, scores_all), None, None
+            return acts, scores_all, resolve_classes(classes, top_k, scores_all), None, None
         if self.vjp_strategy == "batched_grad":
             with torch.enable_grad():
                 a = acts.detach().requires_grad_(True)
                 scores_all = head_scores(a)
                 self._check_scores(scores_all, images)
-                classes_t = _resolve_classes(classes, top_k, scores_all.detach())
-                cot = _one_hots(classes_t, scores_all, sign)
+                classes_t = resolve_classes(classes, top_k, scores_all.detach())
+                cot = one_hots(classes_t, scores_all, sign)
                 (grads,) = torch.autograd.grad(scores_all, a, cot, is_grads_batched=True)
         else:
             # Under an outer no_grad, vjp still differentiates w.r.t. its primal (it is a
@@ -544,8 +556,8 @@ class Explainer:
             with torch.no_grad():
                 scores_all, vjp_fn = torch.func.vjp(head_scores, acts)
                 self._check_scores(scores_all, images)
-                classes_t = _resolve_classes(classes, top_k, scores_all)
-                cot = _one_hots(classes_t, scores_all, sign)
+                classes_t = resolve_classes(classes, top_k, scores_all)
+                cot = one_hots(classes_t, scores_all, sign)
                 if self.vjp_strategy == "auto":
                     grads = self._auto_vjp(vjp_fn, cot)
                 elif self.vjp_strategy == "vmap":
@@ -571,11 +583,11 @@ class Explainer:
             raise TargetLayerError(f"target layer {self.target_layer!r} did not run in the forward pass")
         self._check_acts(a)
         self._check_scores(scores_all, images)
-        classes_t = _resolve_classes(classes, top_k, scores_all.detach())
+        classes_t = resolve_classes(classes, top_k, scores_all.detach())
         cdt = torch.promote_types(a.dtype, torch.float32)
         if not need_grad:
             return a.detach(), scores_all.detach(), classes_t, None
-        cot = _one_hots(classes_t, scores_all, sign)
+        cot = one_hots(classes_t, scores_all, sign)
         if not scores_all.requires_grad:
             self._no_dependency()
         (grads,) = torch.autograd.grad(scores_all, a, cot, is_grads_batched=True, allow_unused=True)
@@ -616,7 +628,8 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _resolve_classes(classes: torch.Tensor | None, top_k: int, scores: torch.Tensor) -> torch.Tensor:
+def resolve_classes(classes: torch.Tensor | None, top_k: int, scores: torch.Tensor) -> torch.Tensor:
+    """(B, C) long indices of the classes to explain: the given ones (checked), a selector's, or the top ``top_k``."""
     b, n = scores.shape
     selected = callable(classes)
     if selected:
@@ -647,7 +660,7 @@ def _resolve_classes(classes: torch.Tensor | None, top_k: int, scores: torch.Ten
     return classes_t.contiguous()
 
 
-def _one_hots(classes: torch.Tensor, scores: torch.Tensor, sign: float) -> torch.Tensor:
+def one_hots(classes: torch.Tensor, scores: torch.Tensor, sign: float) -> torch.Tensor:
     """(C, B, N) cotangents: one-hot at each explained class, negated for counterfactuals."""
     b, c = classes.shape
     cot = torch.zeros((c, b, scores.shape[1]), dtype=scores.dtype, device=scores.device)
@@ -705,7 +718,7 @@ def _store_explainer(model: nn.Module, key: tuple, explainer: Explainer) -> None
 
 
 def explain(
-    model: nn.Module,
+    model: nn.Module | SplitBackend,
     images: torch.Tensor,
     *,
     target_layer: str | nn.Module | None = None,
@@ -726,7 +739,9 @@ def explain(
     """Grad-CAM (and the CAM family) for a batch of preprocessed images, for several classes per image at once.
 
     Args:
-        model: a classifier (any ``nn.Module``); left exactly as it was.
+        model: a classifier (any ``nn.Module``), left exactly as it was; or an ``OnnxModel``
+            (``engine/models/onnx_backend.py``), whose target layer is a tensor name. Every method works on
+            both; ``guided`` needs a torch module.
         images: (B, 3, H, W) float tensor on the model's device, already normalized.
         target_layer: a module name from ``model.named_modules()``, the module itself, or None to
             pick the trunk's last feature map: the map, or the tokens, that the network pools or reads a

@@ -17,12 +17,19 @@ copied and nothing of the caller's model changes. A model that FX cannot trace o
 
 ``analyze_head`` recognizes a global-average-pool -> (flatten) -> linear head, for which
 Grad-CAM's weights have the closed form alpha = W[c] / (h * w) (the CAM equivalence).
+
+A model that is not a torch module cuts itself (``SplitBackend``): the ONNX Runtime backend
+(``engine/models/onnx_backend.py``) returns a ``SplitModel`` whose backbone is a session that ends at
+the target tensor and whose head is rebuilt in torch, with the linear layer of its closed form when it
+has one. The Explainer runs either split the same way.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.fx as fx
@@ -47,10 +54,13 @@ class SplitError(Exception):
 
 @dataclass
 class SplitModel:
-    backbone: fx.GraphModule
-    head: fx.GraphModule
+    backbone: Callable[[torch.Tensor], tuple]  # x -> (A, *extra), run with no graph: an FX graph or a session
+    head: nn.Module  # (A, *extra) -> output, differentiated: an FX graph, or a head rebuilt in torch
     n_extra: int  # inputs of the head besides A
     root_tensors: tuple[str, ...] = ()  # the model's own (root-level) parameters and buffers the graphs read
+    # The GAP -> linear layer, when the backend that cut a head which is not an FX graph recognized one
+    # (an FX head is read by analyze_head).
+    linear: LinearHead | None = None
 
     def sync(self, model: nn.Module) -> None:
         """Point the graphs at the model's current root-level tensors (a buffer assigned anew, ``.to()``).
@@ -247,8 +257,22 @@ def _is_shape_query(node: fx.Node) -> bool:
     )
 
 
+class SplitBackend(Protocol):
+    """A model that is not a torch module and cuts itself at its target layer (the ONNX Runtime backend)."""
+
+    def resolve_target_layer(self, target_layer: str | None, sample: torch.Tensor) -> str:
+        """The given layer name, checked, or the auto-detected one (None) for inputs like ``sample``."""
+        ...
+
+    def split_at(self, target_layer: str) -> SplitModel:
+        """The model cut at ``target_layer``: a no-grad backbone and a differentiable torch head."""
+        ...
+
+
 def analyze_head(split: SplitModel) -> LinearHead | None:
     """Return the linear layer of a GAP -> (flatten) -> linear head, or None."""
+    if not isinstance(split.head, fx.GraphModule):
+        return split.linear
     if split.n_extra:
         return None
     modules = dict(split.head.named_modules())
@@ -289,4 +313,4 @@ def analyze_head(split: SplitModel) -> LinearHead | None:
     return None
 
 
-__all__ = ["LinearHead", "SplitError", "SplitModel", "analyze_head", "split_at"]
+__all__ = ["LinearHead", "SplitBackend", "SplitError", "SplitModel", "analyze_head", "split_at"]

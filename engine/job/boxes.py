@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from gradcam_batch.engine.job.config import RunSetupError
-from gradcam_batch.engine.job.source import Preprocess
+from gradcam_batch.engine.job.preprocess import Preprocess
 
 BOX_FORMATS = ("xyxy", "coco")
 BOX_NOTE = "malformed box"  # how the note on an image with a malformed box starts (counted in the summary)

@@ -15,7 +15,8 @@ import pyarrow as pa
 import torch
 
 from gradcam_batch.engine.errors import first_line
-from gradcam_batch.engine.job.source import DEFAULT_MAX_IMAGE_PIXELS, IMAGENET_MEAN, IMAGENET_STD
+from gradcam_batch.engine.job.decode import DEFAULT_MAX_IMAGE_PIXELS
+from gradcam_batch.engine.job.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 class RunSetupError(ValueError):

@@ -46,11 +46,8 @@ from gradcam_batch.engine.explain.methods import parse_methods
 from gradcam_batch.engine.job.boxes import BoxSpec, box_spec
 from gradcam_batch.engine.job.columns import CAM_DTYPES, HEATMAP_DTYPES, RESERVED, Column, Layout, columns_of
 from gradcam_batch.engine.job.config import RunConfig, RunSetupError, RunWarning, first_line, resolve_device
-from gradcam_batch.engine.job.outdir import output_problem, survey
-from gradcam_batch.engine.job.schema import output_schema
-from gradcam_batch.engine.job.source import (
+from gradcam_batch.engine.job.inputs import (
     InputFile,
-    Preprocess,
     Unit,
     check_columns,
     detect_image_column,
@@ -58,6 +55,9 @@ from gradcam_batch.engine.job.source import (
     image_kind,
     plan_units,
 )
+from gradcam_batch.engine.job.outdir import output_problem, survey
+from gradcam_batch.engine.job.preprocess import Preprocess
+from gradcam_batch.engine.job.schema import output_schema
 from gradcam_batch.engine.job.specs import ExplainSpec, MetricsSpec, ModelSpec, SinkSpec, SourceSpec
 from gradcam_batch.engine.models.loader import random_weights_note
 from gradcam_batch.engine.models.weights import state_digest

@@ -65,16 +65,10 @@ import pyarrow.fs as pafs
 
 from gradcam_batch.engine.errors import first_line
 from gradcam_batch.engine.job.config import RunConfig, RunSetupError, RunWarning
+from gradcam_batch.engine.job.inputs import InputFile, Unit
 from gradcam_batch.engine.job.plan import RunPlan, build_plan, plan_for_schema
 from gradcam_batch.engine.job.session import OutputSession, execute, existing_manifest, is_transient
-from gradcam_batch.engine.job.source import (
-    DecodedBatch,
-    InputFile,
-    ParquetSource,
-    Unit,
-    assemble_images,
-    result_sizes,
-)
+from gradcam_batch.engine.job.source import DecodedBatch, ParquetSource, assemble_images, result_sizes
 from gradcam_batch.source_root import drop_source_root
 
 # Columns that travel between the stages beside the input's own (check_column_roles keeps "__" names out).

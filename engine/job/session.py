@@ -23,10 +23,11 @@ import pyarrow as pa
 from gradcam_batch.engine.errors import first_line
 from gradcam_batch.engine.job import columns
 from gradcam_batch.engine.job.config import OutputBusy, RunFailed, RunSetupError, versions
+from gradcam_batch.engine.job.inputs import Unit
 from gradcam_batch.engine.job.outdir import output_problem, remove_own, survey
 from gradcam_batch.engine.job.plan import RunPlan
 from gradcam_batch.engine.job.sink import LOCK, HeatmapWriter, Manifest, OutputLock, WriteItem
-from gradcam_batch.engine.job.source import ParquetSource, Unit
+from gradcam_batch.engine.job.source import ParquetSource
 
 MALFORMED_BOX_ROWS = "malformed_box_rows"  # a tally key: rows of class rank 0 whose image has a malformed box
 

@@ -25,7 +25,9 @@ import pyarrow as pa
 
 from gradcam_batch.engine.job.boxes import BoxSpec
 from gradcam_batch.engine.job.config import RunSetupError
-from gradcam_batch.engine.job.source import InputFile, ParquetSource, Preprocess
+from gradcam_batch.engine.job.inputs import InputFile
+from gradcam_batch.engine.job.preprocess import Preprocess
+from gradcam_batch.engine.job.source import ParquetSource
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from gradcam_batch.engine.explain.explainer import default_score_fn, stack_methods
+from gradcam_batch.engine.explain.explainer import stack_methods
 from gradcam_batch.engine.job.columns import DEVICE, HOST
 from gradcam_batch.engine.job.config import WarnOnce
+from gradcam_batch.engine.job.device_jpeg import decode_jpegs_on_device
 from gradcam_batch.engine.job.plan import RunPlan
 from gradcam_batch.engine.job.schema import ResultBatch, build_table
-from gradcam_batch.engine.job.source import DecodedBatch, decode_jpegs_on_device
+from gradcam_batch.engine.job.source import DecodedBatch
 from gradcam_batch.kernels.reference import quantize
 
 # Why an explained image becomes an error row after all: bits of DeviceResult.faults.
@@ -333,9 +334,8 @@ class BatchExplainer:
         """Class scores (B, N) of the model, in the run's precision, with no graph (the metrics' forwards)."""
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.plan.explain.precision)
         autocast = torch.autocast(x.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        score_fn = self.explainer.score_fn or default_score_fn
         with torch.inference_mode(), autocast:
-            return score_fn(self.explainer.model(x)).float()
+            return self.explainer.scores(self.explainer.model(x)).float()
 
     def _box_metrics(
         self, pending: PendingBatch, host: DeviceResult, ok: np.ndarray

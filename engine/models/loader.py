@@ -29,9 +29,9 @@ spec without ``weights=`` has random weights (a run warns with it).
 What comes back is something ``Explainer`` accepts:
 
 - an ``nn.Module`` in eval mode on ``device`` for every torch spec;
-- an ``OnnxModel`` for ``.onnx`` files. It is not an ``nn.Module``: the Explainer recognizes it by
-  its ``gradcam_weights`` method (the external-backend protocol, documented in
-  ``onnx_backend``) and hands it the whole per-batch weight computation.
+- an ``OnnxModel`` for ``.onnx`` files. It is not an ``nn.Module``: it cuts itself at the target
+  tensor (``split_at``, the ``SplitBackend`` protocol of ``engine/explain/split.py``) into an ONNX
+  Runtime backbone and a torch head, which the Explainer runs like the split of a torch model.
 
 Every bad spec, missing file, failing factory or mismatching state dict raises ``ModelSpecError``
 (a ``ValueError``) with one line that says what is wrong and what is accepted.

@@ -1,16 +1,19 @@
-"""The ONNX Runtime backend: Grad-CAM for ``.onnx`` classifiers.
+"""The ONNX Runtime backend: an ``.onnx`` classifier as a split model, explained like a torch one.
 
-ONNX Runtime has no autograd, so the work is split the way the torch engine splits a model:
+ONNX Runtime has no autograd, so the model is cut at the target tensor A the way the engine cuts a
+torch model (``engine/explain/split.py``), and ``OnnxModel.split_at`` returns a ``SplitModel``:
 
-1. One ORT run of the whole graph, with the target tensor A (and any tensor the head needs from
-   before it) added as extra graph outputs, gives the activations and the scores together.
-2. The head (the nodes between A and the scores) is either
-   - a global-average-pool -> (flatten/reshape) -> Gemm/MatMul(+Add) chain: then Grad-CAM's
-     weights are read off the weight matrix, alpha_k^c = W[c, k] / (h * w), exactly, with no
-     backward pass (the closed form); or
-   - anything else: it is rebuilt as a small torch module (``OnnxHead``, an interpreter for the
-     ops classifier heads use) and differentiated with one vectorized VJP over the classes.
-     An op outside that set gives an error naming it; a later target tensor usually avoids it.
+- the backbone is an ORT session of the graph up to A (and any tensor the head needs from before
+  it, such as a skip connection), nothing after it; ``backbone(x) -> (A, *extra)``;
+- the head is the rest of the graph rebuilt in torch (``OnnxHead``, through the op table of
+  ``onnx_ops.py``), which the Explainer differentiates like any head. When it is a global-average-pool
+  -> (flatten/reshape) -> Gemm/MatMul(+Add) chain, the split carries the weight matrix, and every
+  gradient method takes the closed form alpha = W[c] / (h * w).
+
+So every method of the Explainer (and Score-CAM's masked forwards, through the backbone session), the
+metrics and the run work on ONNX models with no backend branch; one ORT run of the backbone serves all
+methods of a batch. Guided Grad-CAM needs a backward through the backbone, and ``reshape='tokens'`` a
+token output; the Explainer refuses both.
 
 Target layer: an ONNX tensor name, or auto-detected as the last 4-D tensor with h*w > 1 in
 topological order that the scores depend on and that is not produced by a pooling or
@@ -22,56 +25,38 @@ bound to torch CUDA buffers through IO binding, so nothing goes through host mem
 reach torch through DLPack, which ONNX Runtime has by default from 1.21; without it they are
 copied through host memory, and a warning says so once).
 
-Sessions: one ORT session per set of extra outputs. The layer probe's session (every float tensor
-an output, so ORT can reuse no buffer) is dropped as soon as the probe is done; the others are
-kept, at most ``MAX_CACHED_SESSIONS``, the least recently used dropped first.
+Sessions: one ORT session per set of outputs, of the graph pruned to what they need: the backbone's
+(A and the head's inputs from before it) and plain inference's (the scores, ``OnnxModel(images)``). The
+layer probe's session (every float tensor an output, so ORT can reuse no buffer) is dropped as soon as
+the probe is done; the others are kept, at most ``MAX_CACHED_SESSIONS``, the least recently used
+dropped first.
 
-The external-backend protocol (what ``Explainer`` calls on a model that is not an ``nn.Module``):
-
-- ``resolve_target_layer(target_layer: str | None, sample: Tensor) -> str``: check the given
-  name, or auto-detect one with the sample batch;
-- ``gradcam_weights(images, *, classes, top_k, sign, method, reshape=None)`` returns
-  ``(acts (B, K, h, w), scores (B, N), classes (B, C), alpha (B, C, K), closed_form: bool)``.
-  ``OnnxModel(images)`` returns the scores alone, like a torch classifier.
-
-Why a head interpreter and not a converter package: with torch 2.14 exports of resnet18 and
-mobilenet_v3_small, onnx2torch 1.5.15 failed on both exporters (TorchScript exporter, opset 17:
-KeyError on a BatchNorm-folded Conv parameter such as ``onnx::Conv_197``; dynamo exporter,
-opset 20: no ReduceMean-18 converter); onnxslim 0.1.98 pre-processing fixed the first case only;
-onnx2pytorch 0.6.0 converted the dynamo graphs but failed on the opset-17 ones (its Conv2d
-called with an extra argument). A head is a handful of ops, so they are
-interpreted directly (``_OPS``), for every opset these exporters write.
-
-One module past 500 lines: the ONNX session, the closed-form head and the head interpreter's ~45
-ops are one backend; the op table is most of it.
+Why one module past 500 lines: the session cache, the layer probe and the cut all read the same parsed
+graph (nodes, producers, initializers, types) that ``OnnxModel`` holds; the op table, which reads none of
+it, is in ``onnx_ops.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from gradcam_batch.engine.explain.layers import LayerInfo, TargetLayerError
+from gradcam_batch.engine.explain.split import LinearHead, SplitModel
+from gradcam_batch.engine.models.onnx_ops import OnnxBackendError, OnnxHead, OnnxNode, constant_value
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _POOL_OPS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool", "ReduceMean"}
 _PASS_OPS = {"Identity", "Dropout", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Cast"}
-# Sessions kept per model, the most recently used ones: one per set of extra outputs asked for (the
-# explained target, plain inference). Each holds its own arena (GPU memory on CUDA) until it is dropped.
+# Sessions kept per model, the most recently used ones: one per set of outputs asked for (the backbone
+# of the explained target, plain inference). Each holds its own arena (GPU memory on CUDA) until it is dropped.
 MAX_CACHED_SESSIONS = 2
-
-
-class OnnxBackendError(ValueError):
-    """The ONNX model cannot be explained as asked."""
 
 
 def _require_onnx():
@@ -92,17 +77,9 @@ def default_providers(device: torch.device, available: Sequence[str]) -> list[st
     return ["CPUExecutionProvider"]
 
 
-@dataclass
-class _Node:
-    op: str
-    name: str
-    inputs: list[str]
-    outputs: list[str]
-    attrs: dict
-
-
 class OnnxModel:
-    """An ONNX classifier run by ONNX Runtime, explainable by ``Explainer`` (see module docstring)."""
+    """An ONNX classifier run by ONNX Runtime; ``split_at`` makes it a split model for ``Explainer``
+    (see the module docstring)."""
 
     def __init__(
         self,
@@ -151,7 +128,7 @@ class OnnxModel:
         for vi in list(graph.value_info) + list(graph.output) + list(graph.input):
             self._types[vi.name] = vi.type.tensor_type.elem_type
         self.nodes = [
-            _Node(
+            OnnxNode(
                 n.op_type,
                 n.name,
                 list(n.input),
@@ -161,6 +138,11 @@ class OnnxModel:
             for n in graph.node
         ]
         self._producer = {o: i for i, n in enumerate(self.nodes) for o in n.outputs if o}
+        # A node with a subgraph (If, Loop) reads outer tensors that its inputs do not list, so such a graph
+        # is not pruned per session.
+        self._prunable = not any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute
+        )
 
         available = ort.get_available_providers()
         if providers is None:
@@ -183,8 +165,8 @@ class OnnxModel:
         self.io_binding = io_binding
         self.threads = threads  # ORT intra-op threads; None: ORT's default (one per physical core)
         self._sessions: dict[tuple[str, ...], object] = {}
-        self._heads: dict[str, _HeadPlan] = {}
-        self.target_layer: str | None = None
+        self._splits: dict[str, SplitModel] = {}
+        self._auto_targets: dict[tuple[int, ...], str] = {}  # the auto-detected tensor per input size
 
     # -- running ----------------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -192,32 +174,42 @@ class OnnxModel:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """The scores alone, like calling a torch classifier (for plain inference and baselines)."""
-        return self.run(images)[self.output_name]
+        return self.run(images, (self.output_name,))[self.output_name]
 
     def eval(self) -> OnnxModel:
         return self  # an exported graph has its inference semantics fixed
 
-    def _session(self, extra: tuple[str, ...], *, keep: bool = True):
-        """The session with ``extra`` as further outputs: cached when ``keep``, else made for one use."""
-        sess = self._sessions.pop(extra, None)
+    def _session(self, outputs: tuple[str, ...], *, keep: bool = True):
+        """The session that computes ``outputs``: cached when ``keep``, else made for one use."""
+        sess = self._sessions.pop(outputs, None)
         if sess is None:
-            sess = self._new_session(extra)
+            sess = self._new_session(outputs)
         if keep:
-            self._sessions[extra] = sess  # the most recently used last
+            self._sessions[outputs] = sess  # the most recently used last
             while len(self._sessions) > MAX_CACHED_SESSIONS:
                 del self._sessions[next(iter(self._sessions))]
         return sess
 
-    def _new_session(self, extra: tuple[str, ...]):
+    def _new_session(self, outputs: tuple[str, ...]):
+        """A session of the graph with ``outputs`` as its outputs, pruned to the nodes they need."""
         onnx, ort = _require_onnx()
         proto = onnx.ModelProto()
         proto.CopyFrom(self._proto)
-        have = {o.name for o in proto.graph.output}
-        for name in extra:
-            if name not in have:
-                elem = self._types.get(name) or onnx.TensorProto.FLOAT
-                proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-                proto.graph.output[-1].type.tensor_type.elem_type = elem
+        graph = proto.graph
+        if self._prunable:
+            needed = self._upstream(outputs)
+            graph.ClearField("node")
+            graph.node.extend(n for n in self._proto.graph.node if any(o in needed for o in n.output))
+            graph.ClearField("initializer")
+            graph.initializer.extend(t for t in self._proto.graph.initializer if t.name in needed)
+        declared = {o.name: o for o in self._proto.graph.output}
+        graph.ClearField("output")
+        for name in outputs:
+            if name in declared:
+                graph.output.append(declared[name])
+            else:
+                graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+                graph.output[-1].type.tensor_type.elem_type = self._types.get(name) or onnx.TensorProto.FLOAT
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if self.threads:
@@ -228,16 +220,16 @@ class OnnxModel:
             raise OnnxBackendError(f"ONNX Runtime cannot load {self.path.name}: {exc}") from None
 
     def run(
-        self, images: torch.Tensor, extra: Sequence[str] = (), *, keep_session: bool = True
+        self, images: torch.Tensor, outputs: Sequence[str], *, keep_session: bool = True
     ) -> dict[str, torch.Tensor]:
-        """Scores and the ``extra`` tensors for a batch, as torch tensors on ``images.device``.
+        """The ``outputs`` tensors for a batch, as torch tensors on ``images.device``; ORT runs only the
+        nodes they need.
 
         ``keep_session=False``: the session made for these outputs is dropped after this call
         (unless one was cached already), with its memory.
         """
-        extra = tuple(dict.fromkeys(e for e in extra if e != self.output_name))
-        names = (self.output_name, *extra)
-        sess = self._session(extra, keep=keep_session or extra in self._sessions)
+        names = tuple(dict.fromkeys(outputs))
+        sess = self._session(names, keep=keep_session or names in self._sessions)
         b = images.shape[0]
         fb = self.fixed_batch
         if fb is not None and fb != b:
@@ -292,18 +284,23 @@ class OnnxModel:
                     seen.append(o)
         return seen
 
-    def _depends(self) -> set[str]:
-        """Every tensor that the scores depend on (the backward slice of the output)."""
-        needed, stack = set(), [self.output_name]
+    def _upstream(self, names: Sequence[str], stop: str | None = None) -> set[str]:
+        """Every tensor that ``names`` depend on, themselves included (their backward slice); the
+        slice does not go past ``stop``."""
+        needed, stack = set(), list(names)
         while stack:
             t = stack.pop()
             if t in needed:
                 continue
             needed.add(t)
             i = self._producer.get(t)
-            if i is not None:
+            if i is not None and t != stop:
                 stack.extend(x for x in self.nodes[i].inputs if x)
         return needed
+
+    def _depends(self) -> set[str]:
+        """Every tensor that the scores depend on."""
+        return self._upstream([self.output_name])
 
     def probe_layers(self, sample: torch.Tensor) -> list[LayerInfo]:
         """One run with every float tensor as an output: name, producing op, shape; marks candidates."""
@@ -312,7 +309,7 @@ class OnnxModel:
         try:
             # Every tensor an output: ORT can reuse no buffer, so this session's arena is the whole
             # network's activations. It is dropped after this one run.
-            outs = self.run(sample, values, keep_session=False)
+            outs = self.run(sample, [*values, self.output_name], keep_session=False)
         except OnnxBackendError:
             raise
         except Exception as exc:
@@ -363,6 +360,9 @@ class OnnxModel:
         return collapsed
 
     def resolve_target_layer(self, target_layer: str | None, sample: torch.Tensor) -> str:
+        """Check the given tensor name, or auto-detect one with the sample batch (once per input size)."""
+        if target_layer is None and tuple(sample.shape[1:]) in self._auto_targets:
+            return self._auto_targets[tuple(sample.shape[1:])]
         if target_layer is None:
             infos = self.probe_layers(sample[:1])
             pick = next((i.name for i in infos if i.chosen), None)
@@ -372,7 +372,7 @@ class OnnxModel:
                     "could not find a target tensor: no 4-D (B, K, h, w) tensor with h*w > 1 feeds the scores. "
                     f"4-D tensors seen: {'; '.join(seen[-10:]) or 'none'}"
                 )
-            target_layer = pick
+            target_layer = self._auto_targets[tuple(sample.shape[1:])] = pick
         elif not isinstance(target_layer, str):
             raise TargetLayerError("the target layer of an ONNX model is a tensor name (see `gradcam-batch layers`)")
         if target_layer not in self._producer:
@@ -381,112 +381,75 @@ class OnnxModel:
             raise TargetLayerError(f"{self.path.name} has no tensor {target_layer!r}{hint}")
         if target_layer not in self._depends():
             raise TargetLayerError(f"the scores do not depend on tensor {target_layer!r}")
-        self.target_layer = target_layer
         return target_layer
 
-    # -- the head ---------------------------------------------------------------------------------
-    def head_plan(self, target: str) -> _HeadPlan:
-        if target not in self._heads:
-            self._heads[target] = self._build_head(target)
-        return self._heads[target]
+    # -- the split ----------------------------------------------------------------------------------
+    def split_at(self, target: str) -> SplitModel:
+        """The model cut at tensor ``target``: an ORT backbone up to it and the torch head after it."""
+        if target not in self._splits:
+            self._splits[target] = self._split(target)
+        return self._splits[target]
 
-    def _build_head(self, target: str) -> _HeadPlan:
-        # Nodes on some path target -> output: downstream of target and upstream of the output.
-        down = {target}
-        head_idx = []
-        for i, node in enumerate(self.nodes):
-            if any(x in down for x in node.inputs if x):
-                head_idx.append(i)
+    def _split(self, target: str) -> SplitModel:
+        if target not in self._producer:
+            raise TargetLayerError(f"{self.path.name} has no tensor {target!r}")
+        # The head: the nodes the scores need that are downstream of the target, or computed from weights
+        # alone (Constant, a reshape's shape). What the head reads from before the target comes from the
+        # backbone session, which ends there: nothing upstream is computed twice.
+        needed = self._upstream([self.output_name], stop=target)
+        constant, down = set(self._initializers), {target}
+        nodes = []
+        for node in self.nodes:
+            inputs = [x for x in node.inputs if x]
+            if all(x in constant for x in inputs):
+                constant.update(o for o in node.outputs if o)
+            elif any(x in down for x in inputs):
                 down.update(o for o in node.outputs if o)
+            else:
+                continue
+            if any(o in needed for o in node.outputs if o):
+                nodes.append(node)
         if self.output_name not in down:
             raise TargetLayerError(f"the scores do not depend on tensor {target!r}")
-        needed, stack = set(), [self.output_name]
-        while stack:
-            t = stack.pop()
-            if t in needed or t == target:
-                continue
-            needed.add(t)
-            i = self._producer.get(t)
-            if i is not None:
-                stack.extend(x for x in self.nodes[i].inputs if x)
-        nodes = [self.nodes[i] for i in range(len(self.nodes)) if any(o in needed for o in self.nodes[i].outputs)]
         produced = {o for n in nodes for o in n.outputs}
-        extra = []
+        extra: list[str] = []
         for n in nodes:
             for x in n.inputs:
                 if x and x != target and x not in produced and x not in self._initializers and x not in extra:
                     extra.append(x)  # computed before the target (a skip connection) or the input itself
-        linear = _closed_form(nodes, target, self.output_name, self._initializers) if not extra else None
-        return _HeadPlan(target=target, nodes=nodes, extra=extra, linear=linear, module=None)
-
-    def head_module(self, target: str) -> OnnxHead:
-        plan = self.head_plan(target)
-        if plan.module is None:
-            plan.module = OnnxHead(plan.nodes, target, plan.extra, self.output_name, self._initializers, self.opset)
-        return plan.module
-
-    # -- the Explainer protocol -------------------------------------------------------------------
-    def gradcam_weights(self, images, *, classes, top_k, sign, method, reshape=None):
-        from gradcam_batch.engine.explain.explainer import _one_hots, _resolve_classes
-
-        if reshape is not None:
-            raise OnnxBackendError("reshape= is not supported for ONNX models; pick a 4-D target tensor")
-        target = self.target_layer
-        if target is None:
-            target = self.resolve_target_layer(None, images)
-        plan = self.head_plan(target)
-        outs = self.run(images, [target, *plan.extra])
-        scores_all = outs[self.output_name]
-        acts = outs[target]
-        if acts.dim() != 4:
-            raise TargetLayerError(
-                f"target tensor {target!r} has shape {tuple(acts.shape)}; Grad-CAM needs a 4-D (B, K, h, w) map"
-            )
-        if scores_all.dim() != 2 or scores_all.shape[0] != images.shape[0]:
-            raise OnnxBackendError(
-                f"output {self.output_name!r} has shape {tuple(scores_all.shape)}; (B, N) class scores are expected"
-            )
-        scores_all = scores_all.float()
-        acts = acts.float()
-        h, w = acts.shape[-2:]
-        if plan.linear is not None:
-            classes_t = _resolve_classes(classes, top_k, scores_all)
-            weight = plan.linear.to(device=acts.device, dtype=torch.float32)
-            if weight.shape[1] != acts.shape[1] or weight.shape[0] != scores_all.shape[1]:
-                raise OnnxBackendError(
-                    f"closed-form head weight {tuple(weight.shape)} does not fit A {tuple(acts.shape)} / "
-                    f"scores {tuple(scores_all.shape)}"
-                )
-            alpha = weight[classes_t]
-            if method == "gradcam":
-                alpha = alpha / (h * w)
-            return acts, scores_all, classes_t, sign * alpha, True
-        if method == "cam":
-            raise ValueError(
-                f"method='cam' needs a global-average-pool -> linear head after {target!r}; use method='gradcam'"
-            )
-        head = self.head_module(target).to(acts.device)
-        extras = [outs[e] for e in plan.extra]
-        classes_t = _resolve_classes(classes, top_k, scores_all)
-
-        def head_scores(a: torch.Tensor) -> torch.Tensor:
-            return head(a, *extras)
-
-        with torch.no_grad():
-            head_out, vjp_fn = torch.func.vjp(head_scores, acts)
-            cot = _one_hots(classes_t, head_out, sign)
-            (grads,) = torch.vmap(vjp_fn)(cot)
-        alpha = grads.float().mean(dim=(3, 4)).permute(1, 0, 2).contiguous()
-        return acts, scores_all, classes_t, alpha, False
+        head = OnnxHead(nodes, target, extra, self.output_name, self._initializers, self.opset).to(self.device)
+        linear = None
+        if not extra:
+            weight = _linear_weight(nodes, target, self.output_name, self._initializers)
+            if weight is not None:
+                layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+                layer.weight = nn.Parameter(weight.to(self.device), requires_grad=False)
+                linear = LinearHead(layer)
+        return SplitModel(backbone=OnnxBackbone(self, target, extra), head=head, n_extra=len(extra), linear=linear)
 
 
-@dataclass
-class _HeadPlan:
-    target: str
-    nodes: list[_Node]
-    extra: list[str]
-    linear: torch.Tensor | None  # (N, K) when the head is GAP -> linear
-    module: OnnxHead | None
+class OnnxBackbone:
+    """A split's backbone: the ORT session of the graph up to the target tensor.
+
+    ``backbone(x) -> (A, *extra)`` as torch tensors on ``x``'s device, ``extra`` being the tensors from
+    before the target that the head reads. Runs no node after the target.
+    """
+
+    def __init__(self, model: OnnxModel, target: str, extra: list[str]):
+        self.model, self.target, self.extra = model, target, list(extra)
+        # The input itself, when the head reads it, is not fetched from ORT: it is the images.
+        self._fetch = tuple(dict.fromkeys(n for n in (target, *extra) if n != model.input_name))
+
+    def __repr__(self) -> str:
+        return f"OnnxBackbone({self.model.path.name!r}, target={self.target!r})"
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = self.model.run(x, self._fetch)
+        acts = outs[self.target]
+        if acts.is_floating_point():
+            acts = acts.float()
+        extra = (x.float() if name == self.model.input_name else outs[name] for name in self.extra)
+        return (acts, *extra)
 
 
 _DLPACK_FALLBACK_SAID = False  # the host round trip below is announced once per process
@@ -521,12 +484,12 @@ def _const(name: str, inits) -> np.ndarray | None:
     return None
 
 
-def _closed_form(nodes: list[_Node], target: str, output: str, inits) -> torch.Tensor | None:
+def _linear_weight(nodes: list[OnnxNode], target: str, output: str, inits) -> torch.Tensor | None:
     """W (N, K) when the head is GAP/ReduceMean -> (Flatten/Reshape/Squeeze) -> Gemm/MatMul (+Add)."""
     if not nodes:
         return None
     # Shape-computing nodes (Constant, Shape, ...) may sit beside the chain; only the chain counts.
-    consumers: dict[str, list[_Node]] = {}
+    consumers: dict[str, list[OnnxNode]] = {}
     for n in nodes:
         for x in n.inputs:
             consumers.setdefault(x, []).append(n)
@@ -582,334 +545,19 @@ def _closed_form(nodes: list[_Node], target: str, output: str, inits) -> torch.T
     return torch.from_numpy(np.array(w, dtype=np.float32, copy=True))
 
 
-def _constant_node_value(nodes: list[_Node], name: str) -> np.ndarray | None:
+def _constant_node_value(nodes: list[OnnxNode], name: str) -> np.ndarray | None:
     for n in nodes:
         if n.op == "Constant" and n.outputs and n.outputs[0] == name:
-            return _constant_attr(n.attrs)
+            return constant_value(n.attrs)
     return None
 
 
-def _constant_attr(attrs: dict) -> np.ndarray:
-    from onnx import numpy_helper
-
-    if "value" in attrs:
-        return numpy_helper.to_array(attrs["value"])
-    for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
-        if key in attrs:
-            return np.array(attrs[key], dtype=dtype)
-    for key, dtype in (("value_floats", np.float32), ("value_ints", np.int64)):
-        if key in attrs:
-            return np.array(list(attrs[key]), dtype=dtype)
-    raise OnnxBackendError(f"unsupported Constant attribute(s): {', '.join(attrs)}")
-
-
-# -- the head as a torch module -----------------------------------------------------------------------
-def _ints(t) -> list[int]:
-    if isinstance(t, torch.Tensor):
-        return [int(v) for v in t.reshape(-1).tolist()]
-    return [int(v) for v in t]
-
-
-def _pads(pads: list[int] | None, nd: int) -> tuple[list[int], list[int]]:
-    pads = list(pads) if pads else [0] * (2 * nd)
-    return pads[:nd], pads[nd:]
-
-
-def _pool_or_conv_padding(x: torch.Tensor, attrs: dict, nd: int, value: float = 0.0):
-    """ONNX pads are (begin..., end...); torch takes symmetric padding, so pad explicitly when not."""
-    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
-        raise OnnxBackendError(f"auto_pad={attrs['auto_pad']!r} is not supported in the head converter")
-    begin, end = _pads(attrs.get("pads"), nd)
-    if begin == end:
-        return x, begin
-    spec = []
-    for b_, e_ in zip(reversed(begin), reversed(end), strict=True):
-        spec += [b_, e_]
-    return F.pad(x, spec, value=value), [0] * nd
-
-
-def _op_conv(x, w, b=None, *, attrs):
-    nd = w.dim() - 2
-    x, pad = _pool_or_conv_padding(x, attrs, nd)
-    stride = attrs.get("strides", [1] * nd)
-    dil = attrs.get("dilations", [1] * nd)
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
-    return conv(x, w, b, stride=stride, padding=pad, dilation=dil, groups=attrs.get("group", 1))
-
-
-def _op_pool(kind):
-    def fn(x, *, attrs):
-        k = list(attrs["kernel_shape"])
-        nd = len(k)
-        fill = -math.inf if kind == "max" else 0.0
-        x, pad = _pool_or_conv_padding(x, attrs, nd, value=fill)
-        stride = attrs.get("strides", [1] * nd)
-        ceil = bool(attrs.get("ceil_mode", 0))
-        if kind == "max":
-            if attrs.get("dilations") and any(d != 1 for d in attrs["dilations"]):
-                raise OnnxBackendError("MaxPool with dilations is not supported in the head converter")
-            return {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nd](x, k, stride, pad, ceil_mode=ceil)
-        cip = bool(attrs.get("count_include_pad", 0))
-        return {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd](
-            x, k, stride, pad, ceil_mode=ceil, count_include_pad=cip
-        )
-
-    return fn
-
-
-def _reduce_axes(x, axes_in, attrs):
-    axes = attrs.get("axes")
-    if axes is None and axes_in is not None:
-        axes = _ints(axes_in)
-    if not axes:
-        if attrs.get("noop_with_empty_axes", 0):
-            return None
-        axes = list(range(x.dim()))
-    return [a % x.dim() for a in axes]
-
-
-def _op_reduce(fn):
-    def op(x, axes=None, *, attrs):
-        dims = _reduce_axes(x, axes, attrs)
-        if dims is None:
-            return x
-        return fn(x, dim=dims, keepdim=bool(attrs.get("keepdims", 1)))
-
-    return op
-
-
-def _op_gemm(a, b, c=None, *, attrs):
-    if attrs.get("transA", 0):
-        a = a.t()
-    if attrs.get("transB", 0):
-        b = b.t()
-    y = attrs.get("alpha", 1.0) * (a @ b)
-    if c is not None:
-        y = y + attrs.get("beta", 1.0) * c
-    return y
-
-
-def _op_flatten(x, *, attrs):
-    axis = attrs.get("axis", 1)
-    axis = axis + x.dim() if axis < 0 else axis  # axis == rank is legal: (prod(shape), 1)
-    lead = math.prod(x.shape[:axis])
-    return x.reshape(lead, -1)
-
-
-def _op_reshape(x, shape, *, attrs):
-    dims = _ints(shape)
-    if not attrs.get("allowzero", 0):
-        dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
-    return x.reshape(dims)
-
-
-def _op_squeeze(x, axes=None, *, attrs):
-    axes = attrs.get("axes", None if axes is None else _ints(axes))
-    if axes is None:
-        return x.squeeze()
-    for a in sorted((a % x.dim() for a in axes), reverse=True):
-        x = x.squeeze(a)
-    return x
-
-
-def _op_unsqueeze(x, axes=None, *, attrs):
-    axes = attrs.get("axes", None if axes is None else _ints(axes))
-    out_rank = x.dim() + len(axes)
-    for a in sorted(a % out_rank for a in axes):
-        x = x.unsqueeze(a)
-    return x
-
-
-def _op_bn(x, scale, bias, mean, var, *, attrs):
-    return F.batch_norm(x, mean, var, scale, bias, training=False, eps=attrs.get("epsilon", 1e-5))
-
-
-def _op_clip(x, lo=None, hi=None, *, attrs):
-    lo = attrs.get("min", lo)
-    hi = attrs.get("max", hi)
-    if lo is not None:
-        x = torch.maximum(x, torch.as_tensor(lo, dtype=x.dtype, device=x.device))
-    if hi is not None:
-        x = torch.minimum(x, torch.as_tensor(hi, dtype=x.dtype, device=x.device))
-    return x
-
-
-def _op_hardsigmoid(x, *, attrs):
-    return torch.clamp(attrs.get("alpha", 0.2) * x + attrs.get("beta", 0.5), 0.0, 1.0)
-
-
-def _op_gelu(x, *, attrs):
-    approx = attrs.get("approximate", b"none")
-    approx = approx.decode() if isinstance(approx, bytes) else approx
-    return F.gelu(x, approximate=approx)
-
-
-def _op_layernorm(x, scale, bias=None, *, attrs):
-    axis = attrs.get("axis", -1) % x.dim()
-    shape = x.shape[axis:]
-    return F.layer_norm(x, shape, scale, bias, eps=attrs.get("epsilon", 1e-5))
-
-
-def _op_shape(x, *, attrs):
-    dims = list(x.shape)
-    start = attrs.get("start", 0)
-    end = attrs.get("end", len(dims))
-    return torch.tensor(dims[start:end], dtype=torch.int64, device=x.device)
-
-
-def _op_gather(x, idx, *, attrs):
-    axis = attrs.get("axis", 0) % x.dim()
-    idx = idx.long()
-    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
-    if idx.dim() == 0:
-        return x.select(axis, int(idx))
-    out = x.index_select(axis, idx.reshape(-1))
-    return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :])
-
-
-def _op_slice(x, starts, ends, axes=None, steps=None, *, attrs):
-    starts, ends = _ints(starts), _ints(ends)
-    axes = list(range(len(starts))) if axes is None else _ints(axes)
-    steps = [1] * len(starts) if steps is None else _ints(steps)
-    index = [slice(None)] * x.dim()
-    for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
-        if st <= 0:
-            raise OnnxBackendError("Slice with a non-positive step is not supported in the head converter")
-        n = x.shape[a % x.dim()]
-        index[a % x.dim()] = slice(max(min(s, n), -n), max(min(e, n), -n - 1) if e < 0 else min(e, n), st)
-    return x[tuple(index)]
-
-
-def _op_cast(x, *, attrs):
-    from onnx import helper
-
-    dtype = torch.from_numpy(np.zeros(0, dtype=helper.tensor_dtype_to_np_dtype(attrs["to"]))).dtype
-    return x.to(dtype)
-
-
-def _op_constant_of_shape(shape, *, attrs):
-    from onnx import numpy_helper
-
-    fill = numpy_helper.to_array(attrs["value"]) if "value" in attrs else np.zeros(1, np.float32)
-    val = torch.from_numpy(fill.copy()).reshape(-1)
-    return val.expand(_ints(shape)).clone().to(shape.device)
-
-
-def _op_softmax(fn):
-    def op(x, *, attrs):
-        return fn(x, dim=attrs.get("axis", -1))
-
-    return op
-
-
-def _binary(fn):
-    return lambda a, b, *, attrs: fn(a, b)
-
-
-def _unary(fn):
-    return lambda x, *, attrs: fn(x)
-
-
-_OPS = {
-    "Conv": _op_conv,
-    "BatchNormalization": _op_bn,
-    "Relu": _unary(F.relu),
-    "LeakyRelu": lambda x, *, attrs: F.leaky_relu(x, attrs.get("alpha", 0.01)),
-    "Sigmoid": _unary(torch.sigmoid),
-    "Tanh": _unary(torch.tanh),
-    "HardSigmoid": _op_hardsigmoid,
-    "HardSwish": _unary(F.hardswish),
-    "Gelu": _op_gelu,
-    "Erf": _unary(torch.erf),
-    "Exp": _unary(torch.exp),
-    "Log": _unary(torch.log),
-    "Sqrt": _unary(torch.sqrt),
-    "Neg": _unary(torch.neg),
-    "Abs": _unary(torch.abs),
-    "Clip": _op_clip,
-    "Add": _binary(torch.add),
-    "Sub": _binary(torch.sub),
-    "Mul": _binary(torch.mul),
-    "Div": _binary(torch.div),
-    "Pow": _binary(torch.pow),
-    "MatMul": _binary(torch.matmul),
-    "Gemm": _op_gemm,
-    "GlobalAveragePool": lambda x, *, attrs: x.mean(dim=tuple(range(2, x.dim())), keepdim=True),
-    "GlobalMaxPool": lambda x, *, attrs: x.amax(dim=tuple(range(2, x.dim())), keepdim=True),
-    "MaxPool": _op_pool("max"),
-    "AveragePool": _op_pool("avg"),
-    "ReduceMean": _op_reduce(torch.mean),
-    "ReduceSum": _op_reduce(torch.sum),
-    "ReduceMax": _op_reduce(torch.amax),
-    "Flatten": _op_flatten,
-    "Reshape": _op_reshape,
-    "Squeeze": _op_squeeze,
-    "Unsqueeze": _op_unsqueeze,
-    "Transpose": lambda x, *, attrs: x.permute(*attrs["perm"]) if "perm" in attrs else x.permute(*range(x.dim())[::-1]),
-    "Concat": lambda *xs, attrs: torch.cat(xs, dim=attrs["axis"]),
-    "Identity": _unary(lambda x: x),
-    "Dropout": lambda x, *rest, attrs: x,  # inference: the identity
-    "Softmax": _op_softmax(torch.softmax),
-    "LogSoftmax": _op_softmax(torch.log_softmax),
-    "LayerNormalization": _op_layernorm,
-    "Shape": _op_shape,
-    "Gather": _op_gather,
-    "Slice": _op_slice,
-    "Cast": _op_cast,
-    "ConstantOfShape": _op_constant_of_shape,
-    "Expand": lambda x, shape, *, attrs: x * torch.ones(_ints(shape), dtype=x.dtype, device=x.device),
-}
-
-
-class OnnxHead(nn.Module):
-    """The ONNX nodes between the target tensor and the scores, run as torch ops.
-
-    ``forward(a, *extra)`` returns the scores; it is differentiable in ``a`` (and vmap-able in
-    its backward), so the engine's VJP gives dy^c/dA for all classes at once.
-    """
-
-    def __init__(self, nodes: list[_Node], target: str, extra: list[str], output: str, inits, opset: int):
-        super().__init__()
-        from onnx import numpy_helper
-
-        unsupported = [n for n in nodes if n.op not in _OPS and n.op != "Constant"]
-        if unsupported:
-            n = unsupported[0]
-            raise OnnxBackendError(
-                f"ONNX op {n.op!r} (node {n.name or n.outputs[0]!r}) between the target tensor {target!r} and the "
-                "scores is not supported by the ONNX->torch head converter; pick a later target tensor "
-                f"(`gradcam-batch layers`) or one of the supported ops: {', '.join(sorted(_OPS))}"
-            )
-        self.nodes = nodes
-        self.target = target
-        self.extra = list(extra)
-        self.output = output
-        self.opset = opset
-        used = {x for n in nodes for x in n.inputs if x}
-        self._const_names = []
-        for i, name in enumerate(sorted(used & set(inits))):
-            arr = numpy_helper.to_array(inits[name])
-            self.register_buffer(f"c{i}", torch.from_numpy(np.array(arr, copy=True)), persistent=False)
-            self._const_names.append(name)
-        for n in nodes:
-            if n.op == "Constant":
-                i = len(self._const_names)
-                self.register_buffer(f"c{i}", torch.from_numpy(np.array(_constant_attr(n.attrs), copy=True)), False)
-                self._const_names.append(n.outputs[0])
-
-    def forward(self, a: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
-        env: dict[str, torch.Tensor] = {name: getattr(self, f"c{i}") for i, name in enumerate(self._const_names)}
-        env[self.target] = a
-        env.update(zip(self.extra, extra, strict=True))
-        for node in self.nodes:
-            if node.op == "Constant":
-                continue
-            args = [env[x] if x else None for x in node.inputs]
-            while args and args[-1] is None:
-                args.pop()
-            out = _OPS[node.op](*args, attrs=node.attrs)
-            env[node.outputs[0]] = out
-        return env[self.output]
-
-
-__all__ = ["OnnxBackendError", "OnnxHead", "OnnxModel", "PROVIDER_ORDER", "default_providers"]
+__all__ = [
+    "MAX_CACHED_SESSIONS",
+    "PROVIDER_ORDER",
+    "OnnxBackbone",
+    "OnnxBackendError",
+    "OnnxHead",
+    "OnnxModel",
+    "default_providers",
+]
