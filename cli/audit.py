@@ -105,7 +105,10 @@ def echo_findings(result) -> None:
         f"{t['flagged_clusters']} flagged"
     )
     for cls, k in result.flagged:
-        click.echo(f"  flagged: {cls.title}, cluster {k.cluster} ({k.size} of {cls.sampled} heatmaps): {k.flags[0]}")
+        click.echo(
+            f"  flagged, strength {k.strength or 0:.2f} ({k.evidence}): {cls.title}, cluster {k.cluster} "
+            f"({k.size} of {cls.sampled} heatmaps): {k.flags[0]}"
+        )
     for note in result.summary["notes"]:
         click.echo(f"note: {note}")
     if result.index_html is not None:

@@ -169,6 +169,10 @@ def _audit(run_dir: Path, report_dir: Path) -> None:
         click.echo(f"audit skipped ({exc}); pip install 'gradcam-batch[audit]'")
         return
     from gradcam_batch.cli.audit import echo_findings
-    from gradcam_batch.engine.audit import audit
+    from gradcam_batch.engine.audit import AuditError, audit
 
-    echo_findings(audit(run_dir, report_dir))
+    try:
+        result = audit(run_dir, report_dir)
+    except AuditError as exc:  # the run and its overlays are written: say why the report is not
+        raise click.ClickException(f"the audit of the demo's run failed: {exc}") from None
+    echo_findings(result)

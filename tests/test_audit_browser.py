@@ -3,8 +3,8 @@
 
 Checks: the page's script ran (``data-ready``) and raised nothing (``window.onerror`` counts into
 ``data-errors``; Chromium's console log is searched too), the class table and the inlined images are
-there, and the flagged cluster comes first. The screenshot of the demo's report is saved as
-``benchmarks/audit_report.png`` for the README.
+there, the finding leads with its evidence strips, and the flagged cluster comes first. The
+screenshot of the demo's report is saved as ``benchmarks/audit_report.png`` for the README.
 
 The interactive 2-D views are driven through Playwright (its Python package, with the system's
 Chromium as the browser): hover a point and see its overlay, switch the clustering, drag a
@@ -73,7 +73,12 @@ def test_report_renders_in_chromium(tmp_path):
     assert not console_errors, console_errors
     assert '<table id="classes">' in html and html.count("data:image/png;base64,") >= 20
     # The finding first: the flagged disc cluster leads the findings, the table and the sections.
-    assert "flagged cluster" in html and "top-right corner" in html
+    assert "1 finding:" in html and "near the top-right corner" in html
+    # The finding's evidence on the page: strength, the ringed prototype, overlays and attended crops
+    # of the flagged images and of the class's unflagged cluster for contrast.
+    card = html[html.index('<div class="fcard"') : html.index('<div class="legend">')]
+    assert 'data-class="1"' in card and "strength 0." in card and "contrast: cluster" in card
+    assert card.count('alt="attended"') >= 8 and card.count('alt="overlay"') >= 8
     rows = re.findall(r'<tr([^>]*)data-flagged="(\d+)"', html)
     assert rows and rows[0][1] != "0" and "flagged" in rows[0][0]
     first_section = re.search(r'<section class="cls( flagged)?" id="class-(\d+)-', html)

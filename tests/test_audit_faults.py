@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from run_support import base_args, bytes_table, invoke, write_table
 
-from gradcam_batch.engine.audit import AuditInputError, audit
+from gradcam_batch.engine.audit import AuditInputError, AuditOutputError, audit
 from gradcam_batch.engine.audit.synthetic import write_synthetic_run
 from gradcam_batch.engine.job.sink import Manifest
 
@@ -216,6 +216,46 @@ def test_report_on_a_real_read_only_mount(synthetic, tmp_path):
     assert res.returncode == 2, res.stderr
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "Read-only file system" in res.stderr
     assert res.stderr.startswith("Error: ") and res.stdout == ""
+
+
+# -- a report directory holding files this tool did not write -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"index.html": "<p>my own page</p>"},
+        {"clusters.parquet": "not ours"},
+        {"summary.json": '{"format": "something-else/1"}', "index.html": "<p>mine</p>"},
+        {"summary.json": "not json at all", "notes.txt": "x"},
+        {"summary.json": '["gradcam-batch-audit/1"]'},
+    ],
+    ids=["foreign-index", "foreign-clusters", "foreign-summary-format", "summary-not-json", "summary-not-object"],
+)
+def test_a_report_dir_with_files_this_tool_did_not_write_is_refused(synthetic, tmp_path, files):
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    for name, text in files.items():
+        (rep / name).write_text(text)
+    before = _tree(rep)
+    res = invoke(["audit", str(synthetic), "-o", str(rep), *CLI_FAST])
+    line = _one_error_line(res, str(rep), "not written by gradcam-batch audit")
+    assert next(iter(files)) in line
+    assert _tree(rep) == before
+    with pytest.raises(AuditOutputError, match="not written by gradcam-batch audit"):
+        audit(synthetic, rep, **FAST)
+    assert _tree(rep) == before
+
+
+def test_an_earlier_report_is_replaced_and_other_files_are_left_alone(synthetic, tmp_path):
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    (rep / "notes.txt").write_text("mine")
+    audit(synthetic, rep, classes=[1], **FAST)
+    assert json.loads((rep / "summary.json").read_text())["selection"]["classes"] == [1]
+    audit(synthetic, rep, **FAST)  # an earlier report of this tool: replaced
+    assert json.loads((rep / "summary.json").read_text())["selection"]["classes"] is None
+    assert (rep / "notes.txt").read_text() == "mine"
 
 
 # -- item 18: answers that mislead -------------------------------------------------------------------

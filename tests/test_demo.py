@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import numpy as np
@@ -68,19 +69,39 @@ def test_demo_audit_flags_the_watermarked_discs(tmp_path):
     res = invoke(["demo", "-o", str(out), "--overlays", "0", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert re.search(r"audited 256 heatmaps in 4 classes: \d+ clusters, 1 flagged", res.output), res.output
-    assert "flagged: disc (1), cluster" in res.output and "top-right corner" in res.output
+    assert re.search(r"flagged, strength 0\.\d\d \(position\+pattern\): disc \(1\), cluster", res.output)
+    assert "top-right corner" in res.output
     assert f"report: {out / 'audit' / 'index.html'}" in res.output
     clusters = pq.read_table(out / "audit" / "clusters.parquet")
     marked = pq.read_table(demo_assets.SAMPLE, columns=["image_id", "watermark"])
     is_marked = dict(zip(marked["image_id"].to_pylist(), marked["watermark"].to_pylist(), strict=True))
     flagged = clusters.filter(clusters["flagged"])
     assert set(flagged["class_index"].to_pylist()) == {1}
-    # The flagged cluster is the watermarked discs: nearly all of them, and nearly nothing else.
+    # The flagged rows are watermarked discs, found by where the maps look and what they see there. Of
+    # the 24 marked discs, 17 are flagged: the other maps spread between the mark and a disc nearby,
+    # and their attended crops hold only part of the mark.
     in_flagged = [is_marked[i] for i in flagged["id"].to_pylist()]
     assert sum(in_flagged) / len(in_flagged) >= 0.9
-    assert sum(in_flagged) >= 0.9 * sum(is_marked.values())
+    assert sum(in_flagged) >= 0.7 * sum(is_marked.values())
+    assert set(flagged["evidence"].to_pylist()) == {"position+pattern"}
+    summary = json.loads((out / "audit" / "summary.json").read_text())
+    (finding,) = summary["findings"]
+    assert finding["strength"] >= summary["flag_rules"]["threshold"] and finding["class_index"] == 1
     page = (out / "audit" / "index.html").read_text()
     assert page.count("data:image/png;base64,") >= 20
+
+
+def test_demo_audit_error_is_one_line_and_leaves_a_foreign_report_alone(tmp_path):
+    """The run is done, the audit refuses its report directory: one Error line, exit 1, the file kept."""
+    out = tmp_path / "demo"
+    (out / "audit").mkdir(parents=True)
+    (out / "audit" / "index.html").write_text("<p>mine</p>")
+    res = invoke(["demo", "-o", str(out), "--limit", "16", "--overlays", "0", "--device", "cpu", "--no-metrics"])
+    assert res.exit_code == 1, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("Error: the audit of the demo's run failed: ") and "not written by gradcam-batch" in last
+    assert "Traceback" not in res.output and "explained 16 images" in res.output
+    assert (out / "audit" / "index.html").read_text() == "<p>mine</p>"
 
 
 def test_run_without_input_and_model_uses_the_embedded_sample(tmp_path):

@@ -1,9 +1,15 @@
 """``audit(out_dir, ...)``: from a run's heatmaps to per-class summaries, SpRAy clusters and flags.
 
-The stages, one function each: ``reader.scan`` (counts, metric sums, the subsample) ->
-``reader.gather`` (the maps, streamed) -> ``spray.spray`` per group -> ``_clusters`` (prototypes,
-spread, metric means) -> ``_flag`` -> the files: ``clusters.parquet``, ``summary.json`` and
-``index.html`` (``report.py``). The README's "Auditing a model" section is the user's guide.
+The stages: ``reader.scan`` (counts, metric sums, the subsample) -> ``reader.gather`` (the maps,
+streamed, a chunk of groups at a time) -> per group ``spray.spray`` and ``class_evidence.measure``
+(where the maps look) -> per chunk ``class_evidence.read_crops`` (what they look at, from the input
+images) -> per group ``class_evidence.judge`` and ``carve`` (findings; a flagged subset becomes its
+own cluster), ``_clusters`` (prototypes, spread, metric means) and the box rule -> the files:
+``clusters.parquet``, ``summary.json`` and ``index.html`` (``report.py``). The README's "Auditing a
+model" section is the user's guide.
+
+One module past 500 lines: the result types (``ClusterAudit``, ``ClassAudit``, ``AuditResult``, the
+``clusters.parquet`` schema) and the stages that fill them change together.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,15 +27,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
+from gradcam_batch.engine.audit import class_evidence as cev
 from gradcam_batch.engine.audit import flags as flag_rules
 from gradcam_batch.engine.audit import report
-from gradcam_batch.engine.audit.flags import FlagParams
+from gradcam_batch.engine.audit.evidence import window_side
+from gradcam_batch.engine.audit.flags import Finding, FlagParams
+from gradcam_batch.engine.audit.images import InputImages, InputsUnavailable
 from gradcam_batch.engine.audit.reader import Grouper, RunOutput, Selection, gather, scan
-from gradcam_batch.engine.audit.report_files import UNFLAGGED, ReportFiles
+from gradcam_batch.engine.audit.report_files import FORMAT, ReportFiles
 from gradcam_batch.engine.audit.run_output import row_groups
 from gradcam_batch.engine.audit.spray import SprayParams, resolve_view, spray, tsne_library
-
-FORMAT = "gradcam-batch-audit/1"
 
 
 @dataclass(frozen=True)
@@ -60,13 +68,20 @@ class ClusterAudit:
     prototype: np.ndarray  # (s, s) mean map of the members
     regions: dict[str, float]  # the prototype's mass share per region
     metrics: dict[str, float | None]
-    flags: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)  # the flagged findings' sentences
     sample_ids: list = field(default_factory=list)  # the members closest to the prototype
     sample_maps: np.ndarray | None = None
+    sample_points: np.ndarray | None = None  # (k, 2) the samples' attention points, small-map pixels (NaN: none)
+    strength: float | None = None  # the strongest flagged finding's strength
+    finding: Finding | None = None  # that finding
 
     @property
     def flagged(self) -> bool:
         return bool(self.flags)
+
+    @property
+    def evidence(self) -> str | None:
+        return None if self.finding is None else self.finding.kind
 
     def to_dict(self) -> dict:
         return {
@@ -75,6 +90,8 @@ class ClusterAudit:
             "share": round(self.share, 4),
             "spread": round(self.spread, 4),
             "flagged": self.flagged,
+            "strength": None if self.strength is None else round(self.strength, 4),
+            "evidence": self.evidence,
             "flags": self.flags,
             "regions": {k: round(v, 4) for k, v in self.regions.items()},
             "metrics": _round(self.metrics),
@@ -94,7 +111,7 @@ class ClassAudit:
     mean_heatmap: np.ndarray  # (s, s) over all audited rows
     metrics: dict[str, float | None]
     probability: float | None
-    k: int
+    k: int  # clusters, those that evidence split off included
     eigengap_k: int
     eigenvalues: np.ndarray
     view: str
@@ -102,19 +119,26 @@ class ClassAudit:
     nonfinite: int = 0  # rows skipped because their map holds a NaN or an Inf (not in ``rows``)
     embedding: np.ndarray | None = None  # (sampled, 2)
     labels: np.ndarray | None = None  # (sampled,)
+    worst_ids: list = field(default_factory=list)
+    worst_maps: np.ndarray | None = None
+    worst_values: list = field(default_factory=list)
+    spray_k: int = 0  # SpRAy's clusters, before evidence split any off
+    findings: list[Finding] = field(default_factory=list)  # every candidate, flagged or not, strongest first
+    scale: tuple[float, float] = (1.0, 1.0)  # small-map pixels -> the stored map's pixels
     ids: list = field(default_factory=list)  # (sampled,) the ids of the rows SpRAy saw, in ``labels``' order
-    clusterings: dict[int, np.ndarray] = field(default_factory=dict)  # k -> (sampled,) labels; the report's switch
+    clusterings: dict[int, np.ndarray] = field(default_factory=dict)  # SpRAy's k -> (sampled,) labels; the switch
     metric_intervals: dict[str, tuple[float, float] | None] = field(default_factory=dict)  # 95%, ``intervals.py``
     metric_rows: dict[str, int] = field(default_factory=dict)  # rows behind each metric mean
     points: np.ndarray | None = None  # the sampled rows the report's scatter shows (``report.page_points``)
     hover: dict[int, np.ndarray] = field(default_factory=dict)  # sampled row -> its map, for a hover overlay
-    worst_ids: list = field(default_factory=list)
-    worst_maps: np.ndarray | None = None
-    worst_values: list = field(default_factory=list)
 
     @property
     def flagged(self) -> list[ClusterAudit]:
-        return [c for c in self.clusters if c.flagged]
+        return sorted((c for c in self.clusters if c.flagged), key=lambda c: (-(c.strength or 0), c.cluster))
+
+    @property
+    def strength(self) -> float:
+        return max((c.strength or 0.0 for c in self.flagged), default=0.0)
 
     @property
     def error_share(self) -> float | None:
@@ -144,6 +168,7 @@ class ClassAudit:
             },
             "metric_rows": self.metric_rows,
             "k": self.k,
+            "spray_k": self.spray_k,
             "eigengap_k": self.eigengap_k,
             "eigenvalues": np.round(self.eigenvalues, 5).tolist(),
             "view": self.view,
@@ -154,6 +179,7 @@ class ClassAudit:
                 {"id": i, "value": round(v, 4)} for i, v in zip(self.worst_ids, self.worst_values, strict=True)
             ],
             "clusters": [c.to_dict() for c in self.clusters],
+            "findings": [f.to_dict(self.scale) for f in self.findings],
         }
 
 
@@ -168,11 +194,13 @@ class AuditResult:
 
     @property
     def flagged(self) -> list[tuple[ClassAudit, ClusterAudit]]:
-        return [(c, k) for c in self.classes for k in c.flagged]
+        """The flagged (class, cluster) pairs, strongest first."""
+        pairs = [(c, k) for c in self.classes for k in c.flagged]
+        return sorted(pairs, key=lambda p: (-(p[1].strength or 0), p[0].class_index, p[0].method, p[1].cluster))
 
     @property
     def clusters(self) -> pa.Table:
-        """``clusters.parquet``: id, class_index, method, cluster, embedding_x, embedding_y, flagged."""
+        """``clusters.parquet``: one row per audited map (``CLUSTER_SCHEMA``)."""
         if self._clusters is None and self.report_dir is not None:
             self._clusters = pq.read_table(self.report_dir / "clusters.parquet")
         return self._clusters
@@ -196,6 +224,13 @@ CLUSTER_SCHEMA = pa.schema(
         ("embedding_x", pa.float32()),
         ("embedding_y", pa.float32()),
         ("flagged", pa.bool_()),
+        # The evidence, per image: class-relative score and its kind, the raw scores, where the map looks.
+        ("shortcut_score", pa.float32()),
+        ("evidence", pa.string()),
+        ("position_score", pa.float32()),
+        ("pattern_score", pa.float32()),
+        ("attention_y", pa.float32()),
+        ("attention_x", pa.float32()),
     ]
 )
 
@@ -204,8 +239,9 @@ def _round(d: dict) -> dict:
     return {k: (None if v is None or not np.isfinite(v) else round(float(v), 4)) for k, v in d.items()}
 
 
-def _clusters(cls: ClassAudit, maps: np.ndarray, metrics: dict[str, np.ndarray], samples: int, ids: list) -> None:
-    """Fill ``cls.clusters``: size, prototype, spread, regions, metric means, samples."""
+def _clusters(cls: ClassAudit, maps: np.ndarray, metrics: dict[str, np.ndarray], samples: int, ids: list,
+              points: np.ndarray) -> None:  # fmt: skip
+    """Fill ``cls.clusters``: size, prototype, spread, regions, metric means, samples and their attention points."""
     n = len(maps)
     for c in range(cls.k):
         members = np.flatnonzero(cls.labels == c)
@@ -230,38 +266,131 @@ def _clusters(cls: ClassAudit, maps: np.ndarray, metrics: dict[str, np.ndarray],
                 metrics=means,
                 sample_ids=[ids[i] for i in closest],
                 sample_maps=maps[closest],
+                sample_points=points[closest],
             )
         )
 
 
-def _flag(classes: list[ClassAudit], params: FlagParams) -> None:
-    """Location and box-energy flags, by the rules in ``flags.py``."""
-    for cls in classes:
-        others = [o for o in classes if o is not cls and o.method == cls.method and o.rows]
+def _apply_findings(cls: ClassAudit, ce: cev.ClassEvidence, metrics: dict, params: FlagParams, size, map_shape,
+                    rng: np.random.Generator) -> None:  # fmt: skip
+    """Sentences for every candidate; the flagged ones mark their clusters; then the box rule on the rest."""
+    by_id = {c.cluster: c for c in cls.clusters}
+    for f in ce.findings:
+        f.sentence = flag_rules.describe(f, cls.sampled, size, cls.scale, map_shape)
+        if not f.flagged:
+            continue
+        targets = cls.clusters if f.whole_class else [by_id[f.cluster]] if f.cluster in by_id else []
+        for cl in targets:
+            cl.flags.append(f.sentence)
+            if cl.strength is None or f.strength > cl.strength:
+                cl.strength, cl.finding = f.strength, f
+    energy = metrics.get("box_energy")
+    if energy is not None:
         for cl in cls.clusters:
-            if cl.size < params.min_rows:
+            f = cev.box_finding(energy, cls.labels == cl.cluster, params, rng)
+            if f is None:
                 continue
-            rest = [o for o in cls.clusters if o is not cl]
-            if rest:
-                w = np.array([o.size for o in rest], np.float64)
-                rest_map = sum(wi * o.prototype for wi, o in zip(w, rest, strict=True)) / w.sum()
-                reason = flag_rules.location_flag(cl.prototype, rest_map, params, "the class's other clusters")
-            elif others:
-                w = np.array([o.rows for o in others], np.float64)
-                rest_map = sum(wi * o.mean_heatmap for wi, o in zip(w, others, strict=True)) / w.sum()
-                reason = flag_rules.location_flag(cl.prototype, rest_map, params, "the other classes")
-            else:
-                reason = None
-            if reason:
-                cl.flags.append(reason)
-            if rest and cl.metrics.get("box_energy") is not None:
-                vals = [(o.metrics.get("box_energy"), o.size) for o in rest if o.metrics.get("box_energy") is not None]
-                if vals:
-                    rest_energy = sum(v * s for v, s in vals) / sum(s for _, s in vals)
-                    reason = flag_rules.box_flag(cl.metrics["box_energy"], rest_energy, params)
-                    if reason:
-                        cl.flags.append(reason)
-        cls.clusters.sort(key=lambda c: (not c.flagged, -c.size, c.cluster))
+            if cl.finding is not None and not cl.finding.whole_class:  # the same rows: one finding, one more kind
+                flag_rules.add_kind(cl.finding, f, params)
+                f = cl.finding
+                f.sentence = flag_rules.describe(f, cls.sampled, size, cls.scale, map_shape)
+                cl.flags[-1] = f.sentence
+                cl.strength = f.strength
+                continue
+            f.cluster = cl.cluster
+            f.sentence = flag_rules.describe(f, cls.sampled, size, cls.scale, map_shape)
+            cls.findings.append(f)
+            if f.flagged:
+                cl.flags.append(f.sentence)
+                cl.strength, cl.finding = f.strength, f
+    cls.findings.sort(key=lambda f: -f.strength)
+    cls.clusters.sort(key=lambda c: (not c.flagged, -(c.strength or 0), -c.size, c.cluster))
+
+
+def _class_audit(cfg, stats, g, gm, res, ce, rng, names, size, scale, map_shape, n_groups) -> ClassAudit:
+    """One group's ClassAudit: findings judged, flagged subsets carved into clusters, clusters filled."""
+    class_index, method = stats.keys[g]
+    pointing = gm.metrics.get("pointing_hit")
+    cev.judge(ce, pointing, cfg.flags, rng)
+    labels = cev.carve(res.labels, ce.findings)
+    cls = ClassAudit(
+        class_index=class_index,
+        class_name=names.get(class_index),
+        method=method,
+        rows=int(stats.rows[g]) - gm.nonfinite,
+        errors=int(stats.errors[g]),
+        sampled=len(gm.maps),
+        mean_heatmap=gm.mean,
+        metrics=stats.metric_means(g),
+        metric_intervals=stats.metric_intervals(g),
+        metric_rows={m: int(stats.metric_n[m][g]) for m in stats.metric_n},
+        probability=float(stats.prob_sum[g] / stats.rows[g]) if stats.rows[g] else None,
+        k=int(labels.max()) + 1 if len(labels) else res.k,
+        eigengap_k=res.eigengap_k,
+        eigenvalues=res.eigenvalues,
+        view=res.view,
+        clusters=[],
+        nonfinite=gm.nonfinite,
+        embedding=res.embedding,
+        labels=labels,
+        worst_ids=gm.worst_ids,
+        worst_maps=gm.worst_maps,
+        worst_values=gm.worst_values,
+        spray_k=res.k,
+        findings=ce.findings,
+        scale=scale,
+        ids=gm.ids,
+        clusterings=res.clusterings,
+    )
+    _clusters(cls, gm.maps, gm.metrics, cfg.samples, gm.ids, ce.points)
+    _apply_findings(cls, ce, gm.metrics, cfg.flags, size, map_shape, rng)
+    cls.points, hover = report.page_points(len(gm.maps), n_groups, cfg.spray.seed)
+    cls.hover = {int(i): gm.maps[i].astype(np.float16) for i in hover}
+    return cls
+
+
+def _cluster_rows(cls: ClassAudit, ids: list, ce: cev.ClassEvidence, res, schema: pa.Schema, scale) -> pa.Table:
+    n = len(ids)
+    flagged = np.zeros(n, bool)
+    kind = np.full(n, "", object)
+    for cl in cls.clusters:
+        if cl.flagged:
+            rows = cls.labels == cl.cluster
+            flagged |= rows
+            kind[rows] = cl.evidence
+    score, kinds = cev.row_scores(ce, kind)
+    att = np.where(ce.ok[:, None], ce.points * np.asarray(scale), np.nan)
+
+    def f32(x):
+        x = np.asarray(x, np.float64)
+        return pa.array(x.astype(np.float32), pa.float32(), mask=~np.isfinite(x))
+
+    return pa.table(
+        {
+            "id": pa.array(ids, schema.field("id").type),
+            "class_index": pa.array(np.full(n, cls.class_index), pa.int32()),
+            "method": pa.array([cls.method] * n, pa.string()),
+            "cluster": pa.array(cls.labels, pa.int32()),
+            "embedding_x": pa.array(res.embedding[:, 0], pa.float32()),
+            "embedding_y": pa.array(res.embedding[:, 1], pa.float32()),
+            "flagged": pa.array(flagged, pa.bool_()),
+            "shortcut_score": f32(score),
+            "evidence": pa.array(kinds.tolist(), pa.string()),
+            "position_score": f32(ce.position),
+            "pattern_score": f32(ce.pattern if ce.pattern is not None else np.full(n, np.nan)),
+            "attention_y": f32(att[:, 0]),
+            "attention_x": f32(att[:, 1]),
+        },
+        schema=schema,
+    )
+
+
+def _cam_side(run: RunOutput) -> int | None:
+    """The cam's side (its cells set the attention window), when the run stored the cam."""
+    if "cam" not in run.schema.names:
+        return None
+    shape = getattr(run.schema.field("cam").type, "shape", None)
+    return int(shape[0]) if shape else None
 
 
 def _class_names(cfg: AuditConfig, run: RunOutput) -> dict[int, str]:
@@ -310,12 +439,8 @@ def run_audit(cfg: AuditConfig) -> AuditResult:
     names = _class_names(cfg, run)
     report_dir = Path(cfg.report_dir) if cfg.report_dir else None
     with contextlib.nullcontext() if report_dir is None else ReportFiles(report_dir) as files:
-        # Entered once: threadpoolctl scans the loaded libraries on every entry (about 18 ms).
-        with threadpool_limits(limits=cfg.threads):
-            result = _audit(cfg, run, grouper, stats, names, size, files)
+        result = _audit(cfg, run, grouper, stats, names, size, files)
         if files is not None:
-            flagged = {(c.class_index, c.method, k.cluster) for c in result.classes for k in c.flagged}
-            files.finish_clusters(flagged, _cluster_schema(run))
             images: dict = {}
             if cfg.overlays:
                 from gradcam_batch.engine.audit.images import load_images
@@ -341,7 +466,7 @@ def _write_clusters(files: ReportFiles, schema: pa.Schema, writer, pending: list
     if not pending or (not last and sum(t.num_rows for t in pending) < CLUSTER_ROWS):
         return writer
     if writer is None:
-        writer = pq.ParquetWriter(files.tmp(UNFLAGGED), schema, compression="zstd")
+        writer = pq.ParquetWriter(files.tmp("clusters.parquet"), schema, compression="zstd")
     writer.write_table(pa.concat_tables(pending))
     pending.clear()
     return writer
@@ -362,75 +487,64 @@ def _cluster_schema(run: RunOutput) -> pa.Schema:
 
 
 def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> AuditResult:
-    """SpRAy per group, the flags and the summary; with ``files``, each group's clusters go to a temporary file."""
+    """SpRAy, evidence and findings per group, and the summary; with ``files``, each group's rows go to
+    ``clusters.parquet`` as soon as the group is done."""
     view, view_note = resolve_view(cfg.spray.view, sum(len(p) for p in stats.picked), len(stats.keys))
-    sp = dataclasses.replace(cfg.spray, view=view)
+    sp, fp = dataclasses.replace(cfg.spray, view=view), cfg.flags
     schema = _cluster_schema(run)
+    cam_side = _cam_side(run)
+    scale = (run.map_shape[0] / size[0], run.map_shape[1] / size[1])
+    notes: list[str] = [view_note] if view_note else []
+    source = None
+    if not cfg.overlays:
+        notes.append("pattern evidence skipped: --no-overlays reads no input image (position and box evidence only)")
+    else:
+        try:
+            source = InputImages.open(run.config, cfg.images)
+        except InputsUnavailable as exc:
+            notes.append(
+                f"pattern evidence skipped: the input images cannot be read ({exc}); pass --images where they are "
+                "now (position and box evidence only)"
+            )
+    read = {"images": 0, "missing": 0}
     classes: list[ClassAudit] = []
     writer = None
     pending: list[pa.Table] = []  # clusters rows, written in row groups of at least CLUSTER_ROWS
-    try:
+    # One BLAS/OpenMP limit for the whole loop: entering it costs milliseconds (it scans the loaded
+    # libraries), which a run of 1,000 classes paid a thousand times.
+    with threadpool_limits(limits=cfg.threads), contextlib.ExitStack() as closing:
+        closing.callback(lambda: writer is not None and writer.close())
         for chunk in gather(run, grouper, stats, size=size, memory_mb=cfg.memory_mb):
+            work = []
             for g, gm in sorted(chunk.items()):
                 class_index, method = stats.keys[g]
+                rng = np.random.default_rng([fp.seed, class_index & 0xFFFFFFFF, zlib.crc32(method.encode())])
                 res = spray(gm.maps, sp)
-                rows = int(stats.rows[g]) - gm.nonfinite
-                cls = ClassAudit(
-                    class_index=class_index,
-                    class_name=names.get(class_index),
-                    method=method,
-                    rows=rows,
-                    errors=int(stats.errors[g]),
-                    sampled=len(gm.maps),
-                    mean_heatmap=gm.mean,
-                    metrics=stats.metric_means(g),
-                    metric_intervals=stats.metric_intervals(g),
-                    metric_rows={m: int(stats.metric_n[m][g]) for m in stats.metric_n},
-                    probability=float(stats.prob_sum[g] / stats.rows[g]) if stats.rows[g] else None,
-                    k=res.k,
-                    eigengap_k=res.eigengap_k,
-                    eigenvalues=res.eigenvalues,
-                    view=res.view,
-                    clusters=[],
-                    nonfinite=gm.nonfinite,
-                    embedding=res.embedding,
-                    labels=res.labels,
-                    ids=gm.ids,
-                    clusterings=res.clusterings,
-                    worst_ids=gm.worst_ids,
-                    worst_maps=gm.worst_maps,
-                    worst_values=gm.worst_values,
-                )
-                _clusters(cls, gm.maps, gm.metrics, cfg.samples, gm.ids)
-                cls.points, hover = report.page_points(len(gm.maps), len(stats.keys), sp.seed)
-                cls.hover = {int(i): gm.maps[i].astype(np.float16) for i in hover}
+                ce = cev.measure(gm.maps, cam_side, fp, rng)
+                work.append((g, gm, res, ce, rng))
+            if source is not None:
+                window = window_side(min(run.map_shape), cam_side, fp) * size[0] / min(run.map_shape)
+                for _, gm, _, ce, rng in work:
+                    cev.plan_elsewhere(ce, gm.mean, window, rng)
+                done, missing = cev.read_crops(source, [(gm.ids, ce) for _, gm, _, ce, _ in work], size, cam_side, fp)
+                read["images"] += done
+                read["missing"] += missing
+            for g, gm, res, ce, rng in work:
+                cls = _class_audit(cfg, stats, g, gm, res, ce, rng, names, size, scale, run.map_shape, len(stats.keys))
                 classes.append(cls)
                 if files is not None and len(gm.maps):
-                    n = len(gm.maps)
-                    pending.append(
-                        pa.table(
-                            {
-                                "id": pa.array(gm.ids, schema.field("id").type),
-                                "class_index": pa.array(np.full(n, class_index), pa.int32()),
-                                "method": pa.array([method] * n, pa.string()),
-                                "cluster": pa.array(res.labels, pa.int32()),
-                                "embedding_x": pa.array(res.embedding[:, 0], pa.float32()),
-                                "embedding_y": pa.array(res.embedding[:, 1], pa.float32()),
-                                "flagged": pa.nulls(n, pa.bool_()),
-                            },
-                            schema=schema,
-                        )
-                    )
+                    pending.append(_cluster_rows(cls, gm.ids, ce, res, schema, scale))
                     writer = _write_clusters(files, schema, writer, pending)
         if files is not None:
             writer = _write_clusters(files, schema, writer, pending, last=True)
-    finally:
-        if writer is not None:
-            writer.close()
-    _flag(classes, cfg.flags)
-    classes.sort(key=lambda c: (not c.flagged, -c.rows, c.class_index, c.method))
-
-    notes = [view_note] if view_note else []
+    if files is not None and writer is None:
+        pq.write_table(schema.empty_table(), files.tmp("clusters.parquet"))
+    if source is not None and read["missing"]:
+        notes.append(
+            f"{read['missing']:,} audited image{'s' if read['missing'] != 1 else ''} could not be read back from the "
+            "inputs: their rows have no pattern score"
+        )
+    classes.sort(key=lambda c: (not c.flagged, -c.strength, -c.rows, c.class_index, c.method))
     views = {c.view for c in classes}
     if "tsne" in views and tsne_library() != "openTSNE":
         notes.append(
@@ -438,6 +552,7 @@ def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> 
         )
     if cfg.spray.view == "umap" and "umap" not in views and "tsne" in views:
         notes.append("the 2-D view is t-SNE, since umap-learn is not installed (pip install umap-learn)")
+
     sub = [c for c in classes if c.sampled < c.rows]
     if sub:
         notes.append(
@@ -474,6 +589,22 @@ def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> 
         },
         "spray": {**cfg.spray.to_dict(), "size": list(size), "view_used": view},
         "flag_rules": cfg.flags.to_dict(),
+        "evidence": {
+            "kinds": [
+                "position",
+                *(["pattern"] if source is not None else []),
+                *(["boxes"] if "box_energy" in run.metrics or "pointing_hit" in run.metrics else []),
+            ],
+            "window": round(window_side(min(run.map_shape), cam_side, fp) / min(run.map_shape), 4),
+            "images_read": read["images"],
+            "images_missing": read["missing"],
+        },
+        "findings": [
+            {"class_index": c.class_index, "class_name": c.class_name, "method": c.method, **f.to_dict(c.scale)}
+            for c in classes
+            for f in c.findings
+            if f.flagged
+        ],
         "totals": {
             "classes": len(classes),
             "audited_rows": int(sum(c.rows for c in classes)),
@@ -482,6 +613,7 @@ def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> 
             "clusters": int(sum(len(c.clusters) for c in classes)),
             "flagged_clusters": int(sum(len(c.flagged) for c in classes)),
             "flagged_classes": int(sum(1 for c in classes if c.flagged)),
+            "flagged_rows": int(sum(int(f.members.sum()) for c in classes for f in c.findings if f.flagged)),
         },
         "notes": notes,
         "classes": [c.to_dict() for c in classes],

@@ -4,8 +4,8 @@ Every value from the run (ids, methods, class names, paths, the model) is escape
 attributes alike, and reaches the script as JSON with ``<``, ``>`` and ``&`` escaped: a run
 directory may come from someone else.
 
-Top to bottom: a banner when the run is partial, the findings (every flagged cluster, its prototype
-and the reason in words), the colormap legend, a sortable per-class table with flagged classes
+Top to bottom: a banner when the run is partial, the findings (``report_findings.py``: every flagged
+finding, strongest first, with its evidence), the colormap legend, a sortable per-class table with flagged classes
 first and 95% intervals under the metric means, then one section per class: its mean heatmap, the
 eigenvalues with the chosen gap, the interactive 2-D view (``scatter.js``: hover for overlays,
 switch clusterings, select and copy ids), and a card per cluster (flagged first) with its
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from gradcam_batch.engine.audit import flags as flag_rules
-from gradcam_batch.engine.audit import render
+from gradcam_batch.engine.audit import render, report_findings
 from gradcam_batch.engine.audit.run_output import BOOL_METRICS, partial_line
 
 _CSS = """
@@ -82,7 +82,7 @@ MIN_POINTS_PER_CLASS = 500
 THUMBS_PER_PAGE = 2_000
 THUMBS_PER_CLASS = 48
 SAMPLES_PER_PAGE = 4_000  # the cluster cards' sample overlays, all cards together (at least 2 a card)
-FINDING_SAMPLES = 4  # overlays per finding
+FINDING_SAMPLES = 6  # overlays and attended crops per finding card, and as many of its contrast cluster
 HOVER_PX = 112
 _BASE36 = np.array(list("0123456789abcdefghijklmnopqrstuvwxyz"))
 
@@ -108,6 +108,7 @@ def overlay_ids(result) -> list:
     """The ids whose images the page shows: findings' and cards' samples, the worst-localized, the hover sample."""
     per = card_samples(result)
     ids = [i for c, k in result.flagged for i in k.sample_ids[:FINDING_SAMPLES]]
+    ids += [i for c, _ in result.flagged for i in report_findings.contrast_ids(c, FINDING_SAMPLES)]
     ids += [i for c in result.classes for k in c.clusters for i in k.sample_ids[:per]]
     ids += [i for c in result.classes for i in c.worst_ids]
     ids += [c.ids[i] for c in result.classes for i in c.hover]
@@ -169,7 +170,7 @@ def write_report(path: Path, result, images: dict) -> None:
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
         '<meta name=viewport content="width=device-width,initial-scale=1">',
         f"<title>Grad-CAM audit: {_e(Path(s['run']['out_dir']).name)}</title>",
-        f"<style>{_CSS}{_SCATTER_CSS}</style><script>{_JS}</script><script>{_SCATTER_JS}</script></head><body><main>",
+        f"<style>{_CSS}{_SCATTER_CSS}{report_findings.CSS}</style><script>{_JS}</script><script>{_SCATTER_JS}</script></head><body><main>",
     ]
     run = s["run"]
     sel = s["selection"]
@@ -188,42 +189,16 @@ def write_report(path: Path, result, images: dict) -> None:
         f"in {s['totals']['classes']} classes · {run['error_rows']:,} error rows</p>"
     )
 
-    # -- findings --
-    flagged = result.flagged
-    if flagged:
-        parts.append(
-            f'<div class="box findings" id=findings><h2>{len(flagged)} flagged cluster'
-            f"{'s' if len(flagged) != 1 else ''}: heatmaps that look somewhere else</h2>"
-        )
-        for c, k in flagged:
-            proto = render.png_uri(render.heat_image(k.prototype, 72))
-            pairs = list(zip(k.sample_ids, k.sample_maps if k.sample_maps is not None else [], strict=False))
-            pairs = pairs[:FINDING_SAMPLES]
-            strip = "".join(
-                _img(render.png_uri(render.overlay_image(images.get(i), m, 72)), "sample", "px", str(i))
-                for i, m in pairs
-            )
-            parts.append(
-                f'<div class=finding data-class="{_e(c.class_index)}">{_img(proto, "prototype", "px")}<div>'
-                f'<a href="#{_e(_anchor(c))}"><b>{_e(c.title)}</b></a>, cluster {k.cluster}: '
-                f"{k.size:,} of {c.sampled:,} heatmaps ({k.share:.0%})<br>"
-                + "".join(f"<span class=flag>⚑ {_e(r)}</span><br>" for r in k.flags)
-                + f"<div class=strip>{strip}</div></div></div>"
-            )
-        parts.append("</div>")
-    else:
-        parts.append(
-            '<div class="box findings none" id=findings><h2>No cluster was flagged</h2>'
-            "<p class=muted>Within every class, the clusters' heatmaps put their mass in similar places.</p>"
-            "</div>"
-        )
+    # -- findings (report_findings.py) --
+    parts.append(report_findings.findings_section(result, images, _anchor, FINDING_SAMPLES))
     parts.append(
         f"<div class=legend>{_img(render.png_uri(render.legend_image()), 'viridis colormap')}"
         "<span>low → high saliency (viridis; each heatmap min-max normalized; prototypes scaled to their "
         "maximum)</span></div>"
     )
     for note in s["notes"]:
-        parts.append(f"<p class=muted>Note: {_e(note)}.</p>")
+        if not note.startswith("pattern evidence skipped"):  # said in the findings box
+            parts.append(f"<p class=muted>Note: {_e(note)}.</p>")
     per = card_samples(result)
     most = max((len(k.sample_ids) for c in classes for k in c.clusters), default=0)
     if per < most:
@@ -280,10 +255,12 @@ def _class_section(c, images: dict, s: dict, per: int) -> str:
     out = [f'<section class="cls{" flagged" if flagged else ""}" id="{_e(_anchor(c))}">']
     sub = f" (SpRAy on a uniform subsample of {c.sampled:,})" if c.sampled < c.rows else ""
     es = f", {c.error_share:.1%} of its images could not be explained" if c.error_share else ""
+    extra = c.k - c.spray_k if c.spray_k else 0
+    split = f": SpRAy's {c.spray_k}, and {extra} that evidence split off" if extra > 0 else ""
     out.append(f"<h2>{_e(c.title)} <span class=muted>· {_e(c.method)}</span></h2>")
     out.append(
         f"<p class=stats>{c.rows:,} heatmaps{sub}{es}. {c.k} cluster{'s' if c.k != 1 else ''}"
-        f" ({'fixed' if s['spray']['clusters'] else 'eigengap'}).</p>"
+        f" ({'fixed' if s['spray']['clusters'] else 'eigengap'}{split}).</p>"
     )
     out.append("<div class=row>")
     out.append(

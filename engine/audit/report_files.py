@@ -3,20 +3,30 @@
 ``clusters.parquet``, ``summary.json`` and ``index.html`` are written under temporary names and
 renamed into place together at the end. An audit that stops on the way (bad input, a read-only
 file system, an interrupt) leaves the directory as it found it: an earlier report stays whole.
+A directory that holds one of those names but no ``summary.json`` of this tool's format is someone
+else's: the audit refuses it before it computes anything, and writes nothing there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from gradcam_batch.engine.audit.run_output import AuditOutputError
 
-UNFLAGGED = "clusters-unflagged.parquet"  # the clusters as SpRAy gives them, before the flags are known
+FORMAT = "gradcam-batch-audit/2"  # summary.json's "format"; an earlier report is recognized by its prefix
+FORMAT_PREFIX = "gradcam-batch-audit/"
+
+
+def written_by_audit(report_dir: Path) -> bool:
+    """Whether ``report_dir/summary.json`` is a JSON object whose ``format`` is this tool's."""
+    try:
+        data = json.loads((report_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get("format", "")).startswith(FORMAT_PREFIX)
 
 
 class ReportFiles:
@@ -41,12 +51,24 @@ class ReportFiles:
             missing.append(p)
             p = p.parent
         self.created = missing
+        self.check_owned()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             self._cleanup()
             raise self._error(exc) from None
         return self
+
+    def check_owned(self) -> None:
+        """``AuditOutputError`` when the directory holds a report file that this tool did not write."""
+        if not self.dir.is_dir():
+            return
+        present = [name for name in self.NAMES if (self.dir / name).exists() or (self.dir / name).is_symlink()]
+        if present and not written_by_audit(self.dir):
+            raise AuditOutputError(
+                f"{self.dir} holds {', '.join(present)} not written by gradcam-batch audit (no summary.json of "
+                "its format): choose another report directory"
+            )
 
     def publish(self) -> None:
         for name in self.NAMES:
@@ -60,7 +82,7 @@ class ReportFiles:
             raise self._error(exc) from None
 
     def _cleanup(self) -> None:
-        for name in (*self.NAMES, UNFLAGGED):
+        for name in self.NAMES:
             with contextlib.suppress(OSError):
                 self.tmp(name).unlink(missing_ok=True)
         for d in self.created:
@@ -74,27 +96,5 @@ class ReportFiles:
     def _error(self, exc: OSError) -> AuditOutputError:
         return AuditOutputError(f"cannot write the report into {self.dir}: {exc.strerror or exc}")
 
-    def finish_clusters(self, flagged: set[tuple[int, str, int]], schema: pa.Schema) -> None:
-        """Copy the clusters written during the audit into ``clusters.parquet``, ``flagged`` filled in.
 
-        ``flagged`` holds the flagged clusters' (class_index, method, cluster).
-        """
-        tmp, path = self.tmp(UNFLAGGED), self.tmp("clusters.parquet")
-        if not tmp.exists():
-            pq.write_table(schema.empty_table(), path)
-            return
-        with pq.ParquetWriter(path, schema, compression="zstd") as out, pq.ParquetFile(tmp) as pf:
-            for rg in range(pf.metadata.num_row_groups):
-                t = pf.read_row_group(rg)
-                keys = zip(
-                    t.column("class_index").to_pylist(),
-                    t.column("method").to_pylist(),
-                    t.column("cluster").to_pylist(),
-                    strict=True,
-                )
-                flags = pa.array([k in flagged for k in keys])
-                out.write_table(t.set_column(t.schema.get_field_index("flagged"), "flagged", flags))
-        tmp.unlink()
-
-
-__all__ = ["UNFLAGGED", "ReportFiles"]
+__all__ = ["FORMAT", "ReportFiles", "written_by_audit"]

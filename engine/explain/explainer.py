@@ -92,6 +92,8 @@ class Explanation:
     # (B, C, H, W) float32 (float64 for float64 input), the normalized map at the input size before
     # quantization: what the metrics perturb by (saliency=True; also made for guided=True)
     saliency: torch.Tensor | None = None
+    # What a score function with ``has_aux`` returned beside the scores (detached; see ``aux_score_fn``)
+    aux: dict[str, torch.Tensor] | None = None
 
 
 def stack_methods(results: dict[str, Explanation]) -> Explanation:
@@ -118,7 +120,25 @@ def stack_methods(results: dict[str, Explanation]) -> Explanation:
         method=",".join(results),
         guided=cat("guided"),
         saliency=cat("saliency"),
+        aux=first.aux,
     )
+
+
+def has_aux(score_fn: Callable | None) -> bool:
+    """Whether ``score_fn`` returns ``(scores, aux)``: it says so with a true ``has_aux`` attribute.
+
+    ``aux`` is a dict of tensors computed from the same head forward as the scores and never differentiated
+    (a segmentation model's predicted mask and region sizes, engine/explain/tasks.py). A selector passed as
+    ``classes=`` is then called as ``classes(scores, aux)``, and the aux is returned in ``Explanation.aux``;
+    it comes from the one head forward that the VJP differentiates, so the head runs once."""
+    return bool(getattr(score_fn, "has_aux", False))
+
+
+def scores_only(score_fn: Callable) -> Callable[[object], torch.Tensor]:
+    """``score_fn`` without its aux: the (B, N) scores alone (layer search, Score-CAM, guided backprop, metrics)."""
+    if not has_aux(score_fn):
+        return score_fn
+    return lambda output: score_fn(output)[0]
 
 
 def default_score_fn(output: object) -> torch.Tensor:
@@ -247,7 +267,9 @@ class Explainer:
         self.kernel_backend = kernel_backend
         self.guided = bool(guided)
         self.scorecam_batch = scorecam_batch
-        self._score_fn = score_fn or default_score_fn
+        # _score_fn gives the scores alone; _aux_score_fn, when the score function has an aux, the pair
+        self._score_fn = scores_only(score_fn) if score_fn is not None else default_score_fn
+        self._aux_score_fn = score_fn if has_aux(score_fn) else None
         self._needs = {METHODS[m].needs for m in self.methods}
         # Backbone options (engine/explain/compiled.py, engine/explain/tokens.py): compile and precision apply to
         # the FX backbone; reshape="tokens" turns a (B, N, D) target output into a (B, D, h, w) map.
@@ -398,7 +420,7 @@ class Explainer:
         with torch.inference_mode(False), eval_mode(self.model):
             if not self._prepared:
                 self._prepare(images)
-            inputs, scores_all = self._pass(images, classes, top_k, sign)
+            inputs, scores_all, aux = self._pass(images, classes, top_k, sign)
             gb = None
             if self.guided:
                 gb = guided_backprop(self.model, images, inputs.classes, self._score_fn, sign=sign)
@@ -451,6 +473,7 @@ class Explainer:
                 method=name,
                 guided=guided,
                 saliency=sal if saliency else None,
+                aux=aux,
             )
         return out[self.methods[0]] if self._single else out
 
@@ -478,23 +501,23 @@ class Explainer:
             peaks=maps.peaks.view(b, c, 2),
         )
 
-    def _pass(self, images, classes, top_k, sign) -> tuple[CamInputs, torch.Tensor]:
+    def _pass(self, images, classes, top_k, sign):
         """One backbone forward and at most one VJP: A, the scores, the classes, g, and Score-CAM's weights.
 
-        Returns (inputs, all scores (B, N)).
+        Returns (inputs, all scores (B, N), the score function's aux or None).
         """
         need_grad = "grad" in self._needs
-        grads = linear = None
+        grads = linear = aux = None
         if self._split is None:
-            acts, scores_all, classes_t, grads = self._hooked_pass(images, classes, top_k, sign, need_grad)
+            acts, scores_all, classes_t, grads, aux = self._hooked_pass(images, classes, top_k, sign, need_grad)
         else:
-            acts, scores_all, classes_t, grads, linear = self._split_pass(images, classes, top_k, sign, need_grad)
+            acts, scores_all, classes_t, grads, linear, aux = self._split_pass(images, classes, top_k, sign, need_grad)
         score_weights = None
         if "scores" in self._needs:
             score_weights = scorecam_weights(
                 self._forward_scores, images, acts, classes_t, batch_size=self.scorecam_batch, sign=sign
             )
-        return CamInputs(acts, classes_t, grads, linear, score_weights), scores_all
+        return CamInputs(acts, classes_t, grads, linear, score_weights), scores_all, aux
 
     def _split_pass(self, images, classes, top_k, sign, need_grad):
         """The FX path: no-grad backbone, then the head's closed form, its VJP, or its forward alone."""
@@ -516,11 +539,12 @@ class Explainer:
             acts, prefix = tokens_to_map(acts, self.token_grid, (images.shape[-2], images.shape[-1]))
         self._check_acts(acts)
         head = self._split.head
-        score_fn = self._score_fn
+        score_fn = self._aux_score_fn or self._score_fn
+        with_aux = self._aux_score_fn is not None
         h, w = acts.shape[-2:]
         cdt = torch.promote_types(acts.dtype, torch.float32)
 
-        if self._linear is not None:
+        if self._linear is not None:  # only with the default score function: no aux
             with torch.no_grad():
                 scores_all = score_fn(head(acts, *extra))
             classes_t = resolve_classes(classes, top_k, scores_all)
@@ -528,7 +552,7 @@ class Explainer:
             rows = weight[classes_t]  # (B, C, K)
             # g = W[c] / (h*w) at every position: stored once per channel, broadcast by the methods.
             grads = (sign * (rows / (h * w)))[..., None, None] if need_grad else None
-            return acts, scores_all.detach(), classes_t, grads, sign * rows
+            return acts, scores_all.detach(), classes_t, grads, sign * rows, None
 
         def head_scores(a: torch.Tensor) -> torch.Tensor:
             if prefix is not None:
@@ -537,26 +561,31 @@ class Explainer:
             # ReLU(inplace=True)) from writing into A, the VJP's primal, which is weighted later.
             return score_fn(head(a.clone(), *extra))
 
+        aux = None
         if not need_grad:
             with torch.no_grad():
-                scores_all = head_scores(acts)
+                scores_all, aux = _split_aux(head_scores(acts), with_aux)
             self._check_scores(scores_all, images)
-            return acts, scores_all, resolve_classes(classes, top_k, scores_all), None, None
+            return acts, scores_all, resolve_classes(classes, top_k, scores_all, aux), None, None, aux
         if self.vjp_strategy == "batched_grad":
             with torch.enable_grad():
                 a = acts.detach().requires_grad_(True)
-                scores_all = head_scores(a)
+                scores_all, aux = _split_aux(head_scores(a), with_aux)
                 self._check_scores(scores_all, images)
-                classes_t = resolve_classes(classes, top_k, scores_all.detach())
+                classes_t = resolve_classes(classes, top_k, scores_all.detach(), aux)
                 cot = one_hots(classes_t, scores_all, sign)
                 (grads,) = torch.autograd.grad(scores_all, a, cot, is_grads_batched=True)
         else:
             # Under an outer no_grad, vjp still differentiates w.r.t. its primal (it is a
             # function transform) but records nothing for the model's parameters.
             with torch.no_grad():
-                scores_all, vjp_fn = torch.func.vjp(head_scores, acts)
+                if with_aux:
+                    scores_all, vjp_fn, aux = torch.func.vjp(head_scores, acts, has_aux=True)
+                    aux = _detached(aux)
+                else:
+                    scores_all, vjp_fn = torch.func.vjp(head_scores, acts)
                 self._check_scores(scores_all, images)
-                classes_t = resolve_classes(classes, top_k, scores_all)
+                classes_t = resolve_classes(classes, top_k, scores_all, aux)
                 cot = one_hots(classes_t, scores_all, sign)
                 if self.vjp_strategy == "auto":
                     grads = self._auto_vjp(vjp_fn, cot)
@@ -565,7 +594,7 @@ class Explainer:
                 else:
                     grads = torch.stack([vjp_fn(cot[c])[0] for c in range(cot.shape[0])])
         grads = grads.to(cdt).transpose(0, 1)  # (C, B, K, h, w) -> (B, C, K, h, w)
-        return acts, scores_all.detach(), classes_t, grads, None
+        return acts, scores_all.detach(), classes_t, grads, None, aux
 
     def _hooked_pass(self, images, classes, top_k, sign, need_grad):
         """Fallback for models FX cannot trace: one forward, graph from A, batched backward."""
@@ -577,23 +606,23 @@ class Explainer:
             to_map = lambda t: tokens_to_map(t, self.token_grid, (images.shape[-2], images.shape[-1]))
         with torch.no_grad(), _TargetHook(module, self.target_layer, root=True, to_map=to_map) as hook:
             out = self.model(images)
-            scores_all = self._score_fn(out)
+            scores_all, aux = _split_aux((self._aux_score_fn or self._score_fn)(out), self._aux_score_fn is not None)
             a = hook.activation
         if a is None:
             raise TargetLayerError(f"target layer {self.target_layer!r} did not run in the forward pass")
         self._check_acts(a)
         self._check_scores(scores_all, images)
-        classes_t = resolve_classes(classes, top_k, scores_all.detach())
+        classes_t = resolve_classes(classes, top_k, scores_all.detach(), aux)
         cdt = torch.promote_types(a.dtype, torch.float32)
         if not need_grad:
-            return a.detach(), scores_all.detach(), classes_t, None
+            return a.detach(), scores_all.detach(), classes_t, None, aux
         cot = one_hots(classes_t, scores_all, sign)
         if not scores_all.requires_grad:
             self._no_dependency()
         (grads,) = torch.autograd.grad(scores_all, a, cot, is_grads_batched=True, allow_unused=True)
         if grads is None:
             self._no_dependency()
-        return a.detach(), scores_all.detach(), classes_t, grads.to(cdt).transpose(0, 1)
+        return a.detach(), scores_all.detach(), classes_t, grads.to(cdt).transpose(0, 1), aux
 
     def _forward_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(n, N) scores of a batch with no graph (Score-CAM's masked inputs), in the run's precision."""
@@ -628,13 +657,27 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def resolve_classes(classes: torch.Tensor | None, top_k: int, scores: torch.Tensor) -> torch.Tensor:
+def _split_aux(result: object, with_aux: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    if not with_aux:
+        return result, None
+    scores, aux = result
+    return scores, _detached(aux)
+
+
+def _detached(aux: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in aux.items()}
+
+
+def resolve_classes(
+    classes: torch.Tensor | None, top_k: int, scores: torch.Tensor, aux: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
     """(B, C) long indices of the classes to explain: the given ones (checked), a selector's, or the top ``top_k``."""
     b, n = scores.shape
     selected = callable(classes)
     if selected:
-        # A selector that needs the scores (e.g. the ground truth plus the top-k) returns (B, C).
-        classes = classes(scores.detach())
+        # A selector that needs the scores (e.g. the ground truth plus the top-k) returns (B, C); with a
+        # score function's aux (a segmentation mask's region sizes), it gets that too.
+        classes = classes(scores.detach()) if aux is None else classes(scores.detach(), aux)
     if classes is None:
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
@@ -824,7 +867,7 @@ def _faithfulness(model, images: torch.Tensor, exp: Explanation, names: tuple[st
     if unknown:
         raise ValueError(f"unknown metric {unknown[0]!r}; expected deletion, insertion or confidence")
     saliency = exp.saliency
-    scores = score_fn or default_score_fn
+    scores = scores_only(score_fn) if score_fn is not None else default_score_fn
     with eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
         out: dict[str, torch.Tensor] = {}
         if "deletion" in names or "insertion" in names:

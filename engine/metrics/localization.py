@@ -198,3 +198,41 @@ def box_metrics(
         "box_iou": box_iou.float(),
         "has_boxes": has_boxes,
     }
+
+
+def mask_metrics(
+    saliency: torch.Tensor, true_masks: torch.Tensor, classes: torch.Tensor, *, threshold: float = 0.15
+) -> dict[str, torch.Tensor]:
+    """Localization of (B, C, H, W) maps against ground-truth segmentation masks; a dict of (B, C) tensors.
+
+    ``true_masks``: (B, H, W) integer class indices at the saliency's resolution (any index that is not an
+    explained class, an ignore index included, simply never matches). ``classes``: (B, C) the class of each map.
+
+    - ``mask_energy`` float32: sum of the map over the pixels of its class in the true mask / sum of the map;
+      the box energy of Score-CAM (Wang et al. 2020) with the mask in place of the boxes. NaN when the map
+      sums to 0 or the true mask has no pixel of the class.
+    - ``mask_iou`` float32: IoU of the pixels at or above ``threshold`` x the map's max (default 0.15, the
+      Grad-CAM paper's box threshold, without its largest-component step: a mask need not be one piece) with
+      the class's true pixels. An all-zero map has no such pixels: IoU 0. NaN when the true mask has no pixel
+      of the class.
+    - ``in_true_mask`` bool: the true mask has at least one pixel of the class.
+    """
+    if saliency.dim() != 4:
+        raise ValueError(f"saliency must be (B, C, H, W), got {tuple(saliency.shape)}")
+    b, c, h, w = saliency.shape
+    if true_masks.shape != (b, h, w):
+        raise ValueError(f"true_masks must be (B, H, W) = {(b, h, w)}, got {tuple(true_masks.shape)}")
+    if classes.shape != (b, c):
+        raise ValueError(f"classes must be (B, C) = {(b, c)}, got {tuple(classes.shape)}")
+    sal = saliency.float()
+    truth = true_masks.to(sal.device).long().unsqueeze(1) == classes.to(sal.device).long()[:, :, None, None]
+    present = truth.flatten(2).any(dim=2)
+    total = sal.sum(dim=(2, 3))
+    inside = (sal * truth).sum(dim=(2, 3))
+    nan = torch.tensor(float("nan"), device=sal.device)
+    energy = torch.where(present & (total > 0), inside / total.clamp_min(1e-30), nan)
+    fg = _foreground(sal.flatten(0, 1), threshold).view(b, c, h, w)
+    inter = (fg & truth).flatten(2).sum(dim=2).float()
+    union = (fg | truth).flatten(2).sum(dim=2).float()
+    iou = torch.where(present, inter / union.clamp_min(1), nan)
+    return {"mask_energy": energy.float(), "mask_iou": iou.float(), "in_true_mask": present}
