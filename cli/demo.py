@@ -70,7 +70,8 @@ def demo(output, batch_size, top_k, device, overlays, limit, run_audit, with_met
     from PIL import Image
 
     from gradcam_batch.engine.demo import assets as demo_assets
-    from gradcam_batch.engine.job.local import RunConfig, RunFailed, RunSetupError, run_job
+    from gradcam_batch.engine.job.config import RunConfig, RunFailed, RunSetupError
+    from gradcam_batch.engine.job.local import run_job
 
     out_dir = Path(output) if output else Path(tempfile.gettempdir()) / "gradcam-batch-demo"
     # The run gets a directory of its own: its --overwrite on a rerun replaces only a run's own

@@ -170,7 +170,8 @@ def run(ctx: click.Context, inputs, **opts) -> None:
 
 def _run(ctx: click.Context, inputs, opts: dict) -> None:
     from gradcam_batch.engine.job.config import RunFailed, RunSetupError
-    from gradcam_batch.engine.job.local import prepare, summary_line
+    from gradcam_batch.engine.job.local import prepare
+    from gradcam_batch.engine.job.session import summary_line
 
     use_ray = opts["use_ray"]
     ray_opts = {k: opts[k] for k in _RAY_OPTIONS}

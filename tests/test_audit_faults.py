@@ -322,9 +322,22 @@ def test_a_complete_run_is_not_partial(real_run, tmp_path):
     assert "partial:" not in page and "id=partial" not in page
 
 
-def test_a_partial_run_whose_inputs_moved(real_run, tmp_path):
+def test_a_partial_runs_total_comes_from_its_manifest_wherever_its_inputs_are(real_run, tmp_path):
     out = _rewind(real_run, tmp_path / "killed", keep=2)
-    config = json.loads((out / "manifest.json").read_text())["config"]
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["units_total"] == 3
+    man["config"]["files"] = [str(tmp_path / "nowhere.parquet")]
+    (out / "manifest.json").write_text(json.dumps(man))
+    assert audit(out, None, **FAST).summary["run"]["partial"] == {"units_done": 2, "units_total": 3}
+
+
+def test_a_partial_run_whose_inputs_moved(real_run, tmp_path):
+    """A run of a version that did not record ``units_total``: the audit plans its units again."""
+    out = _rewind(real_run, tmp_path / "killed", keep=2)
+    man = json.loads((out / "manifest.json").read_text())
+    del man["units_total"]
+    (out / "manifest.json").write_text(json.dumps(man))
+    config = man["config"]
     moved = tmp_path / "elsewhere" / "in.parquet"
     moved.parent.mkdir()
     shutil.copy(config["files"][0], moved)

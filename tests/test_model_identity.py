@@ -150,10 +150,10 @@ def test_a_worker_that_loads_other_weights_refuses_to_run(tmp_path):
     from gradcam_batch.engine.job.step import BatchExplainer
 
     plan = build_plan(_config(tmp_path, f"{model_file(tmp_path)}:make"))
-    assert plan.model_digest == state_digest(load_model(plan.config.model))
+    assert plan.model_digest == state_digest(load_model(plan.model.spec))
     BatchExplainer(plan, "cpu")  # loads the model itself, as a Ray actor does: the same weights
     with pytest.raises(RunSetupError, match="differ from the weights the run was planned with"):
-        BatchExplainer(dataclasses.replace(plan, model_digest="0" * 64), "cpu")
+        BatchExplainer(dataclasses.replace(plan, model=dataclasses.replace(plan.model, digest="0" * 64)), "cpu")
 
 
 def test_changed_side_weights_refuse_to_resume(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -211,7 +212,7 @@ def test_a_read_only_output_is_one_error_line(tmp_path, monkeypatch, where):
         def mkdir(self, *a, **k):
             raise OSError(errno.EROFS, "Read-only file system", str(self))
 
-        monkeypatch.setattr(local.Path, "mkdir", mkdir)
+        monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
     else:
 
         def acquire(self):

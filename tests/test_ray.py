@@ -26,8 +26,12 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from gradcam_batch.engine.demo import assets as demo_assets  # noqa: E402
-from gradcam_batch.engine.job.config import OutputBusy, RunFailed  # noqa: E402
-from gradcam_batch.engine.job.local import RunConfig, run_job  # noqa: E402
+from gradcam_batch.engine.job.config import (  # noqa: E402
+    OutputBusy,
+    RunConfig,  # noqa: E402
+    RunFailed,
+)
+from gradcam_batch.engine.job.local import run_job  # noqa: E402
 from gradcam_batch.engine.job.plan import build_plan  # noqa: E402
 from gradcam_batch.engine.job.ray_runner import (  # noqa: E402
     RayOptions,
@@ -85,7 +89,7 @@ def assert_same_rows(a: pa.Table, b: pa.Table) -> None:
             np.testing.assert_allclose(at, np.nanmax(ha[rows].reshape(len(rows), -1), axis=1), atol=2, err_msg=name)
         elif name in ("cam", "heatmap"):
             np.testing.assert_allclose(_tensor(b.column(name)), _tensor(a.column(name)), atol=2e-3, equal_nan=True)
-        elif name in ("score", "probability", "cam_max"):
+        elif pa.types.is_floating(a.schema.field(name).type):  # score, probability, entropy, cam_max, ...
             x = a.column(name).to_numpy(zero_copy_only=False).astype(float)
             y = b.column(name).to_numpy(zero_copy_only=False).astype(float)
             np.testing.assert_allclose(y, x, atol=1e-5, equal_nan=True)
@@ -376,7 +380,8 @@ def test_ray_is_optional(tmp_path):
 
         sys.meta_path.insert(0, Block())
         import gradcam_batch, gradcam_batch.cli, gradcam_batch.engine.job.local
-        from gradcam_batch.engine.ray_job import RayNotInstalled, RunConfig, run_ray
+        from gradcam_batch.engine.job.config import RunConfig
+        from gradcam_batch.engine.job.ray_runner import RayNotInstalled, run_ray
         try:
             run_ray(RunConfig(inputs=["x"], output="y", model="m"))
         except RayNotInstalled as exc:

@@ -33,9 +33,10 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from gradcam_batch.engine.demo import assets as demo_assets  # noqa: E402
-from gradcam_batch.engine.job.local import RunConfig, run_job  # noqa: E402
+from gradcam_batch.engine.job.config import RunConfig, RunSetupError  # noqa: E402
+from gradcam_batch.engine.job.local import run_job  # noqa: E402
 from gradcam_batch.engine.job.plan import build_plan  # noqa: E402
-from gradcam_batch.engine.job.ray_runner import RayOptions, RunSetupError, run_ray  # noqa: E402
+from gradcam_batch.engine.job.ray_runner import RayOptions, run_ray  # noqa: E402
 from gradcam_batch.engine.job.sink import Manifest  # noqa: E402
 
 pytestmark = [

@@ -23,6 +23,7 @@ EXPECTED = [
     ("class_rank", pa.int32()),
     ("score", pa.float32()),
     ("probability", pa.float32()),
+    ("entropy", pa.float32()),
     ("cam", pa.fixed_shape_tensor(pa.float16(), [16, 16])),
     ("heatmap", pa.fixed_shape_tensor(pa.uint8(), [32, 32])),
     ("peak_y", pa.int32()),
@@ -88,6 +89,25 @@ def test_binary_column_end_to_end(tmp_path):
         ["data.parquet:0-7", "data.parquet:7-14", "data.parquet:14-20"]
     )
     assert man["config"]["top_k"] == 2 and man["config"]["target_layer_resolved"] == "features.3"
+
+
+def test_entropy_is_the_predictive_entropy_of_each_image(tmp_path):
+    """-sum p log p over the softmax of every class, per image, on each of its rows (and per method)."""
+    n = 6
+    inp = write_table(tmp_path / "in.parquet", bytes_table(n))
+    out = tmp_path / "out"
+    res = invoke(["run", str(inp), *base_args(tmp_path, out), "--top-k", "2", "--method", "gradcam,layercam"])
+    assert res.exit_code == 0, res.output
+    t = read_output(out)
+    assert t.schema.field("entropy").type == pa.float32() and t["entropy"].null_count == 0
+    model = load_model(f"{model_file(tmp_path)}:make")
+    x = torch.from_numpy(shapes(n).images).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    with torch.no_grad():
+        p = torch.softmax(model(x).double(), dim=1)
+    expected = -(p * p.log()).sum(1).numpy()
+    np.testing.assert_allclose(t["entropy"].to_numpy().reshape(n, 4), np.repeat(expected, 4).reshape(n, 4), rtol=1e-5)
 
 
 def test_read_back_with_duckdb_and_polars(tmp_path):

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
-from run_support import base_args, bytes_table, invoke, png_bytes, read_output, write_table
+from run_support import base_args, bytes_table, invoke, model_file, png_bytes, read_output, write_table
 
 from gradcam_batch.engine.demo import assets as demo_assets
 from gradcam_batch.engine.job.boxes import BOX_NOTE, box_spec, read_boxes, to_input_frame
@@ -255,7 +255,7 @@ def test_a_corrupt_jpeg_on_the_device_route_with_boxes_is_an_error_row(tmp_path)
 def test_an_image_error_that_escapes_is_not_transient():
     from PIL import UnidentifiedImageError
 
-    from gradcam_batch.engine.job.local import is_transient
+    from gradcam_batch.engine.job.session import is_transient
 
     assert not is_transient(UnidentifiedImageError("cannot identify image file"))
     assert is_transient(OSError(28, "No space left on device"))
@@ -285,3 +285,50 @@ def test_explain_fills_explanation_metrics():
     assert explain(model, images).metrics is None
     with pytest.raises(ValueError, match="unknown metric"):
         explain(model, images, metrics=("nope",))
+
+
+def test_the_saliency_is_made_once_per_batch_for_heatmap_metrics_and_guided(tmp_path, monkeypatch):
+    """One fused-kernel call per batch and method: the input-size heatmap is the saliency, quantized."""
+    from gradcam_batch.engine.explain import explainer as explainer_module
+    from gradcam_batch.engine.job.config import RunConfig
+    from gradcam_batch.engine.job.local import prepare
+    from gradcam_batch.kernels import dispatch
+
+    inp = write_table(tmp_path / "in.parquet", bytes_table(8))
+    cfg = RunConfig(inputs=[str(inp)], output=str(tmp_path / "out"), model=f"{model_file(tmp_path)}:make",
+                    resize=32, crop=32, batch_size=8, guided=True, metrics=("deletion",), metrics_steps=2)  # fmt: skip
+    job = prepare(cfg)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("out_dtype"))
+        return dispatch.fused_cam(*args, **kwargs)
+
+    monkeypatch.setattr(explainer_module, "fused_cam", counting)
+    monkeypatch.setattr("gradcam_batch.kernels.fused_cam", counting)
+    job.run()
+    assert len(calls) == 1, calls  # one batch, one method
+
+
+def test_the_explainers_saliency_is_the_heatmap_before_quantization():
+    import torch
+
+    from gradcam_batch import Explainer
+    from gradcam_batch.kernels import fused_cam
+    from gradcam_batch.kernels.reference import quantize
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(6, 8, 3, stride=2, padding=1),
+        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5),
+    ).eval()  # fmt: skip
+    x = torch.randn(3, 3, 20, 20)
+    for size in (None, (7, 9)):  # at the input size (shared with the heatmap) and at another size
+        exp = Explainer(model, method="gradcam++")(x, top_k=2, out_dtype=torch.uint8, output_size=size, saliency=True)
+        cams = exp.cams.float()
+        ones = torch.ones((6, 1, 1))
+        ref = fused_cam(cams.reshape(6, 1, *cams.shape[-2:]), ones, (20, 20), out_dtype=torch.float32).heatmaps
+        torch.testing.assert_close(exp.saliency, ref.reshape(3, 2, 20, 20))
+        if size is None:
+            assert torch.equal(exp.heatmaps, quantize(exp.saliency, torch.uint8))
+    assert Explainer(model)(x).saliency is None

@@ -49,16 +49,28 @@ def _batch(ok, classes, scores, keep=None, heat=(4, 6), seed=0, prefix="r", cam_
         ),
         ok=ok,
         errors=[None if o else f"bad {i}" for i, o in enumerate(ok)],
-        classes=classes,
         keep=np.ones((m, c), bool) if keep is None else np.asarray(keep, bool),
-        scores=np.asarray(scores, np.float32),
-        probabilities=np.full((m, c), 0.25, np.float32),
-        cams=rng.random((m, c, 2, 3)).astype(np.float16),
-        heatmaps=None if heat is None else rng.integers(0, 256, (m, c, *heat)).astype(np.uint8),
-        cam_max=rng.random((m, c)).astype(np.float32) + 0.1 if cam_max is None else np.asarray(cam_max, np.float32),
-        peaks=rng.integers(0, 4, (m, c, 2)),
         notes=[None] * m,
+        values=_values(rng, classes, scores, heat, cam_max),
     )
+
+
+def _values(rng, classes, scores, heat, cam_max) -> dict:
+    m, c = classes.shape
+    cam_max = rng.random((m, c)).astype(np.float32) + 0.1 if cam_max is None else np.asarray(cam_max, np.float32)
+    peaks = rng.integers(0, 4, (m, c, 2))
+    peaks[cam_max <= 0] = -1  # the batch step's "no peak"
+    return {
+        "class_index": classes,
+        "score": np.asarray(scores, np.float32),
+        "probability": np.full((m, c), 0.25, np.float32),
+        "entropy": np.full((m, c), 1.5, np.float32),
+        "cam": rng.random((m, c, 2, 3)).astype(np.float16),
+        "heatmap": None if heat is None else rng.integers(0, 256, (m, c, *heat)).astype(np.uint8),
+        "peak_y": peaks[..., 0],
+        "peak_x": peaks[..., 1],
+        "cam_max": cam_max,
+    }
 
 
 def _item(batch: ResultBatch, unit_key: str | None, schema=None) -> WriteItem:
@@ -76,6 +88,7 @@ def test_schema_names_and_types():
         "label",
         "score",
         "probability",
+        "entropy",
         "cam",
         "heatmap",
         "peak_y",
@@ -106,11 +119,11 @@ def test_build_table_orders_rows_ranks_and_errors():
     assert t["heatmap"].null_count == 1 and t["cam"].null_count == 1 and t["peak_y"].null_count == 1
     # The heatmap of output row 0 is slot 1 of image 0.
     storage = t["heatmap"].combine_chunks().storage
-    np.testing.assert_array_equal(np.asarray(storage[0].values).reshape(4, 6), batch.heatmaps[0, 1])
-    np.testing.assert_array_equal(np.asarray(storage[3].values).reshape(4, 6), batch.heatmaps[1, 0])
+    np.testing.assert_array_equal(np.asarray(storage[0].values).reshape(4, 6), batch.values["heatmap"][0, 1])
+    np.testing.assert_array_equal(np.asarray(storage[3].values).reshape(4, 6), batch.values["heatmap"][1, 0])
     cams = t["cam"].combine_chunks().storage
-    np.testing.assert_array_equal(np.asarray(cams[1].values).reshape(2, 3), batch.cams[0, 0])
-    assert t["peak_x"].to_pylist()[3] == batch.peaks[1, 0, 1]
+    np.testing.assert_array_equal(np.asarray(cams[1].values).reshape(2, 3), batch.values["cam"][0, 0])
+    assert t["peak_x"].to_pylist()[3] == batch.values["peak_x"][1, 0]
 
 
 def test_build_table_all_errors():
@@ -249,6 +262,43 @@ def test_save_then_crash_before_truncating_folds_nothing_twice(tmp_path):
     (tmp_path / COMMIT_LOG).write_bytes(log)  # ...as if the process died before the truncation
     loaded = Manifest.load(tmp_path)
     assert [f["units"] for f in loaded.files] == [["a"]]
+
+
+def test_each_commit_line_keeps_its_files_tally_and_a_reload_folds_it_in(tmp_path):
+    man = Manifest.new(tmp_path, fingerprint="f", config={}, versions={})
+    man.save()
+    w = HeatmapWriter(tmp_path, _schema(), man, rows_per_file=5, tally=lambda t: {"rows.sum": t.num_rows, "x": 0.5})
+    w.put(_item(_batch([1, 1], [[0, 1], [1, 2]], [[1, 0], [1, 0]], prefix="a"), None))
+    w.put(_item(_batch([1, 1], [[0, 1], [1, 2]], [[1, 0], [1, 0]], prefix="a2"), "a"))
+    w.put(_item(_batch([1], [[0, 1]], [[1, 0]], prefix="b"), "b"))
+    w.close()
+    lines = [json.loads(x) for x in (tmp_path / COMMIT_LOG).read_text().splitlines() if '"seq"' in x]
+    assert [e["tally"] for e in lines] == [{"rows.sum": 8, "x": 1.0}, {"rows.sum": 2, "x": 0.5}]
+    with open(tmp_path / COMMIT_LOG, "a") as fh:  # a line whose tally is not numbers is no commit
+        fh.write(json.dumps({"seq": 3, "name": "part-00002.parquet", "rows": 1, "images": 1, "errors": 0,
+                             "units": ["c"], "tally": {"x": "y"}}) + "\n")  # fmt: skip
+    loaded = Manifest.load(tmp_path)
+    assert [f["tally"] for f in loaded.files] == [{"rows.sum": 8, "x": 1.0}, {"rows.sum": 2, "x": 0.5}]
+    loaded.save()
+    assert [f["tally"] for f in json.loads((tmp_path / "manifest.json").read_text())["files"]][1] == {
+        "rows.sum": 2,
+        "x": 0.5,
+    }
+
+
+def test_format_2_manifests_still_load(tmp_path):
+    (tmp_path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "gradcam-batch/2",
+                "status": "complete",
+                "fingerprint": "f",
+                "files": [{"name": "part-00000.parquet", "rows": 2, "images": 1, "errors": 0, "units": ["u"]}],
+            }
+        )
+    )
+    loaded = Manifest.load(tmp_path)
+    assert loaded.completed_units() == {"u"} and "tally" not in loaded.files[0]
 
 
 def test_format_1_manifests_still_load(tmp_path):

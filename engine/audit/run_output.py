@@ -19,12 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gradcam_batch.engine.errors import first_line as _first_line
+from gradcam_batch.engine.job.columns import Layout, audited
 
-# Metric columns of the run (the metrics issue's names); each is used when present.
-FLOAT_METRICS = ("deletion_auc", "insertion_auc", "confidence_drop", "box_energy", "box_iou")
-BOOL_METRICS = ("confidence_increase", "pointing_hit")
+# The metric columns: those the column registry marks as read by the audit; each is used when present.
+FLOAT_METRICS = tuple(c.name for c in audited() if not pa.types.is_boolean(c.arrow_type(Layout())))
+BOOL_METRICS = tuple(c.name for c in audited() if pa.types.is_boolean(c.arrow_type(Layout())))
 METRICS = FLOAT_METRICS + BOOL_METRICS
-BOX_METRICS = ("pointing_hit", "box_energy", "box_iou")
+BOX_METRICS = tuple(c.name for c in audited() if c.option == "box_column")
 
 
 class AuditError(ValueError):
@@ -159,15 +160,17 @@ def _load_manifest(out: Path):
 def unit_progress(manifest, inputs: Sequence[str] | None = None) -> dict | None:
     """``{"units_done": N, "units_total": M}`` for a run whose manifest is not complete; None for a complete one.
 
-    The manifest records the committed units but not how many there are in all: M comes from
-    planning the units again from the run's inputs (``inputs``, or the files in the manifest),
-    its ``unit_rows`` and ``limit``, exactly as the run did. M is None when the inputs cannot be
-    read or no longer hold every committed unit.
+    M is the manifest's ``units_total`` (what the run planned). A run of an earlier version did not
+    record it: M then comes from planning the units again from the run's inputs (``inputs``, or the
+    files in the manifest), its ``unit_rows`` and ``limit``, exactly as the run did; None when the
+    inputs cannot be read or no longer hold every committed unit.
     """
     if manifest.data.get("status") == "complete":
         return None
     done = manifest.completed_units()
-    total = _planned_units(manifest.data.get("config") or {}, inputs, done)
+    total = manifest.data.get("units_total")
+    if not isinstance(total, int) or isinstance(total, bool):
+        total = _planned_units(manifest.data.get("config") or {}, inputs, done)
     if total is not None and len(done) >= total:
         return None  # every unit is committed: stopped between its last commit and its close
     return {"units_done": len(done), "units_total": total}

@@ -89,7 +89,9 @@ def write_synthetic_run(
         if box_energy:
             e = np.where(corner[sl], rng.uniform(0.0, 0.1, m), rng.uniform(0.5, 0.9, m))
             cols["box_energy"] = pa.array(e, pa.float32())
-        pq.write_table(pa.table(cols, schema=schema), out / f"part-{part:05d}.parquet", compression="zstd")
+        # The columns this generator does not model (a new registry column) are null.
+        table = pa.table({f.name: cols.get(f.name, pa.nulls(m, f.type)) for f in schema}, schema=schema)
+        pq.write_table(table, out / f"part-{part:05d}.parquet", compression="zstd")
     return {"ids": ids, "classes": classes, "corner": corner}
 
 

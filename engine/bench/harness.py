@@ -656,7 +656,8 @@ def run_end_to_end(
     import tempfile
 
     try:
-        from gradcam_batch.engine.job.local import RunConfig, run_job
+        from gradcam_batch.engine.job.config import RunConfig
+        from gradcam_batch.engine.job.local import run_job
     except ImportError as e:
         return [Result(key, END_TO_END, "skipped", f"the run pipeline is not available ({e})") for key in keys]
     n = cfg.e2e_images or 4 * cfg.batch_size

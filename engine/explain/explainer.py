@@ -89,6 +89,9 @@ class Explanation:
     # explain(..., metrics=...): (B, C) tensors keyed deletion_auc, insertion_auc, confidence_drop,
     # confidence_increase (engine/metrics)
     metrics: dict[str, torch.Tensor] | None = None
+    # (B, C, H, W) float32 (float64 for float64 input), the normalized map at the input size before
+    # quantization: what the metrics perturb by (saliency=True; also made for guided=True)
+    saliency: torch.Tensor | None = None
     # What a score function with ``has_aux`` returned beside the scores (detached; see ``aux_score_fn``)
     aux: dict[str, torch.Tensor] | None = None
 
@@ -116,6 +119,7 @@ def stack_methods(results: dict[str, Explanation]) -> Explanation:
         closed_form=first.closed_form,
         method=",".join(results),
         guided=cat("guided"),
+        saliency=cat("saliency"),
         aux=first.aux,
     )
 
@@ -219,9 +223,10 @@ class Explainer:
     """Set up once (layer resolution, graph split, head analysis, methods), then call per batch.
 
     ``Explainer(model, target_layer=None, method="gradcam", score_fn=None)(images, ...)``
-    takes the same per-batch keyword arguments as ``explain()``. ``method`` is a name (the call
-    returns one ``Explanation``) or a sequence of names (it returns ``{name: Explanation}``, every
-    method from the same backbone forward and the same VJP).
+    takes the same per-batch keyword arguments as ``explain()``, and ``saliency=True`` for
+    ``Explanation.saliency`` (made once, and shared with a heatmap at the input size and with guided).
+    ``method`` is a name (the call returns one ``Explanation``) or a sequence of names (it returns
+    ``{name: Explanation}``, every method from the same backbone forward and the same VJP).
 
     The model is always explained in eval semantics (BatchNorm running statistics, no
     dropout); each module's train/eval flag is restored after every call. Parameters,
@@ -298,6 +303,7 @@ class Explainer:
         self._split: SplitModel | None = None
         self._linear: LinearHead | None = None
         self._prepared = False
+        self._eager = False  # probe(): the backbone runs uncompiled
 
     # -- set-up -----------------------------------------------------------------------------------
     def _prepare(self, images: torch.Tensor) -> None:
@@ -370,6 +376,24 @@ class Explainer:
         """The (B, N) class scores of a model output, by the ``score_fn`` this Explainer was given (or the default)."""
         return self._score_fn(output)
 
+    def probe(self, sample: torch.Tensor, *, classes=None, counterfactual: bool = False) -> Explanation:
+        """Set up on ``sample`` and explain it once, cheaply: what a job checks before it starts.
+
+        The set-up (layer search, graph split, head analysis) is the one every later call uses. The
+        call runs the backbone uncompiled, so that torch.compile first sees a real batch, and leaves
+        out what the set-up does not need: Score-CAM's K masked forwards (gradcam stands in when it
+        is the only method) and guided backprop. Returns the first method's ``Explanation``.
+        """
+        saved = (self.methods, self._needs, self.guided, self._single)
+        self.methods = [m for m in self.methods if m != "scorecam"] or ["gradcam"]
+        self._needs = {METHODS[m].needs for m in self.methods}
+        self.guided, self._single, self._eager = False, True, True
+        try:
+            return self(sample, classes=classes, counterfactual=counterfactual, heatmaps=False)
+        finally:
+            self.methods, self._needs, self.guided, self._single = saved
+            self._eager = False
+
     # -- per batch --------------------------------------------------------------------------------
     def __call__(
         self,
@@ -384,6 +408,7 @@ class Explainer:
         relu: bool = True,
         eps: float = DEFAULT_EPS,
         heatmaps: bool = True,
+        saliency: bool = False,
     ) -> Explanation | dict[str, Explanation]:
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -411,16 +436,29 @@ class Explainer:
         scores_all = scores_all.to(dt)
         scores = scores_all.gather(1, classes_t)
         probs = torch.softmax(scores_all, dim=1).gather(1, classes_t)
+        in_size = (images.shape[-2], images.shape[-1])
+        want_saliency = saliency or gb is not None
+        # The saliency is the normalized heatmap at the input size: when the heatmap is that map, the
+        # kernel makes it once in full precision and the heatmap is its quantization.
+        shared = want_saliency and heatmaps and normalize and out_size == in_size
         out: dict[str, Explanation] = {}
         for name in self.methods:
             result = METHODS[name].fn(inputs)
             weights = result.contiguous() if result.dim() == 3 else None
-            maps = self._post(inputs.acts, result, out_size if heatmaps else None, post)
+            sal = None
+            if shared:
+                exact = torch.promote_types(inputs.acts.dtype, torch.float32)
+                maps = self._post(inputs.acts, result, out_size, {**post, "out_dtype": exact})
+                sal = maps.heatmaps
+                maps = maps._replace(heatmaps=quantize(sal, out_dtype))
+            else:
+                maps = self._post(inputs.acts, result, out_size if heatmaps else None, post)
+                if want_saliency:
+                    sal = self._post(maps.cams.flatten(0, 1)[:, None], None, in_size, post).heatmaps
+                    sal = sal.view(*maps.cams.shape[:2], *in_size)
             guided = None
             if gb is not None:
-                in_size = (images.shape[-2], images.shape[-1])
-                saliency = self._post(maps.cams.flatten(0, 1)[:, None], None, in_size, post).heatmaps
-                guided = quantize(guided_gradcam(gb, saliency.view(*maps.cams.shape[:2], *in_size)), out_dtype)
+                guided = quantize(guided_gradcam(gb, sal), out_dtype)
             out[name] = Explanation(
                 classes=classes_t,
                 scores=scores,
@@ -434,6 +472,7 @@ class Explainer:
                 closed_form=self.closed_form,
                 method=name,
                 guided=guided,
+                saliency=sal if saliency else None,
                 aux=aux,
             )
         return out[self.methods[0]] if self._single else out
@@ -483,8 +522,9 @@ class Explainer:
     def _split_pass(self, images, classes, top_k, sign, need_grad):
         """The FX path: no-grad backbone, then the head's closed form, its VJP, or its forward alone."""
         self._split.sync(self.model)
+        backbone = self._split.backbone if self._eager else self._backbone
         with torch.inference_mode(), backbone_context(images.device, self.precision):
-            feats = self._backbone(prepare_input(images))
+            feats = backbone(prepare_input(images))
         # Inference tensors cannot enter autograd; a clone outside inference mode can. The head
         # runs in fp32 whatever precision the backbone ran in.
         low = self.precision != "fp32"
@@ -809,6 +849,7 @@ def explain(
         output_size=output_size,
         normalize=normalize,
         out_dtype=out_dtype,
+        saliency=bool(metrics),
     )
     if new and isinstance(model, nn.Module):
         _store_explainer(model, key, explainer)
@@ -825,13 +866,7 @@ def _faithfulness(model, images: torch.Tensor, exp: Explanation, names: tuple[st
     unknown = [n for n in names if n not in ("deletion", "insertion", "confidence")]
     if unknown:
         raise ValueError(f"unknown metric {unknown[0]!r}; expected deletion, insertion or confidence")
-    cams = exp.cams.float()
-    b, c, h, w = cams.shape
-    ones = torch.ones((b * c, 1, 1), device=cams.device)
-    size = (images.shape[-2], images.shape[-1])
-    saliency = fused_cam(cams.reshape(b * c, 1, h, w), ones, size, out_dtype=torch.float32).heatmaps.reshape(
-        b, c, *size
-    )
+    saliency = exp.saliency
     scores = scores_only(score_fn) if score_fn is not None else default_score_fn
     with eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
         out: dict[str, torch.Tensor] = {}

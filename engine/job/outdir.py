@@ -24,6 +24,7 @@ from pathlib import Path
 
 from gradcam_batch.engine.job.sink import (
     COMMIT_LOG,
+    FORMAT,
     LOCK,
     MANIFEST,
     MANIFEST_TMP,
@@ -161,6 +162,14 @@ def output_problem(s: OutputSurvey, *, fingerprint: str, overwrite: bool) -> str
                 f"{describe_names(s.foreign)}; move them out of the directory, or choose another"
             )
         return None
+    if s.manifest.data.get("format") != FORMAT:
+        # Its schema and fingerprint are another version's, and its commits carry no tally: upgrading
+        # would mean reading every part file back, so it is refused and the README says so.
+        return (
+            f"{out} holds a run of an earlier version (manifest format {s.manifest.data.get('format')!r}), "
+            "which this version does not resume; pass --overwrite to start it again, or choose another "
+            "output directory"
+        )
     if s.manifest.data.get("fingerprint") != fingerprint:
         return (
             f"{out} holds a run with other settings, model or inputs; pass --overwrite to replace it, "

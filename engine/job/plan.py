@@ -15,8 +15,12 @@ order, and raises ``RunSetupError`` with one line for the first that fails:
    nothing, the same run (resume), or a run that ``overwrite`` replaces. A foreign file stops it
    where the run would have to delete it or could mistake it for its own.
 
-Building a plan writes nothing. Every runner (local, Ray) takes a plan; the batch step
-(``engine/job/step.py``) reads only the plan. A plan pickles (the Ray actors receive it).
+Building a plan writes nothing. The plan resolves the options into ready-made specs
+(``engine/job/specs.py``: model, explain, source, sink, metrics) and the output's column layout
+(``engine/job/columns.py``); every runner (local, Ray) and the batch step (``engine/job/step.py``)
+read those, never the raw ``RunConfig``. A plan pickles (the Ray actors receive it). The probe's
+model and Explainer stay with the ``ModelHandle`` that the caller passes in: the local runner's
+batch step runs them, so a process loads the model once and traces it once.
 
 One module past 500 lines because every check before a run, and the fingerprint, belong in one place.
 """
@@ -40,6 +44,7 @@ import torch
 
 from gradcam_batch.engine.explain.methods import parse_methods
 from gradcam_batch.engine.job.boxes import BoxSpec, box_spec
+from gradcam_batch.engine.job.columns import CAM_DTYPES, HEATMAP_DTYPES, RESERVED, Column, Layout, columns_of
 from gradcam_batch.engine.job.config import RunConfig, RunSetupError, RunWarning, first_line, resolve_device
 from gradcam_batch.engine.job.inputs import (
     InputFile,
@@ -52,7 +57,8 @@ from gradcam_batch.engine.job.inputs import (
 )
 from gradcam_batch.engine.job.outdir import output_problem, survey
 from gradcam_batch.engine.job.preprocess import Preprocess
-from gradcam_batch.engine.job.schema import CAM_DTYPES, HEATMAP_DTYPES, RESULT_COLUMNS, output_schema
+from gradcam_batch.engine.job.schema import output_schema
+from gradcam_batch.engine.job.specs import ExplainSpec, MetricsSpec, ModelSpec, SinkSpec, SourceSpec
 from gradcam_batch.engine.models.loader import random_weights_note
 from gradcam_batch.engine.models.weights import state_digest
 
@@ -88,38 +94,89 @@ class ClassSelection:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """A validated run. Fields derived from the config are resolved (auto-detected layer, image column...)."""
+    """A validated run, resolved into ready-made specs (``engine/job/specs.py``) that the batch step and
+    the runners read. ``config`` is the request as given: the manifest records it and the fingerprint
+    covers it, both made here; nothing after the plan reads it."""
 
     config: RunConfig
-    files: tuple[InputFile, ...]  # () for a user's Ray Dataset
-    out_dir: Path | None  # None for a user's Ray Dataset
-    image_column: str
-    image_kind: str  # "bytes", "struct" or "path"
-    keep_columns: tuple[str, ...]
+    model: ModelSpec
+    explain: ExplainSpec
+    source: SourceSpec
+    sink: SinkSpec
+    metrics: MetricsSpec
     selection: ClassSelection
-    prep: Preprocess
-    heatmap_shape: tuple[int, int] | None
-    target_layer: str
+    layout: Layout  # which columns the output has (engine/job/columns.py)
+    id_column: str | None
+    label_column: str | None
+    keep_columns: tuple[str, ...]
     model_classes: int
     cam_shape: tuple[int, int]
     unit_rows: int
     units: tuple[Unit, ...]
-    schema: pa.Schema
     fingerprint: str
-    metrics: tuple[str, ...] = ()  # of METRICS, in that order
-    boxes: BoxSpec | None = None
-    methods: tuple[str, ...] = ("gradcam",)  # output slots are method-major: (method, class)
-    # sha256 of the probed model's state dict; None for a model that is not an nn.Module (ONNX).
-    # A worker that loads the model again (a Ray actor) checks that it got these weights.
-    model_digest: str | None = None
+    manifest_config: dict  # the config as given and as resolved, for the manifest
+    device: str = "auto"  # the device option: each process resolves it (a Ray actor on its own GPU)
+    progress: bool = False
+
+    # Shorthands for the specs' fields that most readers want.
+    @property
+    def files(self) -> tuple[InputFile, ...]:
+        return self.source.files
 
     @property
-    def id_column(self) -> str | None:
-        return self.config.id_column
+    def image_column(self) -> str:
+        return self.source.image_column
 
     @property
-    def label_column(self) -> str | None:
-        return self.config.label_column
+    def image_kind(self) -> str:
+        return self.source.image_kind
+
+    @property
+    def input_columns(self) -> list[str]:
+        """The non-image input columns to read: the row columns, and the boxes."""
+        return list(self.source.columns)
+
+    @property
+    def prep(self) -> Preprocess:
+        return self.source.prep
+
+    @property
+    def out_dir(self) -> Path | None:
+        return self.sink.out_dir
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.sink.schema
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return self.explain.methods
+
+    @property
+    def target_layer(self) -> str:
+        return self.explain.target_layer or ""
+
+    @property
+    def heatmap_shape(self) -> tuple[int, int] | None:
+        return self.explain.heatmap_shape
+
+    @property
+    def boxes(self) -> BoxSpec | None:
+        return self.metrics.boxes
+
+    @property
+    def model_digest(self) -> str | None:
+        return self.model.digest
+
+    @property
+    def needs_saliency(self) -> bool:
+        """Whether the batch step makes the input-size saliency (for metrics or boxes)."""
+        return self.metrics.needs_saliency
+
+    @property
+    def columns(self) -> tuple[Column, ...]:
+        """The output's columns, from the registry (``engine/job/columns.py``)."""
+        return columns_of(self.layout)
 
     @property
     def total_rows(self) -> int:
@@ -130,56 +187,51 @@ class RunPlan:
         """The non-image input columns that the output takes: id, label, kept columns."""
         return [k for k in dict.fromkeys((self.id_column, self.label_column, *self.keep_columns)) if k]
 
-    @property
-    def input_columns(self) -> list[str]:
-        """The non-image input columns to read: the row columns, and the boxes."""
-        return list(dict.fromkeys([*self.row_columns, *(self.boxes.columns if self.boxes else ())]))
-
-    @property
-    def needs_saliency(self) -> bool:
-        """Whether the batch step makes the input-size saliency (for metrics or boxes)."""
-        return bool(self.metrics) or self.boxes is not None
-
-    def manifest_config(self) -> dict:
-        cfg = dataclasses.asdict(self.config)
-        cfg.update(
-            inputs=list(self.config.inputs),
-            files=[f.uri for f in self.files],
-            image_column=self.image_column,
-            target_layer_resolved=self.target_layer,
-            model_classes=self.model_classes,
-            top_k=self.selection.top_k,
-            unit_rows=self.unit_rows,
-            output=str(self.out_dir),
-            methods=list(self.methods),
-        )
-        return cfg
-
 
 # -- building ------------------------------------------------------------------------------------
 
 
 class ModelHandle:
-    """The run's model, loaded on first use (the plan's probe) and kept (for the batch step)."""
+    """The run's model and its ``Explainer``, made by the plan's probe and kept for the batch step: one
+    process loads the model once, builds one Explainer and traces the model once."""
 
-    def __init__(self, config: RunConfig, device: torch.device):
-        self.config, self.device = config, device
+    def __init__(self, config: RunConfig, device: torch.device | str | None = None):
+        self.spec = model_spec(config)
+        self.device = resolve_device(config.device) if device is None else torch.device(device)
         self._model = None
+        self.explainer = None  # the probe's, set up on the probe's sample
 
     def get(self):
         if self._model is None:
-            from gradcam_batch.engine.models.loader import load_model
-
-            c = self.config
-            self._model = load_model(
-                c.model,
-                weights=c.weights,
-                num_classes=c.num_classes,
-                device=self.device,
-                providers=c.providers,
-                weights_strict=c.weights_strict,
-            )
+            self._model = self.spec.load(self.device)
         return self._model
+
+
+def model_spec(c: RunConfig) -> ModelSpec:
+    return ModelSpec(
+        spec=c.model,
+        weights=c.weights,
+        num_classes=c.num_classes,
+        providers=tuple(c.providers) if c.providers else None,
+        weights_strict=c.weights_strict,
+    )
+
+
+def explain_spec(c: RunConfig, heatmap_shape: tuple[int, int] | None) -> ExplainSpec:
+    return ExplainSpec(
+        methods=parse_methods(c.method),
+        target_layer=c.target_layer,
+        guided=c.guided,
+        scorecam_batch=c.scorecam_batch,
+        compile=c.compile,
+        precision=c.precision,
+        reshape=c.reshape,
+        token_grid=c.token_grid,
+        counterfactual=c.counterfactual,
+        heatmap_shape=heatmap_shape,
+        heatmap_dtype=c.heatmap_dtype,
+        cam_dtype=c.cam_dtype,
+    )
 
 
 def build_plan(
@@ -188,7 +240,7 @@ def build_plan(
     """Validate ``config`` into a ``RunPlan`` (raises ``RunSetupError``; writes nothing).
 
     ``device``: where the model is probed (default: the run's device). ``model``: a handle that
-    keeps the loaded model for the caller (the local runner runs the model its plan probed).
+    keeps the loaded model and the probe's Explainer for the caller (the local runner runs them).
     """
     try:
         return _build(config, device, model)
@@ -213,8 +265,9 @@ def plan_for_schema(config: RunConfig, schema: pa.Schema) -> RunPlan:
                     f"{role} column {name!r} not found; the dataset's columns are: {', '.join(schema.names)}"
                 )
         check_column_roles(schema, image_column=image_column, keep=keep, label_column=c.label_column)
-        probe = _probe(c, selection, prep, ModelHandle(c, torch.device("cpu")))
-        return _assemble(c, (), None, schema, image_column, keep, selection, prep, probe, 1, ())
+        explain = explain_spec(c, heatmap_shape(c, prep))
+        probe = _probe(c, selection, prep, explain, ModelHandle(c, "cpu"))
+        return _assemble(c, (), None, schema, image_column, keep, selection, prep, explain, probe, 1, ())
     except RunSetupError:
         raise
     except (ValueError, TypeError) as exc:
@@ -321,7 +374,7 @@ def check_column_roles(schema: pa.Schema, *, image_column: str, keep: Sequence[s
             f"column {image_column!r} has type {schema.field(image_column).type}; images must be "
             "binary, struct<bytes, path> or string paths"
         )
-    clash = [k for k in keep if k in ("id", *RESULT_COLUMNS) or k.startswith("__")]
+    clash = [k for k in keep if k in RESERVED or k.startswith("__")]
     if clash:
         raise RunSetupError(f"kept column {clash[0]!r} has the name of an output column; it cannot be kept")
     if label_column is not None:
@@ -379,10 +432,13 @@ def _build(c: RunConfig, device, model) -> RunPlan:
     if not units or sum(u.rows for u in units) == 0:
         raise RunSetupError("no input rows to explain" + (" (--limit 0)" if c.limit == 0 else ""))
 
+    explain = explain_spec(c, heatmap_shape(c, prep))
     if model is None:
-        model = ModelHandle(c, resolve_device(c.device) if device is None else torch.device(device))
-    probe = _probe(c, selection, prep, model)
-    plan = _assemble(c, tuple(files), out_dir, first, image_column, keep, selection, prep, probe, unit_rows, units)
+        model = ModelHandle(c, device)
+    probe = _probe(c, selection, prep, explain, model)
+    plan = _assemble(
+        c, tuple(files), out_dir, first, image_column, keep, selection, prep, explain, probe, unit_rows, units
+    )
     check_output(plan)
     return plan
 
@@ -395,10 +451,13 @@ class _Probe:
     model_digest: str | None
 
 
-def _probe(c: RunConfig, selection: ClassSelection, prep: Preprocess, handle: ModelHandle) -> _Probe:
-    """One blank image through the Explainer: finds the layer, the class count and the cam size."""
-    from gradcam_batch.engine.explain.explainer import Explainer
+def _probe(
+    c: RunConfig, selection: ClassSelection, prep: Preprocess, explain: ExplainSpec, handle: ModelHandle
+) -> _Probe:
+    """One blank image through the run's Explainer: finds the layer, the class count and the cam size.
 
+    The Explainer stays with ``handle`` (set up, and the model traced, for the batch step).
+    """
     device = handle.device
     model = handle.get()
     note = random_weights_note(c.model, c.weights, c.num_classes)
@@ -406,16 +465,7 @@ def _probe(c: RunConfig, selection: ClassSelection, prep: Preprocess, handle: Mo
         warnings.warn(RunWarning(note, "random-weights"), stacklevel=2)
     # Hashed as loaded, before anything else touches it; a Ray actor hashes its own load the same way.
     digest = state_digest(model) if isinstance(model, torch.nn.Module) else None
-    explainer = Explainer(
-        model,
-        target_layer=c.target_layer,
-        # Score-CAM's K masked forwards would only slow the probe down: the other methods check the head.
-        method=[m for m in parse_methods(c.method) if m != "scorecam"] or ["gradcam"],
-        compile=False,
-        precision=c.precision,
-        reshape=c.reshape,
-        token_grid=c.token_grid,
-    )
+    explainer = explain.explainer(model)
     h, w = prep.out_size
     x = torch.zeros((1, 3, h, w), device=device)
     seen: list[int] = []
@@ -425,7 +475,7 @@ def _probe(c: RunConfig, selection: ClassSelection, prep: Preprocess, handle: Mo
         return torch.zeros((scores.shape[0], 1), dtype=torch.long, device=scores.device)
 
     try:
-        exp = explainer(x, classes=first_class, counterfactual=c.counterfactual, heatmaps=False)
+        exp = explainer.probe(x, classes=first_class, counterfactual=explain.counterfactual)
     except (ValueError, TypeError):
         raise
     except Exception as exc:
@@ -437,9 +487,9 @@ def _probe(c: RunConfig, selection: ClassSelection, prep: Preprocess, handle: Mo
         raise RunSetupError(f"class {max(selection.classes)} is out of range: the model has {n} classes (0..{n - 1})")
     if selection.top_k is not None and selection.top_k > n:
         raise RunSetupError(f"top-k {selection.top_k} exceeds the number of classes of the model ({n})")
-    if c.guided and isinstance(model, torch.nn.Module):
+    if explain.guided and isinstance(model, torch.nn.Module):
         _check_guided(model, x)
-    exp = next(iter(exp.values()))
+    handle.explainer = explainer
     return _Probe(exp.target_layer, n, (int(exp.cams.shape[-2]), int(exp.cams.shape[-1])), digest)
 
 
@@ -509,56 +559,109 @@ def _check_guided(model: torch.nn.Module, x: torch.Tensor) -> None:
         )
 
 
-def _assemble(c, files, out_dir, schema, image_column, keep, selection, prep, probe, unit_rows, units) -> RunPlan:
+def heatmap_shape(c: RunConfig, prep: Preprocess) -> tuple[int, int] | None:
+    """The heatmap size: the model input's for "input", none for None."""
     hs = c.heatmap_size
     if hs == "input":
-        heatmap_shape = prep.out_size
+        shape = prep.out_size
     elif hs is None:
-        heatmap_shape = None
+        return None
     elif isinstance(hs, int):
-        heatmap_shape = (hs, hs)
+        shape = (hs, hs)
     else:
-        heatmap_shape = (int(hs[0]), int(hs[1]))
-    if heatmap_shape is not None and min(heatmap_shape) < 1:
-        raise RunSetupError(f"heatmap size must be positive, got {heatmap_shape}")
+        shape = (int(hs[0]), int(hs[1]))
+    if min(shape) < 1:
+        raise RunSetupError(f"heatmap size must be positive, got {shape}")
+    return shape
+
+
+def _assemble(
+    c, files, out_dir, schema, image_column, keep, selection, prep, explain, probe, unit_rows, units
+) -> RunPlan:
     boxes = box_spec(schema, c.box_column, c.box_format) if c.box_column else None
-    metrics = tuple(m for m in METRICS if m in c.metrics)
-    out_schema = output_schema(
+    metrics = MetricsSpec(
+        names=tuple(m for m in METRICS if m in c.metrics),
+        steps=c.metrics_steps,
+        batch=c.metrics_batch or c.batch_size,
+        boxes=boxes,
+        tolerance=c.pointing_tolerance,
+        threshold=c.box_threshold,
+    )
+    layout = Layout(
         id_type=schema.field(c.id_column).type if c.id_column else pa.string(),
-        passthrough=[schema.field(k) for k in keep],
+        passthrough=tuple(schema.field(k) for k in keep),
         label_type=schema.field(c.label_column).type if c.label_column else None,
         cam_shape=probe.cam_shape,
-        heatmap_shape=heatmap_shape,
-        heatmap_dtype=c.heatmap_dtype,
-        cam_dtype=c.cam_dtype,
-        metrics=metrics,
+        cam_dtype=explain.cam_dtype,
+        heatmap_shape=explain.heatmap_shape,
+        heatmap_dtype=explain.heatmap_dtype,
+        methods=explain.methods,
+        metrics=metrics.names,
         boxes=boxes is not None,
-        methods=parse_methods(c.method),
-        guided_shape=prep.out_size if c.guided else None,
+        guided_shape=prep.out_size if explain.guided else None,
+    )
+    row_columns = [k for k in dict.fromkeys((c.id_column, c.label_column, *keep)) if k]
+    source = SourceSpec(
+        files=files,
+        image_column=image_column,
+        image_kind=image_kind(schema.field(image_column).type),
+        columns=tuple(dict.fromkeys([*row_columns, *(boxes.columns if boxes else ())])),
+        prep=prep,
+        batch_size=c.batch_size,
+        workers=c.workers,
+        device_jpeg=c.device_jpeg,
+        max_image_pixels=c.max_image_pixels,
+        decode_memory=c.decode_memory_mb << 20 if c.decode_memory_mb else None,
+        want_sizes=boxes is not None,
+    )
+    sink = SinkSpec(
+        out_dir=out_dir,
+        schema=output_schema(layout),
+        rows_per_file=c.rows_per_file,
+        queue_depth=c.queue_depth,
+        overwrite=c.overwrite,
     )
     plan = RunPlan(
         config=c,
-        files=files,
-        out_dir=out_dir,
-        image_column=image_column,
-        image_kind=image_kind(schema.field(image_column).type),
-        keep_columns=keep,
+        model=dataclasses.replace(model_spec(c), digest=probe.model_digest),
+        explain=dataclasses.replace(explain, target_layer=probe.target_layer),
+        source=source,
+        sink=sink,
+        metrics=metrics,
         selection=selection,
-        prep=prep,
-        heatmap_shape=heatmap_shape,
-        target_layer=probe.target_layer,
+        layout=layout,
+        id_column=c.id_column,
+        label_column=c.label_column,
+        keep_columns=keep,
         model_classes=probe.model_classes,
         cam_shape=probe.cam_shape,
         unit_rows=unit_rows,
         units=units,
-        schema=out_schema,
         fingerprint="",
-        metrics=metrics,
-        boxes=boxes,
-        methods=parse_methods(c.method),
-        model_digest=probe.model_digest,
+        manifest_config={},
+        device=c.device,
+        progress=c.progress,
     )
-    return dataclasses.replace(plan, fingerprint=fingerprint(plan) if files else "")
+    return dataclasses.replace(
+        plan, fingerprint=fingerprint(plan) if files else "", manifest_config=_manifest_config(plan)
+    )
+
+
+def _manifest_config(plan: RunPlan) -> dict:
+    """The config as given, and as resolved: files, image column, target layer, class count, ..."""
+    cfg = dataclasses.asdict(plan.config)
+    cfg.update(
+        inputs=list(plan.config.inputs),
+        files=[f.uri for f in plan.files],
+        image_column=plan.image_column,
+        target_layer_resolved=plan.target_layer,
+        model_classes=plan.model_classes,
+        top_k=plan.selection.top_k,
+        unit_rows=plan.unit_rows,
+        output=str(plan.out_dir),
+        methods=list(plan.methods),
+    )
+    return cfg
 
 
 # -- fingerprint -------------------------------------------------------------------------------------
@@ -661,7 +764,7 @@ def fingerprint(plan: RunPlan) -> str:
         "device_jpeg": c.device_jpeg,
         "max_image_pixels": c.max_image_pixels,
         "metrics": [
-            list(plan.metrics),
+            list(plan.metrics.names),
             c.metrics_steps,
             c.box_column,
             c.box_format,
@@ -680,7 +783,7 @@ def check_output(plan: RunPlan) -> None:
     replaces, and no foreign file is in the way (``sink.output_problem``). Reads only."""
     if plan.out_dir is None:
         return
-    problem = output_problem(survey(plan.out_dir), fingerprint=plan.fingerprint, overwrite=plan.config.overwrite)
+    problem = output_problem(survey(plan.out_dir), fingerprint=plan.fingerprint, overwrite=plan.sink.overwrite)
     if problem is not None:
         raise RunSetupError(problem)
 

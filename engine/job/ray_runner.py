@@ -66,9 +66,8 @@ import pyarrow.fs as pafs
 from gradcam_batch.engine.errors import first_line
 from gradcam_batch.engine.job.config import RunConfig, RunSetupError, RunWarning
 from gradcam_batch.engine.job.inputs import InputFile, Unit
-from gradcam_batch.engine.job.local import execute
 from gradcam_batch.engine.job.plan import RunPlan, build_plan, plan_for_schema
-from gradcam_batch.engine.job.sink import HeatmapWriter, WriteItem, next_part_index
+from gradcam_batch.engine.job.session import OutputSession, execute, existing_manifest, is_transient
 from gradcam_batch.engine.job.source import DecodedBatch, ParquetSource, assemble_images, result_sizes
 from gradcam_batch.source_root import drop_source_root
 
@@ -150,19 +149,7 @@ def encode_decoded(db: DecodedBatch, units: np.ndarray | int, plan: RunPlan) -> 
 
 
 def _source(plan: RunPlan, files, cpus: float | None) -> ParquetSource:
-    c = plan.config
-    return ParquetSource(
-        files,
-        plan.image_column,
-        plan.input_columns,
-        plan.prep,
-        batch_size=c.batch_size,
-        workers=_decode_threads(cpus),
-        device_jpeg=c.device_jpeg,
-        max_image_pixels=c.max_image_pixels,
-        decode_memory=c.decode_memory_mb << 20 if c.decode_memory_mb else None,
-        want_sizes=plan.boxes is not None,
-    )
+    return plan.source.open(files, threads=_decode_threads(cpus))
 
 
 def read_tasks(plan: RunPlan, pending: list[int]) -> list[dict]:
@@ -333,7 +320,7 @@ class ExplainActor:
         self.tag_rows = tag_rows
         self.relay = WarningRelay()
         with self.relay.record() if tag_rows else contextlib.nullcontext():
-            self.step = BatchExplainer(plan, resolve_device(plan.config.device))
+            self.step = BatchExplainer(plan, resolve_device(plan.device))
 
     def __call__(self, table: pa.Table) -> pa.Table:
         outs = []
@@ -461,11 +448,11 @@ def _stages(ds, plan: RunPlan, workers: int, gpus: float, options: RayOptions, *
         # A task takes whole blocks, and Ray merges a task's outputs into blocks of up to 128 MiB: a
         # row group's undecoded rows would reach one decode task. Blocks of a few batches spread the
         # decode; blocks of one batch were slower (per-task overhead; 94 s against 56 s on a test cluster).
-        ds = ds.repartition(target_num_rows_per_block=DECODE_BLOCK_BATCHES * plan.config.batch_size)
+        ds = ds.repartition(target_num_rows_per_block=DECODE_BLOCK_BATCHES * plan.source.batch_size)
         ds = ds.map_batches(
             decode_rows,
             fn_kwargs={"plan": plan, "cpus": read_cpus},
-            batch_size=plan.config.batch_size,
+            batch_size=plan.source.batch_size,
             batch_format="pyarrow",
             num_cpus=read_cpus,
             # Spread the decodes over the nodes. Remote args from a function also keep Ray from fusing
@@ -478,7 +465,7 @@ def _stages(ds, plan: RunPlan, workers: int, gpus: float, options: RayOptions, *
     return ds.map_batches(
         ExplainActor,
         fn_constructor_kwargs={"plan": plan, "tag_rows": readers is not None},
-        batch_size=plan.config.batch_size,
+        batch_size=plan.source.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=workers),
         **actor_kwargs,
@@ -556,8 +543,6 @@ _OS_ERRORS = {"OSError", "IOError", "InputReadError", "ConnectionError", "Timeou
 def _is_transient(exc: BaseException) -> bool:
     """A lost node, actor or object, or an I/O error: a rerun can get past it. An error that the
     user's code or model raised (inside an actor too, even when Ray reports the actor dead) cannot."""
-    from gradcam_batch.engine.job.local import is_transient
-
     if is_transient(exc):
         return True
     original = _original_error(exc)
@@ -656,10 +641,7 @@ class RayRun:
             self._say_warnings([])
         if len({type(f.filesystem).__name__ for f in self.plan.files}) > 1:
             raise RunSetupError("with --ray all inputs must be on one filesystem (all local, or one URI scheme)")
-        from gradcam_batch.engine.job.sink import Manifest
-
-        out = self.plan.out_dir
-        self.manifest = Manifest.load(out) if not config.overwrite and out.exists() else None
+        self.manifest = existing_manifest(self.plan)
         self._started = False
         if not ray.is_initialized():
             level = logging.ERROR if options.quiet else logging.INFO
@@ -676,7 +658,7 @@ class RayRun:
         try:
             if options.quiet:
                 _quiet_ray_data()
-            self.workers, self.gpus = _pool(ray, options, config.device)
+            self.workers, self.gpus = _pool(ray, options, self.plan.device)
             actor = {"CPU": 1.0 if options.num_cpus_per_worker is None else options.num_cpus_per_worker}
             if self.gpus:
                 actor["GPU"] = self.gpus
@@ -723,58 +705,31 @@ class RayRun:
             self, self.device_label, self._stream, extra_versions=extra, describe=_error_line, transient=_is_transient
         )
 
-    def _stream(self, pending: list[int], manifest, session: dict) -> None:
-        plan, c = self.plan, self.plan.config
-        ds = self.ray.data.from_items(read_tasks(plan, pending))
+    def _stream(self, session: OutputSession) -> None:
+        plan = self.plan
+        ds = self.ray.data.from_items(read_tasks(plan, session.pending))
         readers = 2 * max(1, len(_alive_nodes(self.ray)))
         ds = _stages(ds, plan, self.workers, self.gpus, self.options, readers=readers)
-        writer = HeatmapWriter(
-            plan.out_dir,
-            plan.schema,
-            manifest,
-            rows_per_file=c.rows_per_file,
-            queue_depth=c.queue_depth,
-            first_part=next_part_index(manifest),
-        )
-        bar = None
-        if c.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=sum(plan.units[i].rows for i in pending), unit="img", dynamic_ncols=True, smoothing=0.1)
 
         def put(unit: Unit, table: pa.Table, errors: int) -> None:
-            writer.put(WriteItem(table, unit.rows, errors, unit.key))
-            session["images"] += unit.rows
-            session["errors"] += errors
-            session["rows_out"] += table.num_rows
+            session.write(table, unit.rows, errors, unit.key)
 
-        units = UnitAssembler(plan, pending, put)
+        units = UnitAssembler(plan, session.pending, put)
         # Ray Data hands the rows over in input order: the driver then holds one unit at a time,
         # and the part files are in input order, as in a local run.
         ds.context.execution_options.preserve_order = True
         try:
-            with warnings.catch_warnings():
+            with session.writing(), warnings.catch_warnings():
                 # Ray Data warns when it plans fewer input blocks than the tasks or actors it may run:
                 # the read stage's input is one item per row group, the blocks after it come later.
                 warnings.filterwarnings("ignore", message=r".*number of concurrent (tasks|actors) for 'MapBatches")
                 for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                     self._say_warnings(batch.column(WARNINGS).drop_null().to_pylist())
-                    images = units.add(batch)
-                    if bar is not None:
-                        bar.update(images)
-            units.finish()
-            writer.close()
-        except BaseException:
-            try:  # keep the units already handed over (whole units only reach the writer)
-                writer.close()
-            except BaseException:
-                writer.abort()
-            raise
+                    session.advance(units.add(batch))
+                units.finish()
         finally:
-            if bar is not None:
-                bar.close()
-            if self.log is not None and session["images"]:
-                self.log(f"ray: {session['images']} images, {session['rows_out']} rows, {session['errors']} errors")
+            if self.log is not None and session.images:
+                self.log(f"ray: {session.images} images, {session.rows_out} rows, {session.errors} errors")
 
 
 def prepare_ray(config: RunConfig, options: RayOptions | None = None, *, log=None) -> RayRun:
@@ -851,7 +806,7 @@ def explain_dataset(
         num_cpus_per_worker=num_cpus_per_worker,
         num_cpus_per_read=num_cpus_per_read,
     )
-    n_workers, gpus = _pool(ray, opts, config.device)
+    n_workers, gpus = _pool(ray, opts, plan.device)
     ds = ds.select_columns(list(dict.fromkeys([plan.image_column, *plan.input_columns])))
     return _stages(ds, plan, n_workers, gpus, opts, readers=None)
 
@@ -861,8 +816,6 @@ __all__ = [
     "RayNotInstalled",
     "RayOptions",
     "RayRun",
-    "RunConfig",
-    "RunSetupError",
     "check_schedulable",
     "explain_dataset",
     "prepare_ray",

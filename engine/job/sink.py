@@ -9,7 +9,9 @@ Exactly-once writing (what makes resuming safe after a SIGKILL at any moment):
 2. A file only ever holds whole input *units*. After the rename, one line naming the file and
    its units is appended to ``commits.jsonl`` and fsynced. That line is the commit point: a part
    file that neither the manifest nor the log lists is not part of the output. A commit costs
-   the same whatever the run's length (the log is append-only).
+   the same whatever the run's length (the log is append-only). The line also carries the file's
+   ``tally`` (sums and counts that the run's summary adds up), so that closing a run reads no
+   part file back.
 3. ``manifest.json`` (config, versions, totals, the committed files) is rewritten, temp file and
    atomic rename, when a run starts and when it ends; each rewrite folds the log in and then
    empties it. Log lines carry a sequence number, so a crash between the two folds nothing twice.
@@ -18,6 +20,9 @@ Exactly-once writing (what makes resuming safe after a SIGKILL at any moment):
    committed units are skipped. A torn last log line (a crash mid-append) is ignored.
 
 Which files of an output directory are the tool's own, and may be deleted: ``engine/job/outdir.py``.
+
+One module past 500 lines because the writer, the manifest and the commit log are one protocol:
+the order of their writes is what makes a commit exactly-once, and it reads best in one place.
 
 One run at a time: ``OutputLock`` holds an exclusive ``flock`` on ``OUT/.lock`` for the whole
 run, local or Ray, and a second run stops at once with the holder's pid and host.
@@ -45,8 +50,10 @@ from gradcam_batch.engine.errors import first_line as first_line_of
 MANIFEST = "manifest.json"
 COMMIT_LOG = "commits.jsonl"
 LOCK = ".lock"
-FORMAT = "gradcam-batch/2"
-_READABLE_FORMATS = ("gradcam-batch/1", FORMAT)
+# Format 3: commit lines and file entries carry a ``tally``; the schema gained ``entropy``.
+# Older formats are read (the audit reads them), never resumed (``outdir.output_problem``).
+FORMAT = "gradcam-batch/3"
+_READABLE_FORMATS = ("gradcam-batch/1", "gradcam-batch/2", FORMAT)
 MANIFEST_TMP = ".manifest.json.tmp"
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 
@@ -120,7 +127,8 @@ class Manifest:
         seq = data.get("log_seq", 0)
         for entry in _read_log(Path(out_dir) / COMMIT_LOG):
             if entry["seq"] > seq:
-                data["files"].append({k: entry[k] for k in ("name", "rows", "images", "errors", "units")})
+                keys = ("name", "rows", "images", "errors", "units", "tally")
+                data["files"].append({k: entry[k] for k in keys if k in entry})
                 seq = entry["seq"]
         manifest = cls(out_dir, data, seq=seq)
         manifest._derive()
@@ -161,9 +169,13 @@ class Manifest:
     def completed_units(self) -> set[str]:
         return {u for f in self.files for u in f["units"]}
 
-    def commit_file(self, name: str, *, rows: int, images: int, errors: int, units: list[str]) -> None:
+    def commit_file(
+        self, name: str, *, rows: int, images: int, errors: int, units: list[str], tally: dict | None = None
+    ) -> None:
         """The commit point of one part file: one fsynced line appended to the log."""
         entry = {"name": name, "rows": rows, "images": images, "errors": errors, "units": list(units)}
+        if tally is not None:
+            entry["tally"] = dict(tally)
         with self._lock:
             self._append({"seq": self._seq + 1, **entry})
             self._seq += 1
@@ -261,7 +273,15 @@ def _read_log(path: Path) -> list[dict]:
         and isinstance(e.get("name"), str)
         and PART_RE.match(e["name"])
         and all(isinstance(e.get(k), int) for k in ("rows", "images", "errors"))
+        and _is_tally(e.get("tally", {}))
     ]
+
+
+def _is_tally(t) -> bool:
+    """A commit's tally: names to numbers."""
+    return isinstance(t, dict) and all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in t.items()
+    )
 
 
 class OutputLock:
@@ -350,6 +370,7 @@ class HeatmapWriter:
         row_group_bytes: int = 32 << 20,
         compression_level: int | None = None,
         on_commit=None,
+        tally=None,
     ):
         self.out_dir = Path(out_dir)
         self.schema = schema
@@ -358,6 +379,8 @@ class HeatmapWriter:
         self.row_group_bytes = row_group_bytes
         self.compression_level = compression_level
         self.on_commit = on_commit
+        self.tally = tally  # table -> {name: number}: what each file adds to the summary, kept on its commit
+        self._file_tally: dict[str, float] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._part = first_part
         self._error: BaseException | None = None
@@ -455,6 +478,9 @@ class HeatmapWriter:
         self._file_rows += table.num_rows
         self._file_images += item.images
         self._file_errors += item.errors
+        if self.tally is not None and table.num_rows:
+            for k, v in self.tally(table).items():
+                self._file_tally[k] = self._file_tally.get(k, 0) + v
         self._unit_open = item.unit_key is None
         if self._pending_bytes >= self.row_group_bytes:
             self._flush()
@@ -485,13 +511,19 @@ class HeatmapWriter:
         self._tmp = None
         fsync_path(self.out_dir)
         self.manifest.commit_file(
-            name, rows=self._file_rows, images=self._file_images, errors=self._file_errors, units=self._file_units
+            name,
+            rows=self._file_rows,
+            images=self._file_images,
+            errors=self._file_errors,
+            units=self._file_units,
+            tally=self._file_tally if self.tally is not None else None,
         )
         if self.on_commit is not None:
             self.on_commit(name)
         self._part += 1
         self._file_rows = self._file_images = self._file_errors = 0
         self._file_units = []
+        self._file_tally = {}
 
 
 __all__ = [

@@ -18,19 +18,20 @@ Calling ``launch`` for batch i+1 before ``finish`` for batch i overlaps the devi
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field, fields
+import functools
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from gradcam_batch.engine.explain.explainer import stack_methods
-from gradcam_batch.engine.job.config import RunSetupError, WarnOnce
+from gradcam_batch.engine.job.columns import DEVICE, HOST
+from gradcam_batch.engine.job.config import WarnOnce
 from gradcam_batch.engine.job.device_jpeg import decode_jpegs_on_device
 from gradcam_batch.engine.job.plan import RunPlan
 from gradcam_batch.engine.job.schema import ResultBatch, build_table
 from gradcam_batch.engine.job.source import DecodedBatch
-from gradcam_batch.engine.models.weights import state_digest
 from gradcam_batch.kernels.reference import quantize
 
 # Why an explained image becomes an error row after all: bits of DeviceResult.faults.
@@ -59,25 +60,84 @@ def fault_message(faults: int, precision: str) -> str:
 class DeviceResult:
     """The per-image results of one batch: on the device after ``launch``, on the host after ``finish``."""
 
-    classes: torch.Tensor  # (m, C) int64
-    scores: torch.Tensor  # (m, C) float32
-    probabilities: torch.Tensor  # (m, C) float32
-    cams: torch.Tensor  # (m, C, h, w) in the cam column's dtype (float16 or float32)
-    cam_max: torch.Tensor  # (m, C) float32
-    peaks: torch.Tensor  # (m, C, 2) int64
+    values: dict[str, torch.Tensor]  # the registry's device columns by name, each (m, C, ...)
     faults: torch.Tensor  # (m,) uint8: 0, or the bits SCORES_NOT_FINITE, CAM_NOT_FINITE, CAM_OUT_OF_RANGE
-    heatmaps: torch.Tensor | None  # (m, C, H, W) uint8 or float16
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # metric columns, (m, C)
-    saliency: torch.Tensor | None = None  # (m, C, H, W) float32 at the input size, for the box metrics
-    guided: torch.Tensor | None = None  # (m, C, 3, H, W) uint8, Guided Grad-CAM (config.guided)
+    saliency: torch.Tensor | None = None  # (m, C, H, W) float32 at the input size, for the host columns (boxes)
 
     def map(self, fn) -> DeviceResult:
-        def one(v):
-            if isinstance(v, dict):
-                return {k: fn(t) for k, t in v.items()}
-            return None if v is None else fn(v)
+        return DeviceResult(
+            {k: fn(t) for k, t in self.values.items()},
+            fn(self.faults),
+            None if self.saliency is None else fn(self.saliency),
+        )
 
-        return DeviceResult(**{f.name: one(getattr(self, f.name)) for f in fields(self)})
+
+class DeviceFill:
+    """What the registry's device columns are filled from (``columns.Column.fill``), for one batch.
+
+    ``exp``: the batch's explanation, the methods stacked on the class axis. The rest is derived
+    on first use, once per batch, whichever columns ask for it.
+    """
+
+    def __init__(self, step: BatchExplainer, x: torch.Tensor, exp, all_scores: torch.Tensor):
+        self.step, self.x, self.exp, self.all_scores = step, x, exp, all_scores
+
+    @functools.cached_property
+    def all_probabilities(self) -> torch.Tensor:
+        """(m, N) float32: the softmax over every class of the model (the explained ones are ``exp.probabilities``)."""
+        return torch.softmax(self.all_scores.float(), dim=1)
+
+    def per_image(self, values: torch.Tensor) -> torch.Tensor:
+        """(m,) per image -> (m, C): the same value on every row of the image."""
+        return values[:, None].expand(-1, self.exp.classes.shape[1])
+
+    @functools.cached_property
+    def cams(self) -> torch.Tensor:
+        """The cams in the cam column's dtype (float16 unless asked otherwise)."""
+        return self.exp.cams.to(self.step._cam_dtype)
+
+    def peak(self, axis: int) -> torch.Tensor:
+        """The heatmap peak's y (0) or x (1); -1 where the map is all zero and has no peak."""
+        return torch.where(self.exp.cam_max > 0, self.exp.peaks[..., axis], -1)
+
+    @property
+    def guided(self) -> torch.Tensor:
+        return _guided_uint8(self.exp.guided)
+
+    @property
+    def saliency(self) -> torch.Tensor:
+        """(m, C, H, W) float32: the heatmap at the input size before quantization, which the metrics read
+        (``Explanation.saliency``: made once by the Explainer, shared with the heatmap and guided)."""
+        return self.exp.saliency
+
+    @functools.cached_property
+    def faithfulness(self) -> dict[str, torch.Tensor]:
+        """The faithfulness metrics the run asks for, (m, C) each, computed once for all their columns."""
+        return self.step._faithfulness(self)
+
+
+class HostFill:
+    """What the registry's host columns are filled from: a batch's results back on the host."""
+
+    def __init__(self, step: BatchExplainer, pending: PendingBatch, host: DeviceResult, ok: np.ndarray):
+        self.step, self.pending, self.host, self.ok = step, pending, host, ok
+
+    @functools.cached_property
+    def _boxes(self) -> tuple[dict[str, np.ndarray], list[str | None]]:
+        return self.step._box_metrics(self.pending, self.host, self.ok)
+
+    def boxes(self, name: str) -> np.ma.MaskedArray:
+        """A localization metric, (m, C[, 4]); masked (null) where the class has no box."""
+        out, _ = self._boxes
+        values = out[name]
+        none = ~out["has_boxes"]
+        none = none.reshape(*none.shape, *[1] * (values.ndim - 2))
+        return np.ma.masked_array(values, np.broadcast_to(none, values.shape))
+
+    @property
+    def box_notes(self) -> list[str | None]:
+        """Per explained image, the note on a malformed box (or None)."""
+        return self._boxes[1]
 
 
 @dataclass
@@ -106,51 +166,31 @@ class BatchOutput:
 class BatchExplainer:
     """Turns decoded batches into output tables for one plan, on one device (see the module docstring)."""
 
-    def __init__(self, plan: RunPlan, device: torch.device | str, *, model=None):
-        from gradcam_batch.engine.explain.explainer import Explainer
-        from gradcam_batch.engine.models.loader import load_model
-
-        c = plan.config
+    def __init__(self, plan: RunPlan, device: torch.device | str, *, model=None, explainer=None):
+        """``explainer``: the plan's own (its probe's, set up on this device); ``model``: a loaded model
+        to build one for. Without either, the model is loaded here and checked against the plan's
+        digest (a Ray actor)."""
         self.plan = plan
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._cuda = self.device.type == "cuda"
-        if model is None:
-            model = load_model(
-                c.model,
-                weights=c.weights,
-                num_classes=c.num_classes,
-                device=self.device,
-                providers=c.providers,
-                weights_strict=c.weights_strict,
-            )
-            # A worker's own load (a Ray actor) must explain the weights the plan hashed: a weights
-            # file replaced since, or a factory that builds other weights each time, would mix models.
-            if plan.model_digest is not None and state_digest(model) != plan.model_digest:
-                raise RunSetupError(
-                    f"the model {c.model} loaded here has weights that differ from the weights the run was "
-                    "planned with (a weights or model file changed since, or the factory does not build the "
-                    "same weights each time)"
-                )
-        self.explainer = Explainer(
-            model,
-            target_layer=plan.target_layer,
-            method=plan.methods,  # a sequence: {name: Explanation}, stacked by stack_methods below
-            guided=c.guided,
-            scorecam_batch=c.scorecam_batch,
-            compile=c.compile,
-            precision=c.precision,
-            reshape=c.reshape,
-            token_grid=c.token_grid,
-        )
+        spec = plan.explain
+        if explainer is None:
+            if model is None:
+                model = plan.model.load(self.device)
+                plan.model.check(model)
+            explainer = spec.explainer(model)
+        self.explainer = explainer
         # Made once: a tensor built from Python values per batch would be a host-to-device copy each time.
         self._mean = torch.tensor(plan.prep.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(plan.prep.std, device=self.device).view(1, 3, 1, 1)
         sel = plan.selection
         self._fixed = torch.tensor(sel.classes, dtype=torch.long, device=self.device) if sel.classes else None
-        self._out_dtype = torch.uint8 if c.heatmap_dtype == "uint8" else torch.float16
-        self._cam_dtype = torch.float32 if c.cam_dtype == "float32" else torch.float16
+        self._out_dtype = torch.uint8 if spec.heatmap_dtype == "uint8" else torch.float16
+        self._cam_dtype = torch.float32 if spec.cam_dtype == "float32" else torch.float16
+        self._device_columns = [col for col in plan.columns if col.origin == DEVICE]
+        self._host_columns = [col for col in plan.columns if col.origin == HOST]
         self.warn = WarnOnce()  # fallbacks met in the batches, once per run each (a Ray actor forwards them)
 
     # -- host side ------------------------------------------------------------------------------------
@@ -206,7 +246,7 @@ class BatchExplainer:
                 [d for _, d in batch.jpegs],
                 self.plan.prep,
                 self.device,
-                max_image_pixels=self.plan.config.max_image_pixels,
+                max_image_pixels=self.plan.source.max_image_pixels,
                 warn=self.warn,
             )
             for (pos, _), img, err in zip(batch.jpegs, decoded, errs, strict=True):
@@ -239,41 +279,31 @@ class BatchExplainer:
             x = x.contiguous(memory_format=torch.channels_last)
         labels_t = None if labels is None else to_device(torch.from_numpy(labels), self.device)
         hs = self.plan.heatmap_shape
+        seen: list[torch.Tensor] = []  # the scores of every class, which the selector sees
         # Several methods stack on the class axis, method-major: C slots per method (schema.build_table).
         exp = stack_methods(
             self.explainer(
                 x,
-                classes=self._selector(labels_t),
-                counterfactual=self.plan.config.counterfactual,
+                classes=self._selector(labels_t, seen),
+                counterfactual=self.plan.explain.counterfactual,
                 output_size=hs,
                 out_dtype=self._out_dtype,
                 heatmaps=hs is not None,
+                saliency=self.plan.needs_saliency,
             )
         )
+        fill = DeviceFill(self, x, exp, seen[0])
+        values = {c.name: c.fill(fill) for c in self._device_columns}
         # Checked as computed and as stored: a cam past float16's range is finite before the cast, inf after.
-        cams = exp.cams.to(self._cam_dtype)
         scores_ok = torch.isfinite(exp.scores).all(1) & torch.isfinite(exp.probabilities).all(1)
         cam_ok = torch.isfinite(exp.cams.flatten(1)).all(1)
-        stored_ok = torch.isfinite(cams.flatten(1)).all(1)
+        stored_ok = torch.isfinite(fill.cams.flatten(1)).all(1)
         faults = (
             (~scores_ok).to(torch.uint8) * SCORES_NOT_FINITE
             + (~cam_ok).to(torch.uint8) * CAM_NOT_FINITE
             + (cam_ok & ~stored_ok).to(torch.uint8) * CAM_OUT_OF_RANGE
         )
-        extras, saliency = self._metrics(x, exp) if self.plan.needs_saliency else ({}, None)
-        result = DeviceResult(
-            classes=exp.classes,
-            scores=exp.scores.float(),
-            probabilities=exp.probabilities.float(),
-            cams=cams,
-            cam_max=exp.cam_max.float(),
-            peaks=exp.peaks,
-            faults=faults,
-            heatmaps=exp.heatmaps if hs is not None else None,
-            extras=extras,
-            saliency=saliency if self.plan.boxes is not None else None,
-            guided=None if exp.guided is None else _guided_uint8(exp.guided),
-        )
+        result = DeviceResult(values, faults, fill.saliency if self.plan.boxes is not None else None)
         if self._cuda:
             # Back to pinned host memory without waiting; finish() waits on the event, which is
             # recorded on this device's current stream (the one the copies were queued on).
@@ -286,36 +316,23 @@ class BatchExplainer:
         pending.result = result
         return pending
 
-    def _metrics(self, x: torch.Tensor, exp) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The faithfulness metrics on the device, and the saliency they use (``engine/metrics``).
-
-        The saliency is the heatmap at the input size before quantization: the fused kernel run
-        again on the low-resolution cams (weights of one), so it is the heatmap column's own map.
-        """
+    def _faithfulness(self, fill: DeviceFill) -> dict[str, torch.Tensor]:
+        """The faithfulness metrics the run asks for, on the device (``engine/metrics``), on the batch's saliency."""
         from gradcam_batch.engine.metrics import confidence_change, deletion_insertion
-        from gradcam_batch.kernels import fused_cam
 
-        cams = exp.cams.float()
-        m, c, h, w = cams.shape
-        ones = torch.ones((m * c, 1, 1), device=cams.device)
-        maps = fused_cam(cams.reshape(m * c, 1, h, w), ones, self.plan.prep.out_size, out_dtype=torch.float32)
-        saliency = maps.heatmaps.reshape(m, c, *self.plan.prep.out_size)
-        cfg, extras = self.plan.config, {}
-        chunk = cfg.metrics_batch or cfg.batch_size
-        if "deletion" in self.plan.metrics or "insertion" in self.plan.metrics:
-            d, i = deletion_insertion(
-                self._predict, x, saliency, exp.classes, steps=cfg.metrics_steps, batch_size=chunk
-            )
-            extras["deletion_auc"], extras["insertion_auc"] = d.float(), i.float()
-        if "confidence" in self.plan.metrics:
-            drop, increase = confidence_change(self._predict, x, saliency, exp.classes, batch_size=chunk)
-            extras["confidence_drop"], extras["confidence_increase"] = drop.float(), increase
-        return extras, saliency
+        x, exp, saliency = fill.x, fill.exp, fill.saliency
+        spec, out = self.plan.metrics, {}
+        if "deletion" in spec.names or "insertion" in spec.names:
+            d, i = deletion_insertion(self._predict, x, saliency, exp.classes, steps=spec.steps, batch_size=spec.batch)
+            out["deletion_auc"], out["insertion_auc"] = d.float(), i.float()
+        if "confidence" in spec.names:
+            drop, increase = confidence_change(self._predict, x, saliency, exp.classes, batch_size=spec.batch)
+            out["confidence_drop"], out["confidence_increase"] = drop.float(), increase
+        return out
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         """Class scores (B, N) of the model, in the run's precision, with no graph (the metrics' forwards)."""
-        precision = self.plan.config.precision
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.plan.explain.precision)
         autocast = torch.autocast(x.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
             return self.explainer.scores(self.explainer.model(x)).float()
@@ -337,18 +354,22 @@ class BatchExplainer:
         out = box_metrics(
             torch.from_numpy(host.saliency),
             [None if b is None else torch.from_numpy(b).float() for b, _ in framed],
-            tolerance=plan.config.pointing_tolerance,
-            threshold=plan.config.box_threshold,
+            tolerance=plan.metrics.tolerance,
+            threshold=plan.metrics.threshold,
             categories=[None if ct is None else torch.from_numpy(ct) for _, ct in framed] if have_cats else None,
-            classes=torch.from_numpy(host.classes) if have_cats else None,
+            classes=torch.from_numpy(host.values["class_index"]) if have_cats else None,
         )
         return {k: v.numpy() for k, v in out.items()}, [box_notes[r] for r in explained]
 
-    def _selector(self, labels: torch.Tensor | None):
-        """scores (B, N) -> classes (B, C): the fixed classes or the top-k, then the label slot."""
+    def _selector(self, labels: torch.Tensor | None, seen: list[torch.Tensor]):
+        """scores (B, N) -> classes (B, C): the fixed classes or the top-k, then the label slot.
+
+        It keeps the scores it is given in ``seen``: every class's, which the columns over all
+        classes read (``DeviceFill.all_probabilities``)."""
         fixed, top_k = self._fixed, self.plan.selection.top_k
 
         def select(scores: torch.Tensor) -> torch.Tensor:
+            seen.append(scores)
             b = scores.shape[0]
             base = fixed.expand(b, -1) if fixed is not None else (scores.topk(top_k, dim=1).indices if top_k else None)
             if labels is None:
@@ -366,35 +387,35 @@ class BatchExplainer:
             pending.event.synchronize()
         ok, errors, notes = pending.ok, pending.errors, pending.notes
         c_slots = max(1, self.plan.selection.slots)
-        if pending.result is None:
-            arrays = _empty(c_slots * len(self.plan.methods), self.plan.cam_shape)
-        else:
+        values: dict[str, np.ndarray] = {}
+        keep = np.zeros((0, c_slots * len(self.plan.methods)), dtype=bool)
+        if pending.result is not None:
             host = pending.result.map(lambda t: t.cpu().numpy())
-            extras = dict(host.extras)
-            box_notes = None
-            if self.plan.boxes is not None:
-                box_extras, box_notes = self._box_metrics(pending, host, ok)
-                extras.update(box_extras)
-            arrays = {f.name: getattr(host, f.name) for f in fields(host) if f.name not in ("extras", "saliency")}
-            keep = np.ones(arrays["classes"].shape, dtype=bool)
+            values = dict(host.values)
+            if self._host_columns:
+                fill = HostFill(self, pending, host, ok)
+                values |= {c.name: c.fill(fill) for c in self._host_columns}
+            keep = np.ones(values["class_index"].shape, dtype=bool)
             if self.plan.label_column and self.plan.selection.slots > 1:
-                cls = arrays["classes"][:, :c_slots]  # every method's block holds the same classes
+                cls = values["class_index"][:, :c_slots]  # every method's block holds the same classes
                 valid = np.array([nt is None for nt in notes], dtype=bool)
                 keep[:, c_slots - 1 :: c_slots] = (valid & ~(cls[:, :-1] == cls[:, -1:]).any(axis=1))[:, None]
-            if box_notes is not None:  # after the label notes decided which label slots to keep
-                notes = ["; ".join(n for n in pair if n) or None for pair in zip(notes, box_notes, strict=True)]
-            arrays["keep"] = keep
-            faults = arrays.pop("faults")
-            arrays["extras"] = extras
+            if self.plan.boxes is not None:  # after the label notes decided which label slots to keep
+                pairs = zip(notes, fill.box_notes, strict=True)
+                notes = ["; ".join(n for n in pair if n) or None for pair in pairs]
+            faults = host.faults
             if faults.any():
                 ok_idx = np.flatnonzero(ok)
                 for j in np.flatnonzero(faults):
                     ok[ok_idx[j]] = False
-                    errors[ok_idx[j]] = fault_message(int(faults[j]), self.plan.config.precision)
+                    errors[ok_idx[j]] = fault_message(int(faults[j]), self.plan.explain.precision)
                 finite = faults == 0
-                arrays = {k: _take(v, finite) for k, v in arrays.items()}
+                values = {k: v[finite] for k, v in values.items()}
+                keep = keep[finite]
                 notes = [nt for nt, f in zip(notes, finite, strict=True) if f]
-        result = ResultBatch(rows=pending.rows, ok=ok, errors=errors, notes=notes, methods=self.plan.methods, **arrays)
+        result = ResultBatch(
+            rows=pending.rows, ok=ok, errors=errors, keep=keep, notes=notes, values=values, methods=self.plan.methods
+        )
         table, source_rows = build_table(result, self.plan.schema)
         return BatchOutput(table, images=len(ok), errors=int((~ok).sum()), source_rows=source_rows)
 
@@ -419,24 +440,13 @@ def _guided_uint8(guided: torch.Tensor) -> torch.Tensor:
     return guided if guided.dtype == torch.uint8 else quantize(guided.float(), torch.uint8)
 
 
-def _take(v, mask: np.ndarray):
-    if isinstance(v, dict):
-        return {k: t[mask] for k, t in v.items()}
-    return None if v is None else v[mask]
-
-
-def _empty(c_slots: int, cam_shape: tuple[int, int]) -> dict:
-    e = np.zeros((0, c_slots))
-    return {
-        "classes": e.astype(np.int64),
-        "keep": e.astype(bool),
-        "scores": e.astype(np.float32),
-        "probabilities": e.astype(np.float32),
-        "cams": np.zeros((0, c_slots, *cam_shape), np.float16),
-        "heatmaps": None,
-        "cam_max": e.astype(np.float32),
-        "peaks": np.zeros((0, c_slots, 2), np.int64),
-    }
-
-
-__all__ = ["BatchExplainer", "BatchOutput", "DeviceResult", "PendingBatch", "fault_message", "to_device"]
+__all__ = [
+    "BatchExplainer",
+    "BatchOutput",
+    "DeviceFill",
+    "DeviceResult",
+    "HostFill",
+    "PendingBatch",
+    "fault_message",
+    "to_device",
+]
