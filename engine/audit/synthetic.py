@@ -202,7 +202,9 @@ def write_image_run(
         "status": pa.array(["ok"] * n),
         "error": pa.nulls(n, pa.string()),
     }
-    pq.write_table(pa.table(cols, schema=schema), out / "part-00000.parquet")
+    # every column the registry declares and this fixture does not fill is null, as in write_synthetic_run
+    table = pa.table({f.name: cols.get(f.name, pa.nulls(n, f.type)) for f in schema}, schema=schema)
+    pq.write_table(table, out / "part-00000.parquet")
     return {"ids": ids, "marked": marked}
 
 
