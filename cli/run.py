@@ -37,6 +37,41 @@ def _is_default(ctx: click.Context, name: str) -> bool:
 @click.option(
     "--label-column", metavar="COL", help="Ground-truth class column; explained too, and combined with --top-k."
 )
+@click.option(
+    "--task",
+    type=click.Choice(["auto", "softmax", "multilabel", "segmentation"]),
+    default="auto",
+    show_default=True,
+    help="What the model is: a softmax classifier, a multi-label classifier (sigmoid per class), or a semantic "
+    "segmentation model ((B, C, H, W) logits). auto: what the model declares (a Transformers config), else softmax.",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1),
+    help="Multi-label: also explain every class whose sigmoid probability is at least P.",
+)
+@click.option(
+    "--max-classes", type=click.IntRange(min=1), help="Multi-label: at most N classes per image by --threshold."
+)
+@click.option(
+    "--label-format",
+    type=click.Choice(["auto", "indices", "multihot"]),
+    default="auto",
+    show_default=True,
+    help="Multi-label: a list label holds class indices or one 0/1 per class; auto reads a 0/1 list of the "
+    "model's class count as multi-hot.",
+)
+@click.option(
+    "--mask-column",
+    metavar="COL",
+    help="Segmentation: true masks (PNG of class indices, or paths), each its image's size; explains the classes "
+    "present and adds mask_energy, mask_iou and positive.",
+)
+@click.option(
+    "--mask-ignore-index",
+    type=click.IntRange(min=0),
+    help="Segmentation: the mask value of unlabelled pixels (255 in Pascal VOC).",
+)
 @click.option("--image-column", metavar="COL", help="Column with the images (bytes, HF struct, or paths). Auto.")
 @click.option("--id-column", metavar="COL", help="Column to use as id. [default: <input file>:<row>]")
 @click.option("--keep-columns", multiple=True, metavar="A,B", help="Input columns passed through to the output.")
@@ -269,6 +304,12 @@ RUN_CONFIG_OPTIONS = {
     "top_k": "top_k",
     "classes_text": "classes",
     "label_column": "label_column",
+    "task": "task",
+    "threshold": "threshold",
+    "max_classes": "max_classes",
+    "label_format": "label_format",
+    "mask_column": "mask_column",
+    "mask_ignore_index": "mask_ignore_index",
     "image_column": "image_column",
     "id_column": "id_column",
     "keep_columns": "keep_columns",

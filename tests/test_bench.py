@@ -418,3 +418,38 @@ def test_bench_has_help():
     assert res.exit_code == 0
     for opt in ("--model", "--top-k", "--precision", "--baselines", "--json", "--check", "--iters", "--warmup"):
         assert opt in res.output
+
+
+# -- bench --task segmentation ------------------------------------------------------------------------------
+
+SEG = ["--task", "segmentation", "--image-size", "32", "--batch-size", "1", "--iters", "1", "--warmup", "0"]
+
+
+def test_segmentation_bench_times_the_top_k_regions_against_inference_and_pytorch_grad_cam(tmp_path):
+    pytest.importorskip("torchvision")
+    pytest.importorskip("pytorch_grad_cam")
+    out = tmp_path / "seg.json"
+    res = _invoke([*SEG, "--top-k", "2", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["model"] == "torchvision:lraspp_mobilenet_v3_large" and data["top_k"] == 2
+    assert data["layer"] == "backbone.16.2" and data["varied"] is True
+    assert set(data["median_s"]) == {"inference", "gradcam-batch top-2", "pytorch-grad-cam"}
+    assert all(v > 0 for v in data["median_s"].values())
+    assert 1 <= data["classes_per_image"] <= 2
+    assert "pytorch-grad-cam / gradcam-batch" in res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--top-k", "1,3"], "one positive integer"),
+        (["--baselines", "captum"], "unknown baseline 'captum'"),
+        (["--methods", "layercam"], "--methods applies to classifiers"),
+        (["--model", "torchvision:resnet18", "--baselines", "inference"], "(B, C, H, W) logits"),
+    ],
+)
+def test_segmentation_bench_bad_options_exit_2_with_one_line(args, message):
+    res = CliRunner().invoke(cli, ["bench", *SEG, *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output

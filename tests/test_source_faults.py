@@ -361,6 +361,36 @@ def test_an_out_of_memory_decodes_the_batch_on_the_host_and_says_so(monkeypatch)
     assert "out of memory" in said[0][1] and "Pillow" in said[0][1] and "--batch-size" in said[0][1]
 
 
+@pytest.mark.gpu
+def test_a_real_device_out_of_memory_decodes_on_the_host_and_says_so():
+    """The real condition behind the mock above: the CUDA caching allocator capped at a few kilobytes, so the
+    nvJPEG output (or its workspace) cannot be allocated; the batch still decodes, on the host, and says why."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("torchvision.io")
+    from gradcam_batch.engine.job.device_jpeg import decode_jpegs_on_device
+
+    rng = np.random.default_rng(0)
+    jpegs = [png_bytes((rng.random((512, 512, 3)) * 255).astype(np.uint8), "JPEG", quality=90) for _ in range(2)]
+    device = torch.device("cuda")
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    said: list[tuple[str, str]] = []
+    torch.cuda.set_per_process_memory_fraction(4096 / total, device)  # 4 KiB: not one 512x512 RGB image
+    try:
+        decode_jpegs_on_device(jpegs, PREP, device, warn=lambda k, m: said.append((k, m)))
+    except torch.OutOfMemoryError:
+        pass  # under this cap the host-decoded pixels cannot go back to the device either; what was said first counts
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    kinds = [k for k, _ in said]
+    assert kinds[:1] == ["jpeg-oom"], said  # said as an out-of-memory, never as a refused batch or a bad image
+    assert "jpeg-image" not in kinds and "jpeg-batch" not in kinds
+    assert "out of memory" in said[0][1] and "--batch-size" in said[0][1]
+
+
 def test_a_refused_batch_and_a_refused_image_are_said_with_their_cause(monkeypatch):
     tvio = pytest.importorskip("torchvision.io")
     jpegs = _jpegs(3)

@@ -396,7 +396,7 @@ def _cam_side(run: RunOutput) -> int | None:
 def _class_names(cfg: AuditConfig, run: RunOutput) -> dict[int, str]:
     if cfg.class_names:
         return dict(enumerate(cfg.class_names))
-    if "class_name" not in run.schema.names or not run.has_label:
+    if "class_name" not in run.schema.names or run.truth != "label":
         return {}
     # A kept ``class_name`` column names the image's label: read it off rows whose class is the label.
     names: dict[int, str] = {}

@@ -82,7 +82,9 @@ class Selection:
         if self.rows == "auto":
             return "label" if run.has_label else "top1"
         if self.rows == "label" and not run.has_label:
-            raise AuditInputError("--rows label needs a run with a label column (run --label-column)")
+            raise AuditInputError(
+                "--rows label needs a run with ground truth (run --label-column, or --mask-column for segmentation)"
+            )
         return self.rows
 
 
@@ -177,7 +179,7 @@ class Grouper:
     @property
     def columns(self) -> list[str]:
         cols = ["class_index", "class_rank", "status"]
-        cols += ["label"] if self.run.has_label else []
+        cols += [self.run.truth] if self.run.truth else []
         cols += ["method"] if self.run.has_method else []
         return cols
 
@@ -207,7 +209,9 @@ class Grouper:
         ok = pc.equal(t.column("status"), "ok").to_numpy(zero_copy_only=False)
         cls = t.column("class_index").fill_null(-1).to_numpy().astype(np.int64)
         mask = ok & (cls >= 0)
-        if self.rows == "label":
+        if self.rows == "label" and self.run.truth == "positive":  # every positive label, each in its class
+            mask &= t.column("positive").fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+        elif self.rows == "label":
             lab = t.column("label").fill_null(-1).to_numpy().astype(np.int64)
             mask &= cls == lab
         elif self.rows == "top1":
@@ -265,7 +269,7 @@ def scan(run: RunOutput, grouper: Grouper, *, max_per_group: int, seed: int, wor
             rows, prob = _grow(rows, n_groups), _grow(prob, n_groups)
             is_err = pc.equal(t.column("status"), "error").to_numpy(zero_copy_only=False)
             errors_total += int(is_err.sum())
-            if is_err.any() and run.has_label and grouper.rows == "label":
+            if is_err.any() and run.truth == "label" and grouper.rows == "label":
                 # An error row has no class; with labels it counts against its label's class.
                 for c in t.column("label").fill_null(-1).to_numpy()[is_err].astype(np.int64).tolist():
                     label_errors[c] = label_errors.get(c, 0) + 1

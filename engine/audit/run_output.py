@@ -66,12 +66,15 @@ class RunOutput:
     totals: dict
     map_column: str  # "heatmap", or "cam" where the run stored no heatmap
     map_shape: tuple[int, int]
-    has_label: bool
+    has_label: bool  # the run has ground truth per row: a label column, or a positive column (tasks)
     has_method: bool
     metrics: tuple[str, ...]  # the metric columns this run has
     row_groups: list[tuple[int, ...]] = field(default_factory=list)  # per file, its row groups' row counts
     # A run that is still running or was stopped: {"units_done": N, "units_total": M or None}; None otherwise.
     partial: dict | None = None
+    # Where "the row is its image's ground truth" is read: "label" (class_index == label), or "positive"
+    # (a multi-label run's positive labels, a segmentation run's classes of the true mask); None: neither.
+    truth: str | None = None
 
     @classmethod
     def open(cls, out_dir: str | Path, inputs: Sequence[str] | None = None) -> RunOutput:
@@ -117,7 +120,8 @@ class RunOutput:
             totals=totals,
             map_column=map_column,
             map_shape=shape,  # type: ignore[arg-type]
-            has_label="label" in names,
+            has_label="label" in names or "positive" in names,
+            truth="positive" if "positive" in names else "label" if "label" in names else None,
             has_method="method" in names,
             metrics=tuple(m for m in METRICS if m in names),
             row_groups=row_groups,

@@ -379,6 +379,28 @@ class TaskExplainer:
     def target_layer(self) -> str | None:
         return self.explainer.target_layer
 
+    @property
+    def model(self):
+        return self.explainer.model
+
+    def scores(self, output: object) -> torch.Tensor:
+        """The (B, N) scores of a model output by the task's score function (a segmentation's region sums
+        at the output's own resolution when no input size was set)."""
+        return self.explainer.scores(output)
+
+    def probe(self, sample: torch.Tensor, *, classes=None, counterfactual: bool = False) -> Explanation:
+        """``Explainer.probe`` for the task: set up on ``sample`` and explain it once. ``classes`` is called
+        with the (B, N) scores alone, whatever the task's score function returns beside them."""
+        if self.segmentation_score is not None:
+            self.segmentation_score.size = (sample.shape[-2], sample.shape[-1])
+        pick = classes
+        if callable(classes) and self.segmentation_score is not None:
+
+            def pick(scores, aux=None):
+                return classes(scores)
+
+        return self.explainer.probe(sample, classes=pick, counterfactual=counterfactual)
+
     def __call__(
         self,
         images: torch.Tensor,
@@ -394,6 +416,8 @@ class TaskExplainer:
         output_size: tuple[int, int] | int | None = None,
         normalize: bool = True,
         out_dtype: torch.dtype = torch.float32,
+        heatmaps: bool = True,
+        saliency: bool = False,
     ) -> TaskExplanation:
         """Explain one batch. ``top_k`` None means 1 when nothing else selects classes, else 0.
 
@@ -415,7 +439,7 @@ class TaskExplainer:
         if not k and not asked:
             raise TaskError("nothing to explain: give top_k, classes, a threshold, positive labels or true masks")
         call = {"counterfactual": counterfactual, "output_size": output_size, "normalize": normalize}
-        call["out_dtype"] = out_dtype
+        call |= {"out_dtype": out_dtype, "heatmaps": heatmaps, "saliency": saliency}
         if self.task == "softmax":
             exp = self.explainer(images, classes=classes, top_k=k, **call)
             first = _first(exp)
@@ -474,7 +498,11 @@ class TaskExplainer:
                 z = empty[:, :, None, None]
                 e.scores = torch.where(empty, 0.0, e.scores)
                 e.cams = torch.where(z, 0, e.cams)
-                e.heatmaps = torch.where(z, torch.zeros((), dtype=e.heatmaps.dtype), e.heatmaps)
+                for name in ("heatmaps", "saliency", "guided"):
+                    t = getattr(e, name, None)
+                    if isinstance(t, torch.Tensor):
+                        zz = z if t.dim() == 4 else z[..., None]  # guided: (B, C, 3, H, W)
+                        setattr(e, name, torch.where(zz, torch.zeros((), dtype=t.dtype, device=t.device), t))
                 e.cam_max = torch.where(empty, 0.0, e.cam_max)
         keep = picked["keep"]
         notes = _no_notes(keep)

@@ -49,6 +49,8 @@ class Layout:
     metrics: tuple[str, ...] = ()  # of "deletion", "insertion", "confidence"
     boxes: bool = False
     guided_shape: tuple[int, int] | None = None  # None: no guided column
+    task: str = "softmax"  # "softmax", "multilabel" or "segmentation" (engine/explain/tasks.py)
+    masks: bool = False  # true segmentation masks (--mask-column): the mask metrics
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,26 @@ def _boxes(layout: Layout) -> bool:
     return layout.boxes
 
 
+def _softmax(layout: Layout) -> bool:
+    return layout.task == "softmax"
+
+
+def _segmentation(layout: Layout) -> bool:
+    return layout.task == "segmentation"
+
+
+def _masks(layout: Layout) -> bool:
+    return layout.task == "segmentation" and layout.masks
+
+
+def _positives(layout: Layout) -> bool:
+    """A multi-label run with labels, or a segmentation run with true masks: each row says whether its
+    class is one of the image's positives."""
+    if layout.task == "multilabel":
+        return layout.label_type is not None
+    return _masks(layout)
+
+
 COLUMNS: tuple[Column, ...] = (
     Column("id", lambda lo: lo.id_type, origin=INPUT),
     Column(KEPT, None, origin=INPUT, option="keep_columns"),
@@ -125,7 +147,32 @@ COLUMNS: tuple[Column, ...] = (
     ),
     Column("score", pa.float32(), lambda f: f.exp.scores),
     Column("probability", pa.float32(), lambda f: f.exp.probabilities),
-    Column("entropy", pa.float32(), lambda f: f.per_image(-f.all_probabilities.xlogy(f.all_probabilities).sum(1))),
+    # The softmax's entropy over every class: a single-label classifier's (a multi-label or segmentation
+    # model has no one distribution over its classes).
+    Column(
+        "entropy",
+        pa.float32(),
+        lambda f: f.per_image(-f.all_probabilities.xlogy(f.all_probabilities).sum(1)),
+        enabled=_softmax,
+    ),
+    # Segmentation: the predicted region's share of the image (the pixels whose argmax is the class).
+    Column(
+        "area",
+        pa.float32(),
+        lambda f: f.task_values["area"],
+        enabled=_segmentation,
+        mean=Mean("mean_area", "mean area {:.1%}"),
+        audit=True,
+    ),
+    # Multi-label: the class is one of the image's positive labels; segmentation: it is in the true mask.
+    Column(
+        "positive",
+        pa.bool_(),
+        lambda f: f.task_values["positive"],
+        enabled=_positives,
+        mean=Mean("positive_rate", "positives {:.1%}"),
+        audit=True,
+    ),
     Column("cam", lambda lo: _tensor(CAM_DTYPES[lo.cam_dtype][0], lo.cam_shape), lambda f: f.cams),
     Column(
         "heatmap",
@@ -217,6 +264,26 @@ COLUMNS: tuple[Column, ...] = (
         enabled=_boxes,
         option="box_column",
         mean=Mean("localization_accuracy", "localization accuracy {:.3f}", at_least=0.5),
+        audit=True,
+    ),
+    # Segmentation with true masks: the heatmap's energy inside the class's true mask, and the IoU with it
+    # of the heatmap thresholded at 15% of its maximum (engine/metrics/localization.py: mask_metrics).
+    Column(
+        "mask_energy",
+        pa.float32(),
+        lambda f: f.task_values["mask_energy"],
+        enabled=_masks,
+        option="mask_column",
+        mean=Mean("mask_energy", "mask energy {:.3f}"),
+        audit=True,
+    ),
+    Column(
+        "mask_iou",
+        pa.float32(),
+        lambda f: f.task_values["mask_iou"],
+        enabled=_masks,
+        option="mask_column",
+        mean=Mean("mask_iou", "mask IoU {:.3f}"),
         audit=True,
     ),
     Column("status", pa.string(), origin=TABLE, nullable=False),  # "ok" or "error"

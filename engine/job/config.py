@@ -90,6 +90,14 @@ class RunConfig:
     top_k: int | None = None  # None: 1, unless classes or a label column say what to explain
     classes: Sequence[int] | None = None
     label_column: str | None = None
+    # What the model is (engine/explain/tasks.py): "auto" (what the model declares; a softmax classifier when
+    # it says nothing), "softmax", "multilabel" or "segmentation".
+    task: str = "auto"
+    threshold: float | None = None  # multilabel: also explain every class with sigmoid >= threshold
+    max_classes: int | None = None  # multilabel: at most this many classes by the threshold per image
+    label_format: str = "auto"  # multilabel: a list label is "indices", "multihot", or "auto" (by its values)
+    mask_column: str | None = None  # segmentation: the true masks (encoded images of class indices, or paths)
+    mask_ignore_index: int | None = None  # segmentation: the mask value of unlabelled pixels (255 in VOC)
     image_column: str | None = None
     id_column: str | None = None
     keep_columns: Sequence[str] = ()

@@ -86,10 +86,27 @@ class ClassSelection:
     top_k: int | None
     classes: tuple[int, ...] | None
     label: bool
+    # The tasks' own (engine/explain/tasks.py), whose rows per image vary: a multi-label threshold (with its
+    # cap), a multi-label label's format, and a segmentation's true-mask classes.
+    threshold: float | None = None
+    max_classes: int | None = None
+    label_format: str = "auto"
+    masks: bool = False
 
     @property
     def slots(self) -> int:
-        return (len(self.classes) if self.classes else (self.top_k or 0)) + (1 if self.label else 0)
+        """Rows per image: exact for a softmax classifier; for a task, what the listed parts give at most
+        (a threshold its cap, a multi-hot label or a mask one more), which sizes the units only."""
+        extra = (self.max_classes or 1 if self.threshold is not None else 0) + (1 if self.masks else 0)
+        return (len(self.classes) if self.classes else (self.top_k or 0)) + (1 if self.label else 0) + extra
+
+    def fingerprint(self) -> dict:
+        """What the fingerprint covers: the softmax fields as before the tasks (resumable), then the rest
+        where set."""
+        key = {"top_k": self.top_k, "classes": self.classes, "label": self.label}
+        task = {"threshold": self.threshold, "max_classes": self.max_classes, "masks": self.masks}
+        task |= {"label_format": self.label_format} if self.label_format != "auto" else {}
+        return key | {k: v for k, v in task.items() if v not in (None, False)}
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,8 @@ class RunPlan:
     model_classes: int
     cam_shape: tuple[int, int]
     unit_rows: int
+    mask_column: str | None  # segmentation: the true masks' column
+    mask_ignore_index: int | None
     units: tuple[Unit, ...]
     fingerprint: str
     manifest_config: dict  # the config as given and as resolved, for the manifest
@@ -167,6 +186,11 @@ class RunPlan:
     @property
     def model_digest(self) -> str | None:
         return self.model.digest
+
+    @property
+    def task(self) -> str:
+        """The resolved task: "softmax", "multilabel" or "segmentation"."""
+        return self.explain.task
 
     @property
     def needs_saliency(self) -> bool:
@@ -257,16 +281,22 @@ def plan_for_schema(config: RunConfig, schema: pa.Schema) -> RunPlan:
         selection, prep = _check_numbers(c)
         image_column = c.image_column or detect_image_column(schema)
         keep = tuple(dict.fromkeys(c.keep_columns))
-        for role, name in [("image", image_column), ("id", c.id_column), ("label", c.label_column)] + [
-            ("kept", k) for k in keep
-        ]:
+        for role, name in [
+            ("image", image_column),
+            ("id", c.id_column),
+            ("label", c.label_column),
+            ("mask", c.mask_column),
+        ] + [("kept", k) for k in keep]:
             if name is not None and name not in schema.names:
                 raise RunSetupError(
                     f"{role} column {name!r} not found; the dataset's columns are: {', '.join(schema.names)}"
                 )
-        check_column_roles(schema, image_column=image_column, keep=keep, label_column=c.label_column)
+        check_column_roles(
+            schema, image_column=image_column, keep=keep, label_column=c.label_column, mask_column=c.mask_column
+        )
         explain = explain_spec(c, heatmap_shape(c, prep))
-        probe = _probe(c, selection, prep, explain, ModelHandle(c, "cpu"))
+        label_type = schema.field(c.label_column).type if c.label_column else None
+        probe = _probe(c, selection, prep, explain, ModelHandle(c, "cpu"), label_type)
         return _assemble(c, (), None, schema, image_column, keep, selection, prep, explain, probe, 1, ())
     except RunSetupError:
         raise
@@ -324,8 +354,18 @@ def _check_numbers(c: RunConfig) -> tuple[ClassSelection, Preprocess]:
     classes = tuple(dict.fromkeys(int(k) for k in c.classes)) if c.classes else None
     if classes and min(classes) < 0:
         raise RunSetupError(f"class indices must be >= 0, got {min(classes)}")
-    top_k = c.top_k if c.top_k is not None else (None if (classes or c.label_column) else 1)
-    selection = ClassSelection(top_k=top_k, classes=classes, label=c.label_column is not None)
+    _check_task_numbers(c)
+    asked = classes or c.label_column or c.threshold is not None or c.mask_column
+    top_k = c.top_k if c.top_k is not None else (None if asked else 1)
+    selection = ClassSelection(
+        top_k=top_k,
+        classes=classes,
+        label=c.label_column is not None,
+        threshold=c.threshold,
+        max_classes=c.max_classes,
+        label_format=c.label_format,
+        masks=c.mask_column is not None,
+    )
     try:
         prep = Preprocess(
             resize=c.resize, crop=c.crop, mean=tuple(c.mean), std=tuple(c.std), interpolation=c.interpolation
@@ -334,6 +374,54 @@ def _check_numbers(c: RunConfig) -> tuple[ClassSelection, Preprocess]:
         raise RunSetupError(first_line(exc)) from None
     check_sizes(prep, c.heatmap_size)
     return selection, prep
+
+
+def _check_task_numbers(c: RunConfig) -> None:
+    """The task options' checks that need no model (the rest: ``_check_task``, after the probe)."""
+    from gradcam_batch.engine.explain.tasks import LABEL_FORMATS, TASKS, check_task_options
+
+    if c.task != "auto" and c.task not in TASKS:
+        raise RunSetupError(f"unknown task {c.task!r}; expected auto, {', '.join(TASKS)}")
+    if c.label_format not in LABEL_FORMATS:
+        raise RunSetupError(f"unknown label format {c.label_format!r}; expected one of {', '.join(LABEL_FORMATS)}")
+    # The threshold's and the cap's values (the task they need is checked once it is known).
+    check_task_options("multilabel", threshold=c.threshold, max_classes=c.max_classes)
+    mi = c.mask_ignore_index
+    if mi is not None and (isinstance(mi, bool) or not isinstance(mi, int) or mi < 0):
+        raise RunSetupError(f"the mask ignore index must be a non-negative integer, got {mi!r}")
+    if mi is not None and c.mask_column is None:
+        raise RunSetupError("a mask ignore index applies with a mask column (--mask-column) only")
+
+
+def _check_task(c: RunConfig, task: str, label_type: pa.DataType | None) -> None:
+    """The options against the resolved task, in one line each."""
+    from gradcam_batch.engine.explain.tasks import check_task_options
+
+    check_task_options(task, threshold=c.threshold, max_classes=c.max_classes)
+    if c.mask_column is not None and task != "segmentation":
+        raise RunSetupError(f"a mask column needs --task segmentation; the task is {task}")
+    if task == "segmentation":
+        if c.label_column is not None:
+            raise RunSetupError(
+                "a segmentation run takes its ground truth from --mask-column; --label-column is for classifiers"
+            )
+        if c.metrics:
+            raise RunSetupError(
+                "the faithfulness metrics (--metrics) are not defined for segmentation models yet; "
+                "--mask-column gives the mask metrics"
+            )
+        if c.box_column:
+            raise RunSetupError("boxes (--box-column) apply to classifiers; a segmentation run takes --mask-column")
+    if label_type is not None and _is_list(label_type) and task != "multilabel":
+        raise RunSetupError(
+            f"a list label column (several labels per image) needs --task multilabel; the task is {task}"
+        )
+    if c.label_format != "auto" and task != "multilabel":
+        raise RunSetupError(f"a label format applies to --task multilabel; the task is {task}")
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
 
 
 def check_sizes(prep: Preprocess, heatmap_size) -> None:
@@ -367,8 +455,16 @@ def check_writable(out_dir: Path, shown: str) -> None:
         raise RunSetupError(f"cannot write the output {shown}: {p}: {why}")
 
 
-def check_column_roles(schema: pa.Schema, *, image_column: str, keep: Sequence[str], label_column: str | None) -> None:
-    """The image column holds images, kept columns do not shadow output columns, labels are integers."""
+def check_column_roles(
+    schema: pa.Schema,
+    *,
+    image_column: str,
+    keep: Sequence[str],
+    label_column: str | None,
+    mask_column: str | None = None,
+) -> None:
+    """The image column holds images, kept columns do not shadow output columns, labels are integers (or,
+    several per image, lists of integers or of 0/1 values), a mask column holds images."""
     if image_kind(schema.field(image_column).type) is None:
         raise RunSetupError(
             f"column {image_column!r} has type {schema.field(image_column).type}; images must be "
@@ -379,8 +475,18 @@ def check_column_roles(schema: pa.Schema, *, image_column: str, keep: Sequence[s
         raise RunSetupError(f"kept column {clash[0]!r} has the name of an output column; it cannot be kept")
     if label_column is not None:
         ltype = schema.field(label_column).type
-        if not pa.types.is_integer(ltype):
-            raise RunSetupError(f"label column {label_column!r} has type {ltype}; it must hold integer class indices")
+        inner = ltype.value_type if _is_list(ltype) else None
+        listed = inner is not None and (pa.types.is_integer(inner) or pa.types.is_boolean(inner))
+        if not (pa.types.is_integer(ltype) or listed):
+            raise RunSetupError(
+                f"label column {label_column!r} has type {ltype}; it must hold integer class indices "
+                "(or, for a multi-label model, lists of indices or multi-hot lists)"
+            )
+    if mask_column is not None and image_kind(schema.field(mask_column).type) is None:
+        raise RunSetupError(
+            f"mask column {mask_column!r} has type {schema.field(mask_column).type}; masks must be encoded images "
+            "(binary), struct<bytes, path> or string paths"
+        )
 
 
 def _within(child: Path, parent: Path) -> bool:
@@ -406,17 +512,24 @@ def _build(c: RunConfig, device, model) -> RunPlan:
     keep = tuple(dict.fromkeys(c.keep_columns))
     check_columns(
         files,
-        {"image column": image_column, "id column": c.id_column, "label column": c.label_column}
+        {
+            "image column": image_column,
+            "id column": c.id_column,
+            "label column": c.label_column,
+            "mask column": c.mask_column,
+        }
         | {f"kept column {k!r}": k for k in keep},
     )
-    for col in (image_column, c.id_column, c.label_column, *keep):
+    for col in (image_column, c.id_column, c.label_column, c.mask_column, *keep):
         if col is None:
             continue
         for f in files[1:]:
             if f.schema.field(col).type != first.field(col).type:
                 theirs, ours = f.schema.field(col).type, first.field(col).type
                 raise RunSetupError(f"column {col!r} is {ours} in {files[0].uri} but {theirs} in {f.uri}")
-    check_column_roles(first, image_column=image_column, keep=keep, label_column=c.label_column)
+    check_column_roles(
+        first, image_column=image_column, keep=keep, label_column=c.label_column, mask_column=c.mask_column
+    )
     if c.box_column:
         box_cols = [b.strip() for b in c.box_column.split(",") if b.strip()]
         check_columns(files, {f"box column {b!r}": b for b in box_cols})
@@ -435,7 +548,7 @@ def _build(c: RunConfig, device, model) -> RunPlan:
     explain = explain_spec(c, heatmap_shape(c, prep))
     if model is None:
         model = ModelHandle(c, device)
-    probe = _probe(c, selection, prep, explain, model)
+    probe = _probe(c, selection, prep, explain, model, first.field(c.label_column).type if c.label_column else None)
     plan = _assemble(
         c, tuple(files), out_dir, first, image_column, keep, selection, prep, explain, probe, unit_rows, units
     )
@@ -449,10 +562,16 @@ class _Probe:
     model_classes: int
     cam_shape: tuple[int, int]
     model_digest: str | None
+    task: str
 
 
 def _probe(
-    c: RunConfig, selection: ClassSelection, prep: Preprocess, explain: ExplainSpec, handle: ModelHandle
+    c: RunConfig,
+    selection: ClassSelection,
+    prep: Preprocess,
+    explain: ExplainSpec,
+    handle: ModelHandle,
+    label_type: pa.DataType | None = None,
 ) -> _Probe:
     """One blank image through the run's Explainer: finds the layer, the class count and the cam size.
 
@@ -465,9 +584,18 @@ def _probe(
         warnings.warn(RunWarning(note, "random-weights"), stacklevel=2)
     # Hashed as loaded, before anything else touches it; a Ray actor hashes its own load the same way.
     digest = state_digest(model) if isinstance(model, torch.nn.Module) else None
+    from gradcam_batch.engine.explain.tasks import detect_task
+
+    task = detect_task(model) if c.task == "auto" else c.task
+    _check_task(c, task, label_type)
+    explain = dataclasses.replace(explain, task=task)
     explainer = explain.explainer(model)
     h, w = prep.out_size
     x = torch.zeros((1, 3, h, w), device=device)
+    if task != "softmax":
+        # A textured image: on a blank one, a transformer without position embeddings (SegFormer) gives every
+        # position the same features, and the layer search finds no map whose positions the scores depend on.
+        x = torch.randn((1, 3, h, w), generator=torch.Generator().manual_seed(0)).to(device)
     seen: list[int] = []
 
     def first_class(scores: torch.Tensor) -> torch.Tensor:
@@ -490,7 +618,7 @@ def _probe(
     if explain.guided and isinstance(model, torch.nn.Module):
         _check_guided(model, x)
     handle.explainer = explainer
-    return _Probe(exp.target_layer, n, (int(exp.cams.shape[-2]), int(exp.cams.shape[-1])), digest)
+    return _Probe(exp.target_layer, n, (int(exp.cams.shape[-2]), int(exp.cams.shape[-1])), digest, task)
 
 
 # How a forward can apply a ReLU without an nn.ReLU module: guided backprop does not see these.
@@ -599,20 +727,24 @@ def _assemble(
         metrics=metrics.names,
         boxes=boxes is not None,
         guided_shape=prep.out_size if explain.guided else None,
+        task=probe.task,
+        masks=c.mask_column is not None,
     )
     row_columns = [k for k in dict.fromkeys((c.id_column, c.label_column, *keep)) if k]
     source = SourceSpec(
         files=files,
         image_column=image_column,
         image_kind=image_kind(schema.field(image_column).type),
-        columns=tuple(dict.fromkeys([*row_columns, *(boxes.columns if boxes else ())])),
+        columns=tuple(
+            dict.fromkeys([*row_columns, *(boxes.columns if boxes else ()), *[c.mask_column] * bool(c.mask_column)])
+        ),
         prep=prep,
         batch_size=c.batch_size,
         workers=c.workers,
         device_jpeg=c.device_jpeg,
         max_image_pixels=c.max_image_pixels,
         decode_memory=c.decode_memory_mb << 20 if c.decode_memory_mb else None,
-        want_sizes=boxes is not None,
+        want_sizes=boxes is not None or c.mask_column is not None,
     )
     sink = SinkSpec(
         out_dir=out_dir,
@@ -624,7 +756,7 @@ def _assemble(
     plan = RunPlan(
         config=c,
         model=dataclasses.replace(model_spec(c), digest=probe.model_digest),
-        explain=dataclasses.replace(explain, target_layer=probe.target_layer),
+        explain=dataclasses.replace(explain, target_layer=probe.target_layer, task=probe.task),
         source=source,
         sink=sink,
         metrics=metrics,
@@ -636,6 +768,8 @@ def _assemble(
         model_classes=probe.model_classes,
         cam_shape=probe.cam_shape,
         unit_rows=unit_rows,
+        mask_column=c.mask_column,
+        mask_ignore_index=c.mask_ignore_index,
         units=units,
         fingerprint="",
         manifest_config={},
@@ -656,6 +790,7 @@ def _manifest_config(plan: RunPlan) -> dict:
         image_column=plan.image_column,
         target_layer_resolved=plan.target_layer,
         model_classes=plan.model_classes,
+        task_resolved=plan.task,
         top_k=plan.selection.top_k,
         unit_rows=plan.unit_rows,
         output=str(plan.out_dir),
@@ -754,7 +889,7 @@ def fingerprint(plan: RunPlan) -> str:
         # One method hashes as before the method lists (resumable); several as their list.
         "method": plan.methods[0] if len(plan.methods) == 1 else list(plan.methods),
         "counterfactual": c.counterfactual,
-        "selection": dataclasses.asdict(plan.selection),
+        "selection": plan.selection.fingerprint(),
         "prep": [plan.prep.resize, plan.prep.crop, list(plan.prep.mean), list(plan.prep.std)]
         # Appended only when not the default, so that runs from before the option keep their fingerprint.
         + ([plan.prep.interpolation] if plan.prep.interpolation != "bilinear" else []),
@@ -775,6 +910,8 @@ def fingerprint(plan: RunPlan) -> str:
         "limit": c.limit,
         "schema": plan.schema.to_string(show_schema_metadata=False),
     }
+    if plan.task != "softmax":  # added only for the tasks, so that classifier runs keep their fingerprint
+        key["task"] = [plan.task, c.mask_column, c.mask_ignore_index]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -99,20 +99,33 @@ class Preprocess:
             ox, oy = float((tw - cw) // 2), float((th - ch) // 2)
         return sx, sy, ox, oy
 
-    def __call__(self, img: Image.Image) -> np.ndarray:
+    def _geometry(self, img: Image.Image, resample, reducing_gap: float | None) -> Image.Image:
+        """The resize and the center crop, with ``resample``."""
         target = self.resize_target(*img.size)
         if target is not None and img.size != target:
-            img = img.resize(target, _PIL_FILTERS[self.interpolation], reducing_gap=3.0)
+            img = img.resize(target, resample, reducing_gap=reducing_gap)
         if self.crop is not None:
             ch, cw = self.crop
             w, h = img.size
             if w < cw or h < ch:
                 # Smaller than the crop: scale up so that the crop fits, then crop.
                 s = max(cw / w, ch / h)
-                img = img.resize((max(cw, round(w * s)), max(ch, round(h * s))), _PIL_FILTERS[self.interpolation])
+                img = img.resize((max(cw, round(w * s)), max(ch, round(h * s))), resample)
                 w, h = img.size
             left, top = (w - cw) // 2, (h - ch) // 2
             img = img.crop((left, top, left + cw, top + ch))
+        return img
+
+    def mask(self, img: Image.Image) -> np.ndarray:
+        """A mask of class indices (a single-channel image of the input image's size) through the same
+        resize and crop, with nearest-neighbour sampling so that no index is blended: (H, W) int64."""
+        arr = np.asarray(self._geometry(img, Image.Resampling.NEAREST, None)).astype(np.int64)
+        if arr.shape[:2] != self.out_size:
+            raise DecodeError(f"preprocessing produced {arr.shape[:2]}, expected {self.out_size}")
+        return arr
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        img = self._geometry(img, _PIL_FILTERS[self.interpolation], 3.0)
         arr = np.asarray(img, dtype=np.uint8)
         if arr.shape[:2] != self.out_size:
             raise DecodeError(f"preprocessing produced {arr.shape[:2]}, expected {self.out_size}")

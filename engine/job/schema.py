@@ -50,6 +50,9 @@ class ResultBatch:
     values: dict[str, np.ndarray] = field(default_factory=dict)  # needs class_index and score
     # Several methods: the C slots are method-major, C / len(methods) classes per method.
     methods: tuple[str, ...] = ()
+    # (m, C) object: a remark for one explained (image, class), joined after the image's note (a
+    # segmentation class with no predicted pixel); None: none
+    slot_notes: np.ndarray | None = None
 
     @property
     def num_images(self) -> int:
@@ -147,6 +150,12 @@ def build_table(batch: ResultBatch, schema: pa.Schema) -> tuple[pa.Table, np.nda
         (batch.notes[ok_pos[r]] if ok else batch.errors[r])
         for r, ok in zip(row_sorted.tolist(), is_ok.tolist(), strict=True)
     ]
+    if batch.slot_notes is not None and n_ok:
+        slot = batch.slot_notes[i_img, i_slot]
+        errors = [
+            "; ".join(t for t in (e, sn if ok else None) if t) or None
+            for e, sn, ok in zip(errors, slot.tolist(), is_ok.tolist(), strict=True)
+        ]
     arrays["error"] = pa.array(errors, pa.string())
     for f in schema:
         column = BY_NAME.get(f.name)

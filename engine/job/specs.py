@@ -84,22 +84,27 @@ class ExplainSpec:
     heatmap_shape: tuple[int, int] | None = None  # None: no heatmaps
     heatmap_dtype: str = "uint8"
     cam_dtype: str = "float16"
+    task: str = "softmax"  # resolved by the probe: "softmax", "multilabel" or "segmentation"
 
     def explainer(self, model):
-        """The run's ``Explainer`` for ``model``: the one place a run assembles its arguments."""
+        """The run's ``Explainer`` for ``model`` (a ``TaskExplainer`` for a multi-label or segmentation
+        model): the one place a run assembles its arguments."""
         from gradcam_batch.engine.explain.explainer import Explainer
+        from gradcam_batch.engine.explain.tasks import TaskExplainer
 
-        return Explainer(
-            model,
-            target_layer=self.target_layer,
-            method=list(self.methods),  # a sequence: {name: Explanation}, stacked by the batch step
-            guided=self.guided,
-            scorecam_batch=self.scorecam_batch,
-            compile=self.compile,
-            precision=self.precision,
-            reshape=self.reshape,
-            token_grid=self.token_grid,
-        )
+        options = {
+            "target_layer": self.target_layer,
+            "method": list(self.methods),  # a sequence: {name: Explanation}, stacked by the batch step
+            "guided": self.guided,
+            "scorecam_batch": self.scorecam_batch,
+            "compile": self.compile,
+            "precision": self.precision,
+            "reshape": self.reshape,
+            "token_grid": self.token_grid,
+        }
+        if self.task != "softmax":
+            return TaskExplainer(model, self.task, **options)
+        return Explainer(model, **options)
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,16 @@ from gradcam_batch.engine.explain.explainer import stack_methods
 from gradcam_batch.engine.job.columns import DEVICE, HOST
 from gradcam_batch.engine.job.config import WarnOnce
 from gradcam_batch.engine.job.device_jpeg import decode_jpegs_on_device
+from gradcam_batch.engine.job.errors import DecodeError
 from gradcam_batch.engine.job.plan import RunPlan
 from gradcam_batch.engine.job.schema import ResultBatch, build_table
 from gradcam_batch.engine.job.source import DecodedBatch
 from gradcam_batch.kernels.reference import quantize
 
+# The private values a task's batch copies back beside the columns: which (image, slot) pairs are kept, and
+# which explain a segmentation class with no predicted pixel.
+KEEP, EMPTY = "__keep", "__empty"
+EMPTY_NOTE = "the class has no predicted pixel in this image: its score and map are zero"
 # Why an explained image becomes an error row after all: bits of DeviceResult.faults.
 SCORES_NOT_FINITE, CAM_NOT_FINITE, CAM_OUT_OF_RANGE = 1, 2, 4
 FLOAT16_MAX = 65504
@@ -79,8 +84,17 @@ class DeviceFill:
     on first use, once per batch, whichever columns ask for it.
     """
 
-    def __init__(self, step: BatchExplainer, x: torch.Tensor, exp, all_scores: torch.Tensor):
+    def __init__(
+        self,
+        step: BatchExplainer,
+        x: torch.Tensor,
+        exp,
+        all_scores: torch.Tensor | None,
+        task_values: dict[str, torch.Tensor] | None = None,
+    ):
         self.step, self.x, self.exp, self.all_scores = step, x, exp, all_scores
+        # A task's own (m, C) values (engine/explain/tasks.py): area, positive, mask_energy, mask_iou
+        self.task_values = task_values or {}
 
     @functools.cached_property
     def all_probabilities(self) -> torch.Tensor:
@@ -189,6 +203,9 @@ class BatchExplainer:
         self._fixed = torch.tensor(sel.classes, dtype=torch.long, device=self.device) if sel.classes else None
         self._out_dtype = torch.uint8 if spec.heatmap_dtype == "uint8" else torch.float16
         self._cam_dtype = torch.float32 if spec.cam_dtype == "float32" else torch.float16
+        self._task = plan.task
+        # Rows with a label and nothing else to explain: a bad label leaves the image nothing.
+        self._label_only = bool(plan.label_column) and not (sel.top_k or sel.classes or sel.threshold is not None)
         self._device_columns = [col for col in plan.columns if col.origin == DEVICE]
         self._host_columns = [col for col in plan.columns if col.origin == HOST]
         self.warn = WarnOnce()  # fallbacks met in the batches, once per run each (a Ray actor forwards them)
@@ -255,17 +272,26 @@ class BatchExplainer:
                     errors[ok_idx[pos]] = err
                 else:
                     x[pos] = img
-        labels = None
+        labels = positives = masks = None
         notes: list[str | None] = [None] * len(ok_idx)
         if self.plan.label_column:
-            labels, valid, why = self._labels(rows, batch.ok)
-            label_only = self.plan.selection.slots == 1
+            if self._task == "multilabel":
+                positives, why = self._positives(rows, batch.ok)
+                valid = np.array([w is None for w in why], dtype=bool)
+            else:
+                labels, valid, why = self._labels(rows, batch.ok)
             for j in np.flatnonzero(~valid & use):
-                if label_only:  # nothing else to explain for this image
+                if self._label_only:  # nothing else to explain for this image
                     use[j] = False
                     errors[ok_idx[j]] = why[j]
                 else:
                     notes[j] = f"{why[j]}; the label row was skipped"
+        if self.plan.mask_column:
+            masks, why = self._masks(batch, ok_idx, use)
+            for j in np.flatnonzero(use):
+                if why[j] is not None:  # the mask metrics were asked for: a bad mask is an error row
+                    use[j] = False
+                    errors[ok_idx[j]] = why[j]
         ok[ok_idx[~use]] = False
         pending.notes = [nt for nt, u in zip(notes, use, strict=True) if u]
         if not use.any():
@@ -273,27 +299,33 @@ class BatchExplainer:
         if not use.all():
             x = x[to_device(torch.from_numpy(np.flatnonzero(use)), self.device)]
             labels = labels[use] if labels is not None else None
+        if positives is not None:
+            positives = [p for p, u in zip(positives, use, strict=True) if u]
+        if masks is not None:
+            masks = [mk for mk, u in zip(masks, use, strict=True) if u]
 
         x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
         if self._cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         labels_t = None if labels is None else to_device(torch.from_numpy(labels), self.device)
         hs = self.plan.heatmap_shape
-        seen: list[torch.Tensor] = []  # the scores of every class, which the selector sees
-        # Several methods stack on the class axis, method-major: C slots per method (schema.build_table).
-        exp = stack_methods(
-            self.explainer(
-                x,
-                classes=self._selector(labels_t, seen),
-                counterfactual=self.plan.explain.counterfactual,
-                output_size=hs,
-                out_dtype=self._out_dtype,
-                heatmaps=hs is not None,
-                saliency=self.plan.needs_saliency,
-            )
-        )
-        fill = DeviceFill(self, x, exp, seen[0])
-        values = {c.name: c.fill(fill) for c in self._device_columns}
+        call = {
+            "counterfactual": self.plan.explain.counterfactual,
+            "output_size": hs,
+            "out_dtype": self._out_dtype,
+            "heatmaps": hs is not None,
+            "saliency": self.plan.needs_saliency,
+        }
+        if self._task == "softmax":
+            seen: list[torch.Tensor] = []  # the scores of every class, which the selector sees
+            # Several methods stack on the class axis, method-major: C slots per method (schema.build_table).
+            exp = stack_methods(self.explainer(x, classes=self._selector(labels_t, seen), **call))
+            fill = DeviceFill(self, x, exp, seen[0])
+            private: dict[str, torch.Tensor] = {}
+        else:
+            fill, private = self._task_fill(x, positives, masks, call)
+            exp = fill.exp
+        values = {c.name: c.fill(fill) for c in self._device_columns} | private
         # Checked as computed and as stored: a cam past float16's range is finite before the cast, inf after.
         scores_ok = torch.isfinite(exp.scores).all(1) & torch.isfinite(exp.probabilities).all(1)
         cam_ok = torch.isfinite(exp.cams.flatten(1)).all(1)
@@ -316,17 +348,112 @@ class BatchExplainer:
         pending.result = result
         return pending
 
+    def _task_fill(self, x, positives, masks, call) -> tuple[DeviceFill, dict[str, torch.Tensor]]:
+        """A multi-label or segmentation batch through the ``TaskExplainer``: the fill of the device
+        columns, and the private values (``KEEP``, ``EMPTY``) that ``finish`` reads."""
+        sel = self.plan.selection
+        true = None
+        if masks is not None:
+            true = to_device(torch.from_numpy(np.stack(masks)), self.device)
+        texp = self.explainer(
+            x,
+            top_k=sel.top_k,
+            classes=list(sel.classes) if sel.classes else None,
+            threshold=sel.threshold,
+            max_classes=sel.max_classes,
+            positives=positives,
+            true_masks=true,
+            ignore_index=self.plan.mask_ignore_index,
+            **call,
+        )
+        exp = stack_methods(texp.explanation)
+        reps = len(self.plan.methods)  # every method explains the same classes: the task's (B, C) values repeat
+
+        def tile(t: torch.Tensor) -> torch.Tensor:
+            return t.repeat(1, reps)
+
+        named = {"area": texp.area, "positive": texp.positive}
+        for name in ("mask_energy", "mask_iou"):
+            value = getattr(texp, name)
+            # A class with no predicted pixel has a zero map: neither its energy nor its IoU is defined (null).
+            named[name] = None if value is None else torch.where(texp.empty, torch.nan, value)
+        task_values = {k: tile(v) for k, v in named.items() if v is not None}
+        private = {KEEP: tile(texp.keep)}
+        if texp.empty is not None:
+            private[EMPTY] = tile(texp.empty)
+        return DeviceFill(self, x, exp, None, task_values), private
+
+    def _positives(self, rows: pa.Table, ok: np.ndarray) -> tuple[list[list[int]], list[str | None]]:
+        """Per decoded row, its positive classes (a multi-label label: indices, multi-hot, or one index) and
+        why not; a bad label gives no positives."""
+        from gradcam_batch.engine.explain.tasks import positive_labels
+
+        n = self.plan.model_classes
+        out: list[list[int]] = []
+        why: list[str | None] = []
+        for value, decoded in zip(rows.column("label").to_pylist(), ok.tolist(), strict=True):
+            if not decoded:
+                continue
+            pos, bad = positive_labels(value, n, self.plan.selection.label_format)
+            out.append(pos or [])
+            why.append(bad)
+        return out, why
+
+    def _masks(self, batch: DecodedBatch, ok_idx: np.ndarray, use: np.ndarray) -> tuple[list, list[str | None]]:
+        """Per decoded row, its true mask at the input size ((H, W) int64) or why not (``engine/job/masks.py``)."""
+        from gradcam_batch.engine.job.inputs import image_kind
+        from gradcam_batch.engine.job.masks import decode_mask
+
+        plan = self.plan
+        column = batch.rows.column(plan.mask_column)
+        kind = image_kind(column.type)
+        files = plan.files
+        f = files[batch.unit.file_index] if files and batch.unit is not None else None
+        values = column.to_pylist()
+        masks: list = []
+        why: list[str | None] = []
+        for j, r in enumerate(ok_idx.tolist()):
+            if not use[j]:
+                masks.append(None)
+                why.append(None)
+                continue
+            size = tuple(int(v) for v in batch.sizes[r]) if batch.sizes is not None and batch.sizes[r][0] >= 0 else None
+            try:
+                masks.append(
+                    decode_mask(
+                        values[r],
+                        kind,
+                        f,
+                        size,
+                        plan.prep,
+                        plan.model_classes,
+                        plan.mask_ignore_index,
+                        max_image_pixels=plan.source.max_image_pixels,
+                    )
+                )
+                why.append(None)
+            except DecodeError as exc:
+                masks.append(None)
+                why.append(str(exc))
+        return masks, why
+
     def _faithfulness(self, fill: DeviceFill) -> dict[str, torch.Tensor]:
         """The faithfulness metrics the run asks for, on the device (``engine/metrics``), on the batch's saliency."""
         from gradcam_batch.engine.metrics import confidence_change, deletion_insertion
 
         x, exp, saliency = fill.x, fill.exp, fill.saliency
         spec, out = self.plan.metrics, {}
+        # A multi-label model's classes are independent: its probabilities are sigmoids, not a softmax.
+        activation = "sigmoid" if self._task == "multilabel" else "softmax"
         if "deletion" in spec.names or "insertion" in spec.names:
-            d, i = deletion_insertion(self._predict, x, saliency, exp.classes, steps=spec.steps, batch_size=spec.batch)
+            d, i = deletion_insertion(
+                self._predict, x, saliency, exp.classes, steps=spec.steps, batch_size=spec.batch, activation=activation
+            )
             out["deletion_auc"], out["insertion_auc"] = d.float(), i.float()
         if "confidence" in spec.names:
-            drop, increase = confidence_change(self._predict, x, saliency, exp.classes, batch_size=spec.batch)
+            drop, increase = confidence_change(
+                self._predict, x, saliency, exp.classes, batch_size=spec.batch, activation=activation
+            )
             out["confidence_drop"], out["confidence_increase"] = drop.float(), increase
         return out
 
@@ -389,14 +516,18 @@ class BatchExplainer:
         c_slots = max(1, self.plan.selection.slots)
         values: dict[str, np.ndarray] = {}
         keep = np.zeros((0, c_slots * len(self.plan.methods)), dtype=bool)
+        slot_notes = None
         if pending.result is not None:
             host = pending.result.map(lambda t: t.cpu().numpy())
             values = dict(host.values)
+            task_keep, empty = values.pop(KEEP, None), values.pop(EMPTY, None)
             if self._host_columns:
                 fill = HostFill(self, pending, host, ok)
                 values |= {c.name: c.fill(fill) for c in self._host_columns}
-            keep = np.ones(values["class_index"].shape, dtype=bool)
-            if self.plan.label_column and self.plan.selection.slots > 1:
+            keep = np.ones(values["class_index"].shape, dtype=bool) if task_keep is None else task_keep.copy()
+            if empty is not None and (empty & keep).any():
+                slot_notes = np.where(empty & keep, EMPTY_NOTE, None).astype(object)
+            if self._task == "softmax" and self.plan.label_column and self.plan.selection.slots > 1:
                 cls = values["class_index"][:, :c_slots]  # every method's block holds the same classes
                 valid = np.array([nt is None for nt in notes], dtype=bool)
                 keep[:, c_slots - 1 :: c_slots] = (valid & ~(cls[:, :-1] == cls[:, -1:]).any(axis=1))[:, None]
@@ -404,20 +535,42 @@ class BatchExplainer:
                 pairs = zip(notes, fill.box_notes, strict=True)
                 notes = ["; ".join(n for n in pair if n) or None for pair in pairs]
             faults = host.faults
-            if faults.any():
+            nothing = ~keep.any(axis=1)  # a task's image with no class to explain (none reaches the threshold)
+            if faults.any() or nothing.any():
                 ok_idx = np.flatnonzero(ok)
+                for j in np.flatnonzero(nothing):
+                    ok[ok_idx[j]] = False
+                    errors[ok_idx[j]] = self._nothing_message()
                 for j in np.flatnonzero(faults):
                     ok[ok_idx[j]] = False
                     errors[ok_idx[j]] = fault_message(int(faults[j]), self.plan.explain.precision)
-                finite = faults == 0
-                values = {k: v[finite] for k, v in values.items()}
-                keep = keep[finite]
-                notes = [nt for nt, f in zip(notes, finite, strict=True) if f]
+                kept = (faults == 0) & ~nothing
+                values = {k: v[kept] for k, v in values.items()}
+                keep = keep[kept]
+                notes = [nt for nt, f in zip(notes, kept, strict=True) if f]
+                slot_notes = slot_notes[kept] if slot_notes is not None else None
         result = ResultBatch(
-            rows=pending.rows, ok=ok, errors=errors, keep=keep, notes=notes, values=values, methods=self.plan.methods
+            rows=pending.rows,
+            ok=ok,
+            errors=errors,
+            keep=keep,
+            notes=notes,
+            values=values,
+            methods=self.plan.methods,
+            slot_notes=slot_notes,
         )
         table, source_rows = build_table(result, self.plan.schema)
         return BatchOutput(table, images=len(ok), errors=int((~ok).sum()), source_rows=source_rows)
+
+    def _nothing_message(self) -> str:
+        """The error of an image that a task's selection leaves no class to explain."""
+        sel = self.plan.selection
+        parts = []
+        if sel.threshold is not None:
+            parts.append(f"no class has a probability of at least {sel.threshold:g}")
+        if self.plan.label_column:
+            parts.append("the label lists no positive class")
+        return "nothing to explain: " + (" and ".join(parts) or "no class selected")
 
     def __call__(self, batch: DecodedBatch) -> BatchOutput:
         return self.finish(self.launch(batch))

@@ -85,9 +85,19 @@ def _check_inputs(images: torch.Tensor, saliency: torch.Tensor, classes: torch.T
         raise ValueError(f"classes must be (B, C) = {tuple(saliency.shape[:2])}, got {tuple(classes.shape)}")
 
 
-def _probabilities(model: Callable, score_fn: ScoreFn | None, x: torch.Tensor) -> torch.Tensor:
-    logits = (score_fn or _default_score)(model(x))
-    return logits.float().softmax(dim=-1)
+ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def _probabilities(model: Callable, score_fn: ScoreFn | None, x: torch.Tensor, activation: str) -> torch.Tensor:
+    """The class probabilities of ``x``: the softmax of the scores (a single-label classifier) or their
+    sigmoid (a multi-label one, whose classes are independent)."""
+    logits = (score_fn or _default_score)(model(x)).float()
+    return logits.sigmoid() if activation == "sigmoid" else logits.softmax(dim=-1)
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
 
 
 def step_counts(hw: int, steps: int) -> list[int]:
@@ -108,6 +118,7 @@ def deletion_insertion_curves(
     batch_size: int | None = None,
     blur: tuple[int, float] | None = (11, 5.0),
     score_fn: ScoreFn | None = None,
+    activation: str = "softmax",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The deletion and insertion curves behind ``deletion_insertion``: two (B, C, steps + 1) float32 tensors.
 
@@ -115,6 +126,7 @@ def deletion_insertion_curves(
     deleted (set to 0) or inserted (into the blurred image). Arguments as in ``deletion_insertion``.
     """
     _check_inputs(images, saliency, classes)
+    _check_activation(activation)
     b, n_classes = classes.shape
     _, _, h, w = images.shape
     hw = h * w
@@ -166,7 +178,7 @@ def deletion_insertion_curves(
             keep = (ranks[jb, jc] < jcount[:, None]) == jins[:, None]
             sub = substrate[jb] * jins.view(-1, 1, 1, 1).to(substrate.dtype)
             x = torch.where(keep.view(-1, 1, h, w), images[jb], sub)
-            probs = _probabilities(model, score_fn, x)
+            probs = _probabilities(model, score_fn, x, activation)
             job_scores[sl] = probs.gather(1, classes[jb])
             if start <= 2 * b < sl.stop:
                 zero_probs = probs[2 * b - start]
@@ -206,6 +218,7 @@ def deletion_insertion(
     batch_size: int | None = None,
     blur: tuple[int, float] | None = (11, 5.0),
     score_fn: ScoreFn | None = None,
+    activation: str = "softmax",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Deletion and insertion AUC (Petsiuk et al. 2018, RISE, arXiv:1806.07421): two (B, C) float32 tensors.
 
@@ -232,12 +245,22 @@ def deletion_insertion(
         batch_size: perturbed images per forward; default B.
         blur: (kernel size, sigma) of the insertion substrate, or None for zeros. Default (11, 5.0) (RISE).
         score_fn: output -> (B, N) logits; default the output, or its ``.logits``.
+        activation: ``"softmax"`` (default) or ``"sigmoid"`` for a multi-label model: what turns the
+            logits into the probabilities p_i.
 
     The image, the blurred image and the all-zero image are forwarded once (not per class); the other
     points cost 2 * C * (steps - 1) forwards per image.
     """
     deletion, insertion = deletion_insertion_curves(
-        model, images, saliency, classes, steps=steps, batch_size=batch_size, blur=blur, score_fn=score_fn
+        model,
+        images,
+        saliency,
+        classes,
+        steps=steps,
+        batch_size=batch_size,
+        blur=blur,
+        score_fn=score_fn,
+        activation=activation,
     )
     return _auc(deletion), _auc(insertion)
 
@@ -250,6 +273,7 @@ def confidence_change(
     *,
     batch_size: int | None = None,
     score_fn: ScoreFn | None = None,
+    activation: str = "softmax",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop and increase in confidence (Chattopadhay et al. 2018, Grad-CAM++, arXiv:1710.11063): (B, C) each.
 
@@ -259,15 +283,16 @@ def confidence_change(
     (bool; its mean is the "increase in confidence"). torchcam divides by Y + 1e-7; here by Y, so ours is
     larger by a factor (Y + 1e-7) / Y (under 1e-6 relative for Y > 0.1).
 
-    ``batch_size``: images per forward, default B; ``score_fn`` as in ``deletion_insertion``.
+    ``batch_size``: images per forward, default B; ``score_fn`` and ``activation`` as in ``deletion_insertion``.
     """
     _check_inputs(images, saliency, classes)
+    _check_activation(activation)
     b, n_classes = classes.shape
     chunk = batch_size or b
     if chunk < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     with torch.inference_mode():
-        y = torch.cat([_probabilities(model, score_fn, images[s : s + chunk]) for s in range(0, b, chunk)])
+        y = torch.cat([_probabilities(model, score_fn, images[s : s + chunk], activation) for s in range(0, b, chunk)])
         y = y.gather(1, classes)
         flat_b = torch.arange(b, device=images.device).repeat_interleave(n_classes)
         flat_sal = saliency.reshape(b * n_classes, 1, *saliency.shape[2:])
@@ -275,7 +300,10 @@ def confidence_change(
         o = torch.cat(
             [
                 _probabilities(
-                    model, score_fn, images[flat_b[s : s + chunk]] * flat_sal[s : s + chunk].to(images.dtype)
+                    model,
+                    score_fn,
+                    images[flat_b[s : s + chunk]] * flat_sal[s : s + chunk].to(images.dtype),
+                    activation,
                 ).gather(1, flat_cls[s : s + chunk])
                 for s in range(0, b * n_classes, chunk)
             ]

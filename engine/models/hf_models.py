@@ -1,6 +1,7 @@
-"""``hf:DIR``: a Hugging Face Transformers image classifier saved with ``save_pretrained``.
+"""``hf:DIR``: a Hugging Face Transformers image classifier or segmentation model saved with ``save_pretrained``.
 
-The directory is loaded with ``AutoModelForImageClassification`` and its preprocessing read from
+The directory is loaded with ``AutoModelForImageClassification`` (``AutoModelForSemanticSegmentation``
+when its config names a ``...ForSemanticSegmentation`` architecture) and its preprocessing read from
 ``AutoImageProcessor``, both offline (``HF_HUB_OFFLINE=1`` for the call, ``local_files_only=True``)
 and without remote code (``trust_remote_code=False``): a name that would need the hub is refused
 with one line. The model is returned as it is; the engine takes ``.logits`` from its output
@@ -68,22 +69,36 @@ def _offline() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = old
 
 
-def hf_model(target: str, num_classes: int | None) -> nn.Module:
-    """``AutoModelForImageClassification.from_pretrained(DIR)``, offline; ``num_classes`` resizes the head."""
-    path = hf_directory(target)
-    with _offline():
-        from transformers import AutoModelForImageClassification
+def is_segmentation_config(path: Path) -> bool:
+    """Whether a saved config names a semantic segmentation architecture (``...ForSemanticSegmentation``)."""
+    import json
 
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(str(a).endswith("ForSemanticSegmentation") for a in architectures)
+
+
+def hf_model(target: str, num_classes: int | None) -> nn.Module:
+    """The model of ``DIR``, offline: ``AutoModelForSemanticSegmentation`` when its config names a
+    ``...ForSemanticSegmentation`` architecture, ``AutoModelForImageClassification`` otherwise (a
+    multi-label one too: its config's ``problem_type`` says so). ``num_classes`` resizes the head."""
+    path = hf_directory(target)
+    segmentation = is_segmentation_config(path)
+    with _offline():
+        from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation
+
+        auto = AutoModelForSemanticSegmentation if segmentation else AutoModelForImageClassification
         kwargs = {}
         if num_classes is not None:
             # A new head of that size, randomly initialized; --weights then fills it.
             kwargs = {"num_labels": num_classes, "ignore_mismatched_sizes": True}
         try:
-            return AutoModelForImageClassification.from_pretrained(
-                str(path), local_files_only=True, trust_remote_code=False, **kwargs
-            )
+            return auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, **kwargs)
         except Exception as exc:
-            raise _error(f"hf:{target} could not be loaded as an image classifier: {_first_line(exc)}") from None
+            what = "a segmentation model" if segmentation else "an image classifier"
+            raise _error(f"hf:{target} could not be loaded as {what}: {_first_line(exc)}") from None
 
 
 def hf_preprocess(target: str) -> ModelPreprocess | None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 import warnings
@@ -245,6 +246,10 @@ def _torchvision_model(name: str, num_classes: int | None) -> nn.Module:
         hint = f"; did you mean {', '.join(close)}?" if close else " (see torchvision.models.list_models())"
         raise ModelSpecError(f"unknown torchvision model {name!r}{hint}")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    builder = torchvision.models.get_model_builder(name)
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        # A segmentation or detection model's backbone defaults to ImageNet weights, which would download.
+        kwargs["weights_backbone"] = None
     try:
         # weights=None: random init; nothing is downloaded.
         return torchvision.models.get_model(name, weights=None, **kwargs)
