@@ -3,7 +3,7 @@
     python benchmarks/bench_audit_time.py                         # 50,000 rows in 10 classes, --no-overlays
     python benchmarks/bench_audit_time.py --classes 1000          # 50,000 rows in 1,000 classes
     python benchmarks/bench_audit_time.py --images                # with input images and a manifest: overlays
-    python benchmarks/bench_audit_time.py --work /tmp/w --keep    # reuse (or keep) the run between calls
+    python benchmarks/bench_audit_time.py --work audit-work --keep    # reuse (or keep) the run between calls
 
 Writes a run output (``engine/audit/synthetic.py``: Gaussian-blob 64x64 heatmaps, class 0 with a
 planted corner cluster), and with ``--images`` also an input Parquet file of 64x64 JPEGs and a

@@ -5,12 +5,12 @@ Two steps, because CoRelAy lives in a venv of its own (it is a benchmark depende
 
     # 1. in the project's venv: the maps exactly as the audit clusters them (per class, resampled to
     #    32x32), with the audit's clusters and flags and the truth, into one .npz
-    .venv/bin/python benchmarks/corelay_side_by_side.py dump --demo /tmp/demo --out /tmp/demo-maps.npz
-    .venv/bin/python benchmarks/corelay_side_by_side.py dump --planted interior --seed 0 --out /tmp/int0.npz
+    .venv/bin/python benchmarks/corelay_side_by_side.py dump --demo demo-out --out demo-maps.npz
+    .venv/bin/python benchmarks/corelay_side_by_side.py dump --planted interior --seed 0 --out int0.npz
 
     # 2. where corelay is importable (python3 -m venv V && V/bin/pip install corelay): CoRelAy's
     #    pipeline on those maps, and the scores of both
-    V/bin/python benchmarks/corelay_side_by_side.py compare /tmp/demo-maps.npz /tmp/int0.npz
+    V/bin/python benchmarks/corelay_side_by_side.py compare demo-maps.npz int0.npz
 
 ``--demo DIR`` runs ``gradcam-batch demo -o DIR`` first when DIR holds no run yet; its truth is the
 sample's ``watermark`` column. ``--planted CASE`` uses the planted benchmark's cache (run without

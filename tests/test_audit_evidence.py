@@ -156,6 +156,39 @@ def test_a_class_alike_as_a_whole_is_flagged_only_when_its_peaks_miss_its_boxes(
     assert f is not None and f.whole_class and f.flagged and f.members.all()
 
 
+def _spot_evidence(spot: tuple[float, float], pattern: float | None) -> tuple[cev.ClassEvidence, cev.Finding]:
+    """A class of 60 maps whose first 15 peak at ``spot``; pattern scores ``pattern`` (None: crops not read)."""
+    rng = np.random.default_rng(0)
+    n = 60
+    points = rng.uniform(6, 26, size=(n, 2))
+    points[:15] = np.asarray(spot) + rng.normal(0, 0.3, size=(15, 2))
+    ce = cev.ClassEvidence(points, np.ones(n, bool), np.zeros(n), 2, None, spot_share=0.25)
+    ce.size, ce.cell = (32, 32), 32 / 8
+    ce.pattern = None if pattern is None else np.full(n, pattern)
+    members = np.r_[np.ones(15, bool), np.zeros(n - 15, bool)]
+    f = cev.Finding(("position",), members, 0.9, True, {"position": {"centre": list(spot)}}, location=spot)
+    return ce, f
+
+
+def test_a_spot_in_a_corner_cell_with_nothing_alike_is_not_flagged_on_its_position_alone():
+    ce, f = _spot_evidence((1.0, 30.5), pattern=0.0)  # the top-right corner cell, crops read, nothing alike
+    cev._corner_cell_check(ce, f)
+    assert not f.flagged and f.figures["position"]["corner_cell"] and "zero padding" in f.extra["not_flagged"]
+    # The same spot one cell further in (the planted corner mark's place) stays flagged.
+    ce, f = _spot_evidence((6.0, 25.0), pattern=0.0)
+    cev._corner_cell_check(ce, f)
+    assert f.flagged
+    # Without images nothing tells padding from a mark: flagged as before.
+    ce, f = _spot_evidence((1.0, 30.5), pattern=None)
+    cev._corner_cell_check(ce, f)
+    assert f.flagged
+    # A spot with pattern evidence is not position alone.
+    ce, f = _spot_evidence((1.0, 1.0), pattern=0.0)
+    f.kinds = ("position", "pattern")
+    cev._corner_cell_check(ce, f)
+    assert f.flagged
+
+
 def test_carve_gives_a_flagged_subset_its_own_cluster():
     labels = np.zeros(10, np.int64)
     members = np.r_[np.ones(4, bool), np.zeros(6, bool)]

@@ -207,7 +207,10 @@ def describe(f: Finding, n: int, size: tuple[int, int], scale: tuple[float, floa
                 f"put {b['box_energy']:.0%} of their mass inside the labelled boxes on average, against "
                 f"{b['rest_box_energy']:.0%} for the rest of the class"
             )
-    return f"{head} {', and '.join(parts)}."
+    sentence = f"{head} {', and '.join(parts)}."
+    if not f.flagged and f.extra.get("not_flagged"):
+        sentence += f" It is {f.extra['not_flagged']}."
+    return sentence
 
 
 __all__ = [
