@@ -511,9 +511,12 @@ class TaskExplainer:
         result = TaskExplanation(self.task, exp, keep, torch.zeros_like(keep), notes, area=area, empty=empty)
         result.pred_mask = aux["pred_mask"]
         if truth is not None:
-            saliency = _saliency(first.cams, size)
-            m = mask_metrics(saliency, truth, cls, threshold=MASK_THRESHOLD)
-            result.mask_energy, result.mask_iou = m["mask_energy"], m["mask_iou"]
+            # Each method's maps get their own metrics (in its Explanation's ``metrics``); the result's
+            # fields are the first method's.
+            for e in _all(exp):
+                m = mask_metrics(_saliency(e.cams, size), truth, cls, threshold=MASK_THRESHOLD)
+                e.metrics = {**(e.metrics or {}), "mask_energy": m["mask_energy"], "mask_iou": m["mask_iou"]}
+            result.mask_energy, result.mask_iou = first.metrics["mask_energy"], first.metrics["mask_iou"]
             result.positive = m["in_true_mask"] & keep
         return result
 

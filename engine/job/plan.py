@@ -106,7 +106,8 @@ class ClassSelection:
         key = {"top_k": self.top_k, "classes": self.classes, "label": self.label}
         task = {"threshold": self.threshold, "max_classes": self.max_classes, "masks": self.masks}
         task |= {"label_format": self.label_format} if self.label_format != "auto" else {}
-        return key | {k: v for k, v in task.items() if v not in (None, False)}
+        # ``is``, not ``in``: a threshold of 0 (== False) is a setting
+        return key | {k: v for k, v in task.items() if v is not None and v is not False}
 
 
 @dataclass(frozen=True)
@@ -384,6 +385,8 @@ def _check_task_numbers(c: RunConfig) -> None:
         raise RunSetupError(f"unknown task {c.task!r}; expected auto, {', '.join(TASKS)}")
     if c.label_format not in LABEL_FORMATS:
         raise RunSetupError(f"unknown label format {c.label_format!r}; expected one of {', '.join(LABEL_FORMATS)}")
+    if c.max_classes is not None and c.threshold is None:
+        raise RunSetupError("--max-classes caps the classes that --threshold selects; give --threshold too")
     # The threshold's and the cap's values (the task they need is checked once it is known).
     check_task_options("multilabel", threshold=c.threshold, max_classes=c.max_classes)
     mi = c.mask_ignore_index

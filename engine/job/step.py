@@ -39,6 +39,7 @@ from gradcam_batch.kernels.reference import quantize
 # which explain a segmentation class with no predicted pixel.
 KEEP, EMPTY = "__keep", "__empty"
 EMPTY_NOTE = "the class has no predicted pixel in this image: its score and map are zero"
+LABEL_SKIPPED = "; the label row was skipped"  # ends the note of an image whose label is bad
 # Why an explained image becomes an error row after all: bits of DeviceResult.faults.
 SCORES_NOT_FINITE, CAM_NOT_FINITE, CAM_OUT_OF_RANGE = 1, 2, 4
 FLOAT16_MAX = 65504
@@ -285,7 +286,7 @@ class BatchExplainer:
                     use[j] = False
                     errors[ok_idx[j]] = why[j]
                 else:
-                    notes[j] = f"{why[j]}; the label row was skipped"
+                    notes[j] = f"{why[j]}{LABEL_SKIPPED}"
         if self.plan.mask_column:
             masks, why = self._masks(batch, ok_idx, use)
             for j in np.flatnonzero(use):
@@ -372,12 +373,14 @@ class BatchExplainer:
         def tile(t: torch.Tensor) -> torch.Tensor:
             return t.repeat(1, reps)
 
-        named = {"area": texp.area, "positive": texp.positive}
-        for name in ("mask_energy", "mask_iou"):
-            value = getattr(texp, name)
-            # A class with no predicted pixel has a zero map: neither its energy nor its IoU is defined (null).
-            named[name] = None if value is None else torch.where(texp.empty, torch.nan, value)
-        task_values = {k: tile(v) for k, v in named.items() if v is not None}
+        task_values = {k: tile(v) for k, v in {"area": texp.area, "positive": texp.positive}.items() if v is not None}
+        if texp.mask_energy is not None:
+            methods = list(texp.explanation.values()) if isinstance(texp.explanation, dict) else [texp.explanation]
+            for name in ("mask_energy", "mask_iou"):
+                # Each method's own (method-major, as the stacked slots); a class with no predicted pixel has a
+                # zero map: neither its energy nor its IoU is defined (null).
+                value = torch.cat([e.metrics[name] for e in methods], dim=1)
+                task_values[name] = torch.where(tile(texp.empty), torch.nan, value)
         private = {KEEP: tile(texp.keep)}
         if texp.empty is not None:
             private[EMPTY] = tile(texp.empty)
@@ -540,7 +543,7 @@ class BatchExplainer:
                 ok_idx = np.flatnonzero(ok)
                 for j in np.flatnonzero(nothing):
                     ok[ok_idx[j]] = False
-                    errors[ok_idx[j]] = self._nothing_message()
+                    errors[ok_idx[j]] = self._nothing_message(notes[j])
                 for j in np.flatnonzero(faults):
                     ok[ok_idx[j]] = False
                     errors[ok_idx[j]] = fault_message(int(faults[j]), self.plan.explain.precision)
@@ -562,14 +565,17 @@ class BatchExplainer:
         table, source_rows = build_table(result, self.plan.schema)
         return BatchOutput(table, images=len(ok), errors=int((~ok).sum()), source_rows=source_rows)
 
-    def _nothing_message(self) -> str:
-        """The error of an image that a task's selection leaves no class to explain."""
+    def _nothing_message(self, note: str | None) -> str:
+        """The error of an image that a task's selection leaves no class to explain; ``note``: the image's
+        note on a bad label, which is then the reason its label gave nothing."""
         sel = self.plan.selection
         parts = []
         if sel.threshold is not None:
             parts.append(f"no class has a probability of at least {sel.threshold:g}")
         if self.plan.label_column:
-            parts.append("the label lists no positive class")
+            parts.append(note.removesuffix(LABEL_SKIPPED) if note else "the label lists no positive class")
+        if self.plan.mask_column:
+            parts.append("the true mask holds no class (only the ignore index)")
         return "nothing to explain: " + (" and ".join(parts) or "no class selected")
 
     def __call__(self, batch: DecodedBatch) -> BatchOutput:
