@@ -163,12 +163,67 @@ def split_at(model: nn.Module, layer_name: str) -> SplitModel:
         backbone = _graph_module(model, backbone_graph, "Backbone")
         head = _graph_module(model, head_graph, "Head")
         backbone.graph.eliminate_dead_code()
+        add_in_place(backbone)
         backbone.recompile()
     except Exception as exc:
         raise SplitError(f"the cut graph cannot be built ({_describe(exc)})") from exc
     own = {n for n, _ in model.named_parameters(recurse=False)} | {n for n, _ in model.named_buffers(recurse=False)}
     root_tensors = tuple(sorted(n for gm in (backbone, head) for n in (*gm._parameters, *gm._buffers) if n in own))
     return SplitModel(backbone=backbone, head=head, n_extra=len(extra), root_tensors=root_tensors)
+
+
+# Modules whose output is a tensor of their own (never a view of their input, nor their input itself).
+_FRESH_OUTPUT = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear, nn.LayerNorm, nn.GroupNorm)
+
+
+def add_into(a, b):
+    """``a + b``, written into ``a`` when that gives the same tensor: ``a`` has the result's shape and dtype
+    and is outside autograd (the backbone runs in inference mode). Otherwise ``a + b``."""
+    if (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and not a.requires_grad
+        and a.shape == torch.broadcast_shapes(a.shape, b.shape)
+        and a.dtype == torch.result_type(a, b)
+    ):
+        return a.add_(b)
+    return a + b
+
+
+def add_in_place(gm: fx.GraphModule) -> int:
+    """Residual additions of the no-grad backbone written into their first operand, as eager code does.
+
+    FX records ``out += identity`` (a Bottleneck's) as ``out + identity``: an out-of-place add that
+    allocates a new activation-sized tensor per block; on a CPU that is most of the backbone's time
+    above the model's own inference. An add is rewritten to ``add_into`` only where one operand is the
+    fresh output of a convolution, norm or linear module that nothing else reads (no other user, not a
+    graph output), so no one sees the write; that operand goes first. Returns how many adds were
+    rewritten."""
+    modules = dict(gm.named_modules())
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (operator.add, operator.iadd, torch.add) or node.kwargs:
+            continue
+        if len(node.args) != 2:
+            continue
+
+        def fresh(arg) -> bool:
+            return (
+                isinstance(arg, fx.Node)
+                and arg.op == "call_module"
+                and isinstance(modules.get(arg.target), _FRESH_OUTPUT)
+                and len(arg.users) == 1
+            )
+
+        a, b = node.args
+        if fresh(a):
+            node.target = add_into
+            n += 1
+        elif fresh(b):  # x + block(x) (an inverted residual): into the block's output; IEEE addition commutes
+            node.target = add_into
+            node.args = (b, a)
+            n += 1
+    return n
 
 
 @dataclass
