@@ -152,6 +152,13 @@ def _is_default(ctx: click.Context, name: str) -> bool:
     "--metrics-batch", type=click.IntRange(min=1), help="Perturbed images per forward pass. [default: --batch-size]"
 )
 @click.option(
+    "--metrics-sample",
+    type=click.FloatRange(0, 1, min_open=True),
+    metavar="F",
+    help="Compute the faithfulness metrics on a seeded random share F of the images (chosen by id: the same "
+    "on a resume); the other rows hold nulls, and the means and intervals come from the share.",
+)
+@click.option(
     "--box-column",
     metavar="COL|X0,Y0,X1,Y1",
     help="Ground-truth boxes (list<list<float>[4]>, list<float>[4], HF struct<bbox, category>, or four coordinate "
@@ -336,6 +343,7 @@ RUN_CONFIG_OPTIONS = {
     "metrics_text": "metrics",
     "metrics_steps": "metrics_steps",
     "metrics_batch": "metrics_batch",
+    "metrics_sample": "metrics_sample",
     "box_column": "box_column",
     "box_format": "box_format",
     "pointing_tolerance": "pointing_tolerance",

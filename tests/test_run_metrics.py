@@ -332,3 +332,61 @@ def test_the_explainers_saliency_is_the_heatmap_before_quantization():
         if size is None:
             assert torch.equal(exp.heatmaps, quantize(exp.saliency, torch.uint8))
     assert Explainer(model)(x).saliency is None
+
+
+# -- --metrics-sample ------------------------------------------------------------------------------------
+
+
+def _sampled_run(tmp_path, out, *extra):
+    inp = tmp_path / "in.parquet"
+    if not inp.exists():
+        write_table(inp, bytes_table(40))
+    args = ["run", str(inp), *base_args(tmp_path, out), "--top-k", "2", "--metrics", "deletion,insertion,confidence",
+            "--metrics-steps", "4", *extra]  # fmt: skip
+    res = invoke(args)
+    assert res.exit_code == 0, res.output
+    return read_output(out).sort_by([("id", "ascending"), ("class_rank", "ascending")]), res.output
+
+
+def test_a_metrics_sample_computes_the_metrics_of_a_seeded_share_of_the_images(tmp_path):
+    from gradcam_batch.engine.job.step import metrics_sample
+
+    full, _ = _sampled_run(tmp_path, tmp_path / "full")
+    half, output = _sampled_run(tmp_path, tmp_path / "half", "--metrics-sample", "0.5")
+    other, _ = _sampled_run(tmp_path, tmp_path / "other", "--metrics-sample", "0.5", "--batch-size", "3")
+    ids = np.array(half["id"].to_pylist())
+    chosen = metrics_sample(pa.array(ids), 0.5)
+    assert 8 <= len(set(ids[chosen])) <= 32  # about half of the 40 images, by their ids
+    for name in ("deletion_auc", "insertion_auc", "confidence_drop", "confidence_increase"):
+        got = half[name]
+        assert got.null_count == int((~chosen).sum()), name  # every row of an unsampled image is null ...
+        assert got.filter(pa.array(chosen)).null_count == 0, name  # ... and every sampled row holds a value
+        # The sampled rows hold what a run over every image gives them (one image's maps and forwards).
+        want = full[name].filter(pa.array(chosen)).to_numpy(zero_copy_only=False).astype(float)
+        np.testing.assert_allclose(got.filter(pa.array(chosen)).to_numpy(zero_copy_only=False).astype(float), want,
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        # The same images whatever the batch size (the sample goes by id, not by position).
+        assert other[name].is_null().to_pylist() == got.is_null().to_pylist(), name
+    assert half.schema.field("confidence_increase").type == pa.bool_()
+    means = json.loads((tmp_path / "half" / "manifest.json").read_text())["metric_means"]
+    assert means["rows"]["deletion_auc"] == int(chosen.sum())  # the means stand on the sampled rows
+    assert means["deletion_auc"] == pytest.approx(
+        float(np.nanmean(half["deletion_auc"].to_numpy(zero_copy_only=False).astype(float))), abs=1e-4
+    )
+    assert "deletion AUC" in output
+
+
+def test_a_metrics_sample_is_part_of_the_fingerprint_and_needs_metrics(tmp_path):
+    out = tmp_path / "o"
+    _sampled_run(tmp_path, out, "--metrics-sample", "0.5")
+    inp = tmp_path / "in.parquet"
+    same = ["--top-k", "2", "--metrics", "deletion,insertion,confidence", "--metrics-steps", "4"]
+    res = invoke(["run", str(inp), *base_args(tmp_path, out), *same, "--metrics-sample", "0.5"])
+    assert res.exit_code == 0 and "complete already" in res.output  # the same sample: nothing to redo
+    res = invoke(["run", str(inp), *base_args(tmp_path, out), *same, "--metrics-sample", "0.25"])
+    assert res.exit_code == 2 and "other settings" in res.output
+    res = invoke(["run", str(inp), *base_args(tmp_path, tmp_path / "p"), "--metrics-sample", "0.5"])
+    assert res.exit_code == 2 and "give --metrics too" in res.output
+    res = invoke(["run", str(inp), *base_args(tmp_path, tmp_path / "p"), "--metrics", "deletion",
+                  "--metrics-sample", "0"])  # fmt: skip
+    assert res.exit_code == 2 and "Traceback" not in res.output

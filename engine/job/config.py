@@ -130,6 +130,9 @@ class RunConfig:
     metrics: Sequence[str] = ()
     metrics_steps: int = 20  # deletion/insertion steps (RISE)
     metrics_batch: int | None = None  # perturbed images per forward; None: the batch size
+    # The faithfulness metrics on a seeded random share of the images (by id; the same images on every
+    # resume and runner); the other rows hold nulls. None: every image.
+    metrics_sample: float | None = None
     box_column: str | None = None
     box_format: str = "xyxy"  # or "coco": (x, y, width, height)
     pointing_tolerance: float = 15.0  # pixels (the pointing game's)

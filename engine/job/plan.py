@@ -332,6 +332,12 @@ def _check_numbers(c: RunConfig) -> tuple[ClassSelection, Preprocess]:
         raise RunSetupError(f"metrics steps must be a positive integer, got {c.metrics_steps!r}")
     if c.metrics_batch is not None and (not isinstance(c.metrics_batch, int) or c.metrics_batch < 1):
         raise RunSetupError(f"metrics batch must be a positive integer, got {c.metrics_batch!r}")
+    if c.metrics_sample is not None:
+        f = c.metrics_sample
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise RunSetupError(f"the metrics sample must be a share in (0, 1], got {f!r}")
+        if not c.metrics:
+            raise RunSetupError("--metrics-sample samples the faithfulness metrics; give --metrics too")
     if c.pointing_tolerance < 0 or not 0 < c.box_threshold <= 1:
         raise RunSetupError("the pointing tolerance must be >= 0 and the box threshold in (0, 1]")
     if c.heatmap_dtype not in HEATMAP_DTYPES:
@@ -714,6 +720,7 @@ def _assemble(
         names=tuple(m for m in METRICS if m in c.metrics),
         steps=c.metrics_steps,
         batch=c.metrics_batch or c.batch_size,
+        sample=c.metrics_sample if c.metrics_sample is not None and c.metrics_sample < 1 else None,
         boxes=boxes,
         tolerance=c.pointing_tolerance,
         threshold=c.box_threshold,
@@ -913,6 +920,8 @@ def fingerprint(plan: RunPlan) -> str:
         "limit": c.limit,
         "schema": plan.schema.to_string(show_schema_metadata=False),
     }
+    if plan.metrics.sample is not None:  # added only when sampled, so that earlier runs keep their fingerprint
+        key["metrics_sample"] = plan.metrics.sample
     if plan.task != "softmax":  # added only for the tasks, so that classifier runs keep their fingerprint
         key["task"] = [plan.task, c.mask_column, c.mask_ignore_index]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -176,6 +176,7 @@ class MetricsSpec:
     boxes: BoxSpec | None = None
     tolerance: float = 15.0  # the pointing game's, in pixels
     threshold: float = 0.15  # of the map's max, for the Grad-CAM paper's box
+    sample: float | None = None  # the faithfulness metrics on this seeded share of the images (None: all)
 
     @property
     def needs_saliency(self) -> bool:

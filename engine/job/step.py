@@ -94,6 +94,7 @@ class DeviceFill:
         task_values: dict[str, torch.Tensor] | None = None,
     ):
         self.step, self.x, self.exp, self.all_scores = step, x, exp, all_scores
+        self.sample: np.ndarray | None = None  # (m,) bool: the images the faithfulness metrics sample (None: all)
         # A task's own (m, C) values (engine/explain/tasks.py): area, positive, mask_energy, mask_iou
         self.task_values = task_values or {}
 
@@ -326,6 +327,8 @@ class BatchExplainer:
         else:
             fill, private = self._task_fill(x, positives, masks, call)
             exp = fill.exp
+        if self.plan.metrics.sample is not None:
+            fill.sample = metrics_sample(rows.column("id").take(pa.array(ok_idx[use])), self.plan.metrics.sample)
         values = {c.name: c.fill(fill) for c in self._device_columns} | private
         # Checked as computed and as stored: a cam past float16's range is finite before the cast, inf after.
         scores_ok = torch.isfinite(exp.scores).all(1) & torch.isfinite(exp.probabilities).all(1)
@@ -445,19 +448,32 @@ class BatchExplainer:
         from gradcam_batch.engine.metrics import confidence_change, deletion_insertion
 
         x, exp, saliency = fill.x, fill.exp, fill.saliency
+        classes = exp.classes
         spec, out = self.plan.metrics, {}
         # A multi-label model's classes are independent: its probabilities are sigmoids, not a softmax.
         activation = "sigmoid" if self._task == "multilabel" else "softmax"
+        if fill.sample is not None:  # --metrics-sample: only the sampled images; the others' rows are null (NaN)
+            full = {n: torch.full(classes.shape, torch.nan, device=x.device) for n in _FAITHFULNESS}
+            if not fill.sample.any():
+                return {n: v for n, v in full.items() if _wanted(n, spec.names)}
+            idx = to_device(torch.from_numpy(np.flatnonzero(fill.sample)), x.device)
+            x, saliency, classes = x[idx], saliency[idx], classes[idx]
         if "deletion" in spec.names or "insertion" in spec.names:
             d, i = deletion_insertion(
-                self._predict, x, saliency, exp.classes, steps=spec.steps, batch_size=spec.batch, activation=activation
+                self._predict, x, saliency, classes, steps=spec.steps, batch_size=spec.batch, activation=activation
             )
             out["deletion_auc"], out["insertion_auc"] = d.float(), i.float()
         if "confidence" in spec.names:
             drop, increase = confidence_change(
-                self._predict, x, saliency, exp.classes, batch_size=spec.batch, activation=activation
+                self._predict, x, saliency, classes, batch_size=spec.batch, activation=activation
             )
             out["confidence_drop"], out["confidence_increase"] = drop.float(), increase
+        if fill.sample is not None:
+            # A sampled run's boolean column travels as float (1, 0, NaN): the NaN rows become nulls
+            # (schema.encode), the others booleans.
+            for name, value in out.items():
+                full[name][idx] = value.float()
+            out = {n: v for n, v in full.items() if n in out}
         return out
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -580,6 +596,30 @@ class BatchExplainer:
 
     def __call__(self, batch: DecodedBatch) -> BatchOutput:
         return self.finish(self.launch(batch))
+
+
+_FAITHFULNESS = ("deletion_auc", "insertion_auc", "confidence_drop", "confidence_increase")
+
+
+def _wanted(column: str, names: tuple[str, ...]) -> bool:
+    """Whether a faithfulness column belongs to one of the asked metrics."""
+    return column.split("_")[0] in names
+
+
+def metrics_sample(ids: pa.Array | pa.ChunkedArray, share: float, seed: int = 0) -> np.ndarray:
+    """(m,) bool: the images whose faithfulness metrics are computed, a seeded share of them.
+
+    An image is in when the hash of its id (blake2b of the id's text and ``seed``), as a number in
+    [0, 1), is below ``share``: the same images on every resume, runner and batch size, and about
+    ``share`` of any set of images."""
+    import hashlib
+
+    out = np.zeros(len(ids), dtype=bool)
+    salt = f"metrics-sample:{seed}:".encode()
+    for i, value in enumerate(ids.to_pylist()):
+        digest = hashlib.blake2b(salt + str(value).encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "big") / 2**64 < share
+    return out
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
