@@ -18,6 +18,7 @@ from gradcam_batch.engine.explain.tasks import (
     check_task_options,
     check_true_mask,
     compact,
+    deferred_interpolate,
     detect_task,
     first_max,
     positive_labels,
@@ -367,6 +368,55 @@ def test_lraspp_top3_equals_one_full_backward_per_class_float64():
     torch.testing.assert_close(e.scores, ref["scores"], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(e.cams, ref["cams"], atol=1e-6, rtol=1e-6)
     assert float(e.cams.abs().max()) > 0
+
+
+class _EndsInUpsample(nn.Module):
+    """A conv net at a quarter of the input, upsampled by its own last step (as torchvision's heads end)."""
+
+    def __init__(self, mode: str = "bilinear", factor: int = 4):
+        super().__init__()
+        self.mode, self.factor = mode, factor
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1))
+        self.classifier = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 5, 1))
+
+    def forward(self, x):
+        out = self.classifier(self.backbone(x))
+        h, w = x.shape[-2:]
+        size = (h * self.factor // 4, w * self.factor // 4)
+        align = False if self.mode == "bilinear" else None
+        return {"out": F.interpolate(out, size=size, mode=self.mode, align_corners=align)}
+
+
+@pytest.mark.parametrize(
+    ("mode", "factor", "adjoint"),
+    # To half the input: the model's own upsample is done in the score, then the score's own (to the input's size,
+    # as for SegFormer's quarter-size logits) goes through the adjoint. Nearest to the input's size: no adjoint.
+    [("bilinear", 4, True), ("bilinear", 2, True), ("nearest", 4, False)],
+)
+def test_a_heads_final_upsample_is_taken_over_and_the_maps_are_unchanged(mode, factor, adjoint, monkeypatch):
+    """The head's last F.interpolate is deferred to the score (SegmentationScore.adopt_head): to the input's size and
+    bilinear, the score is taken on the small logits against the upsample's adjoint; otherwise the score does the
+    model's own upsample. Either way the maps are the full backward's, in float64."""
+    import gradcam_batch.engine.explain.tasks as tasks
+
+    calls = []
+    real = tasks._upsample_adjoint
+    monkeypatch.setattr(tasks, "_upsample_adjoint", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = _EndsInUpsample(mode, factor).double().eval()
+    images = torch.randn(2, 3, 24, 28, dtype=torch.float64)
+    explainer = TaskExplainer(model, "segmentation", target_layer="backbone")
+    exp = explainer(images, top_k=3)
+    assert explainer.segmentation_score.deferred  # the head's interpolate was rewritten
+    head = explainer.explainer._split.head
+    assert any(n.target is deferred_interpolate for n in head.graph.nodes)
+    e = exp.explanation
+    ref = reference_gradcam(model, images, "backbone", e.classes, score_fn=reference_seg_score((24, 28)))
+    torch.testing.assert_close(e.scores, ref["scores"], atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(e.cams, ref["cams"], atol=1e-9, rtol=1e-9)
+    up = F.interpolate(model(images)["out"], size=(24, 28), mode="bilinear", align_corners=False)
+    assert torch.equal(exp.pred_mask, up.argmax(1))
+    assert bool(calls) == adjoint  # the adjoint path for bilinear upsamples to the input's size only
 
 
 @pytest.mark.parametrize("name", ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"])

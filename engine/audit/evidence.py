@@ -290,7 +290,10 @@ def _resampled(patch: np.ndarray, out: int) -> np.ndarray:
     if side == out:
         return patch.astype(np.float32)
     m = resample_matrix(side, out).astype(np.float32)
-    return np.einsum("ij,jkc,lk->ilc", m, patch.astype(np.float32), m)
+    # m @ patch @ m.T per channel, as two matrix products (a plain three-operand einsum loops in Python's
+    # order of its indices, and was three quarters of an audit that reads 50,000 images).
+    rows = (m @ patch.astype(np.float32).reshape(side, -1)).reshape(out, side, -1)  # (out, side, 3)
+    return np.matmul(rows.transpose(0, 2, 1), m.T).transpose(0, 2, 1)  # (out, out, 3)
 
 
 PATCH = 1.5  # the square searched for the crop, in attended windows (2 lost more to nearby object edges)

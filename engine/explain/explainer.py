@@ -316,6 +316,9 @@ class Explainer:
             self._split_torch(images)
         if self._split is not None and self.score_fn is None and self.reshape is None:
             self._linear = analyze_head(self._split)
+        adopt = getattr(self.score_fn, "adopt_head", None)
+        if self._split is not None and adopt is not None:
+            adopt(self._split.head)  # a score function that takes over the head's last step (tasks.SegmentationScore)
         if self._split is not None:
             self._backbone = self._split.backbone
             # torch.compile applies to a torch backbone; an ONNX Runtime session runs as exported.

@@ -24,6 +24,7 @@ batch is padded, and its padding is not kept. See the README's "Tasks".
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,6 +173,32 @@ def first_max(x: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
     return (n - ((x == best) * rank).amax(dim=1).long()).clamp_max(n - 1)
 
 
+# The arguments of a segmentation head's final upsample, left by ``deferred_interpolate`` for the score function.
+_DEFERRED: ContextVar[tuple | None] = ContextVar("gradcam_batch_deferred_upsample", default=None)
+
+
+def deferred_interpolate(
+    input: torch.Tensor,
+    size=None,
+    scale_factor=None,
+    mode: str = "nearest",
+    align_corners: bool | None = None,
+    recompute_scale_factor: bool | None = None,
+    antialias: bool = False,
+) -> torch.Tensor:
+    """Stands in for the final ``F.interpolate`` of a segmentation head (``SegmentationScore.adopt_head``): returns
+    ``input`` as it is, and leaves the call's arguments for the score function, which takes the upsample itself."""
+    _DEFERRED.set((tuple(input.shape[-2:]), size, scale_factor, mode, align_corners, recompute_scale_factor, antialias))
+    return input
+
+
+def _upsample_adjoint(onehot: torch.Tensor, low: tuple[int, int]) -> torch.Tensor:
+    """U^T of bilinear upsampling (``align_corners=False``) from ``low`` to ``onehot``'s size: (B, N, H, W) ->
+    (B, N, h, w). For any z, <U z, m> = <z, U^T m>."""
+    b, n, hh, ww = onehot.shape
+    return torch.ops.aten.upsample_bilinear2d_backward(onehot, [hh, ww], [b, n, *low], False)
+
+
 class SegmentationScore:
     """The score function of the segmentation task: (B, N) scores and an aux, from one head forward.
 
@@ -188,27 +215,87 @@ class SegmentationScore:
     def __init__(self, size: tuple[int, int] | None = None, align_corners: bool = False):
         self.size = size
         self.align_corners = align_corners
+        self.deferred = False  # the head's final upsample is deferred to this function (``adopt_head``)
+
+    def adopt_head(self, head: nn.Module) -> None:
+        """Take over a traced head's final bilinear upsample (torchvision's ``F.interpolate(out, size=input)``).
+
+        The VJP of the head would otherwise run that upsample's backward over every class channel at the
+        input's size, once per explained class (the largest cost above inference on LR-ASPP). Deferred, the
+        score is taken on the small logits against the upsample's adjoint of each class's mask, computed once
+        without a graph: the same number, since bilinear upsampling is linear. Nothing changes for a head that
+        does not end so."""
+        import torch.fx as fx
+
+        if not isinstance(head, fx.GraphModule):
+            return
+        output = next(n for n in head.graph.nodes if n.op == "output")
+        value = output.args[0]
+        node = value.get("out") if isinstance(value, dict) else value
+        if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is F.interpolate):
+            return
+        if len(node.users) != 1:
+            return
+        node.target = deferred_interpolate
+        head.recompile()
+        self.deferred = True
+
+    def _undefer(self, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(logits, adjoint): the head's deferred upsample done here where it has to be, or left to the adjoint
+        path where it goes to the input's size with this function's own bilinear upsample."""
+        args = _DEFERRED.get() if self.deferred else None
+        if args is None:
+            return logits, False
+        _DEFERRED.set(None)
+        low, size, scale_factor, mode, align_corners, recompute, antialias = args
+        kw = {"size": size, "scale_factor": scale_factor, "mode": mode, "align_corners": align_corners}
+        kw |= {"recompute_scale_factor": recompute, "antialias": antialias}
+        probe = torch.empty((1, 1, *low), device="meta")
+        out = tuple(F.interpolate(probe, **kw).shape[-2:])
+        same = mode == "bilinear" and not align_corners and not antialias and not self.align_corners
+        if same and self.size is not None and out == tuple(self.size):
+            return logits, True
+        return F.interpolate(logits, **kw), False
 
     def __call__(self, output: object) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = dense_logits(output)
+        logits, adjoint = self._undefer(dense_logits(output))
         b, n = logits.shape[:2]
-        if self.size is not None and tuple(logits.shape[-2:]) != tuple(self.size):
+        small = self.size is not None and tuple(logits.shape[-2:]) != tuple(self.size)
+        if small and not self.align_corners:
+            adjoint = True
+        if adjoint:
+            # The score on the small logits against U^T of each class's mask at the input size: sum over the
+            # class's pixels of its upsampled logits, with no upsample in the graph. The mask is the argmax of
+            # the upsampled logits, a constant of the score as on the direct path.
+            fixed = F.interpolate(logits.detach(), size=self.size, mode="bilinear", align_corners=False).flatten(2)
+            mask, aux = _region_aux(fixed, self.size)
+            onehot = torch.zeros_like(fixed).scatter_(1, mask.unsqueeze(1), 1.0).view(b, n, *self.size)
+            weight = _upsample_adjoint(onehot, tuple(logits.shape[-2:]))
+            return (logits * weight).flatten(2).sum(dim=2), aux
+        if small:
             logits = F.interpolate(logits, size=self.size, mode="bilinear", align_corners=self.align_corners)
         flat = logits.flatten(2)  # (B, N, P)
-        fixed = flat.detach()
-        best = fixed.amax(dim=1, keepdim=True)  # (B, 1, P)
-        mask = first_max(fixed, best)  # (B, P): argmax over the classes, ties to the lower class index
+        mask, aux = _region_aux(flat.detach(), tuple(logits.shape[-2:]))
         picked = flat.gather(1, mask.unsqueeze(1)).squeeze(1)  # (B, P): each pixel's winning logit
         scores = torch.zeros((b, n), dtype=flat.dtype, device=flat.device).scatter_add(1, mask, picked)
-        # The winning class's softmax at each pixel, 1 / sum_k exp(l_k - l_max), with no (B, N, P) softmax kept.
-        prob = (fixed - best).exp_().sum(dim=1).reciprocal_()
-        zeros = torch.zeros((b, n), dtype=prob.dtype, device=prob.device)
-        aux = {
-            "count": zeros.scatter_add(1, mask, torch.ones_like(prob)),
-            "prob_sum": zeros.scatter_add(1, mask, prob),
-            "pred_mask": mask.view(b, *logits.shape[-2:]),
-        }
         return scores, aux
+
+
+def _region_aux(fixed: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The predicted mask (B, P) of detached (B, N, P) logits at the input size, and the score's aux: ``count``,
+    ``prob_sum`` (B, N) and ``pred_mask`` (B, H, W)."""
+    b, n = fixed.shape[:2]
+    best = fixed.amax(dim=1, keepdim=True)  # (B, 1, P)
+    mask = first_max(fixed, best)  # (B, P): argmax over the classes, ties to the lower class index
+    # The winning class's softmax at each pixel, 1 / sum_k exp(l_k - l_max), with no (B, N, P) softmax kept.
+    prob = (fixed - best).exp_().sum(dim=1).reciprocal_()
+    zeros = torch.zeros((b, n), dtype=prob.dtype, device=prob.device)
+    aux = {
+        "count": zeros.scatter_add(1, mask, torch.ones_like(prob)),
+        "prob_sum": zeros.scatter_add(1, mask, prob),
+        "pred_mask": mask.view(b, *size),
+    }
+    return mask, aux
 
 
 # -- class selection --------------------------------------------------------------------------------------
