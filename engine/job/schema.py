@@ -68,6 +68,12 @@ def _ranks(scores: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def numpy_dtype(typ: pa.DataType) -> np.dtype:
+    """The numpy dtype of a fixed-width Arrow type. (``DataType.to_pandas_dtype`` needs pandas on pyarrow 16,
+    the lowest supported, and pandas is no dependency.)"""
+    return pa.array([], type=typ).to_numpy(zero_copy_only=False).dtype
+
+
 def _tensor_column(values: np.ndarray, valid: np.ndarray, shape: tuple[int, ...], typ: pa.DataType) -> pa.Array:
     flat = pa.array(np.ascontiguousarray(values).reshape(-1))
     storage = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(shape)), mask=pa.array(~valid))
@@ -83,7 +89,7 @@ def encode(values: np.ndarray | None, ok: np.ndarray, typ: pa.DataType, column=N
     module docstring); ``values`` None: every row null."""
     n = len(ok)
     if isinstance(typ, pa.FixedShapeTensorType):
-        np_type = typ.value_type.to_pandas_dtype()
+        np_type = numpy_dtype(typ.value_type)
         if values is None:
             return _tensor_column(np.zeros((n, *typ.shape), np_type), np.zeros(n, bool), tuple(typ.shape), typ)
         valid = ok & ~_rowwise(np.ma.getmaskarray(values))
@@ -99,10 +105,10 @@ def encode(values: np.ndarray | None, ok: np.ndarray, typ: pa.DataType, column=N
     if column is not None and column.valid is not None:
         valid &= column.valid(data)
     if pa.types.is_fixed_size_list(typ):
-        np_type = typ.value_type.to_pandas_dtype()
+        np_type = numpy_dtype(typ.value_type)
         flat = np.where(valid[:, None], data.reshape(n, -1), 0).astype(np_type).reshape(-1)
         return pa.FixedSizeListArray.from_arrays(pa.array(flat), typ.list_size, mask=pa.array(~valid))
-    np_type = typ.to_pandas_dtype()
+    np_type = numpy_dtype(typ)
     return pa.array(np.where(valid, data, 0).astype(np_type), typ, mask=~valid)
 
 
