@@ -82,3 +82,15 @@ def test_class_intervals_from_the_rows_present(tmp_path):
     assert lo <= c0["metrics"]["box_energy"] <= hi
     page = (tmp_path / "rep" / "index.html").read_text()
     assert f"{lo:.3f}–{hi:.3f}" in page
+
+
+def test_a_mean_interval_is_clipped_to_the_values_range():
+    from gradcam_batch.engine.audit.intervals import mean_interval
+
+    values = np.array([0.0, 0.05, 0.9])  # three areas: the unclipped interval reaches below 0 and above 1
+    low, high = mean_interval(3, values.sum(), (values**2).sum())
+    assert low < 0 and high > 1
+    low, high = mean_interval(3, values.sum(), (values**2).sum(), bounds=(0.0, 1.0))
+    assert (low, high) == (0.0, 1.0)
+    wide = mean_interval(200, 100.0, 60.0, bounds=(0.0, 1.0))  # far from the bounds: unchanged
+    assert wide == mean_interval(200, 100.0, 60.0)

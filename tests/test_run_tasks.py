@@ -732,6 +732,9 @@ def test_audit_of_a_multilabel_run_audits_each_positive_label_in_its_class(tmp_p
     audited = {c["class_index"]: c["rows"] for c in summary["classes"]}
     assert audited == positives
     assert summary["totals"]["audited_rows"] == int(pos.sum())
+    assert summary["run"]["truth"] == "positive" and summary["run"]["task"] == "multilabel"
+    page = (report / "index.html").read_text()
+    assert "each positive class of each image" in page and "the true label&#x27;s heatmap" not in page
 
 
 # -- found while writing these tests ----------------------------------------------------------------------

@@ -43,14 +43,22 @@ def t_quantile(df: int) -> float:
     )
 
 
-def mean_interval(n: int, total: float, total_sq: float) -> tuple[float, float] | None:
-    """The 95% interval of a mean from n values' sum and sum of squares; None below two values."""
+def mean_interval(
+    n: int, total: float, total_sq: float, bounds: tuple[float, float] | None = None
+) -> tuple[float, float] | None:
+    """The 95% interval of a mean from n values' sum and sum of squares; None below two values.
+
+    ``bounds``: the range the values lie in (and so their mean); the interval is clipped to it, so that a
+    few rows of an area or an AUC never give an interval below 0 or above 1."""
     if n < 2:
         return None
     mean = total / n
     var = max(total_sq - n * mean * mean, 0.0) / (n - 1)
     half = t_quantile(n - 1) * math.sqrt(var / n)
-    return mean - half, mean + half
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return low, high
 
 
 def share_interval(n: int, hits: float) -> tuple[float, float] | None:

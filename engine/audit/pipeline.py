@@ -580,6 +580,8 @@ def _audit(cfg, run, grouper, stats, names, size, files: ReportFiles | None) -> 
             "map_shape": list(run.map_shape),
             "metric_columns": list(run.metrics),
             "partial": run.partial,
+            "task": run.config.get("task_resolved", "softmax"),
+            "truth": run.truth,  # where --rows label reads the ground truth: "label", "positive" or None
         },
         "selection": {
             "rows": grouper.rows,

@@ -121,7 +121,8 @@ class GroupStats:
             if m in BOOL_METRICS:
                 out[m] = share_interval(n, total)
             else:
-                out[m] = mean_interval(n, total, float(self.metric_sq[m][g]))
+                # Every audited metric is a share or an AUC in [0, 1] (engine/job/columns.py).
+                out[m] = mean_interval(n, total, float(self.metric_sq[m][g]), bounds=(0.0, 1.0))
         return out
 
 

@@ -175,7 +175,11 @@ def write_report(path: Path, result, images: dict) -> None:
     run = s["run"]
     sel = s["selection"]
     what = {
-        "label": "the true label's heatmap of each image",
+        "label": (
+            "the heatmap of each positive class of each image (a positive label, or a class of the true mask)"
+            if run.get("truth") == "positive"
+            else "the true label's heatmap of each image"
+        ),
         "top1": "the top-1 prediction's heatmap of each image",
         "all": "every explained class of each image",
     }[sel["rows"]]

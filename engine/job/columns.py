@@ -88,7 +88,7 @@ class Column:
     option: str | None = None  # the RunConfig field that enables it (None: always present)
     valid: Callable[[np.ndarray], np.ndarray] | None = None  # rows that hold a value, beyond ok rows and NaN
     mean: Mean | None = None
-    audit: bool = False  # the audit sums it per class and cluster, with intervals (a metric)
+    audit: bool = False  # the audit sums it per class and cluster, with intervals (a metric; its values in [0, 1])
     nullable: bool = True
 
     def arrow_type(self, layout: Layout) -> pa.DataType:
