@@ -189,6 +189,15 @@ def test_a_spot_in_a_corner_cell_with_nothing_alike_is_not_flagged_on_its_positi
     assert f.flagged
 
 
+def test_corner_cells_are_one_cell_wide_on_every_side():
+    size, cell = (64, 64), 8.0
+    assert cev.in_corner_cell((7.9, 7.9), size, cell) and cev.in_corner_cell((56.1, 56.1), size, cell)
+    assert cev.in_corner_cell((0.5, 63.5), size, cell) and cev.in_corner_cell((63.5, 0.5), size, cell)
+    # One pixel further in, on either side: no longer the corner cell (mirror images of each other).
+    assert not cev.in_corner_cell((8.5, 8.5), size, cell) and not cev.in_corner_cell((55.5, 55.5), size, cell)
+    assert not cev.in_corner_cell((55.2, 55.2), size, cell)  # pixel 55 lies in the seventh cell of eight
+
+
 def test_carve_gives_a_flagged_subset_its_own_cluster():
     labels = np.zeros(10, np.int64)
     members = np.r_[np.ones(4, bool), np.zeros(6, bool)]

@@ -371,11 +371,12 @@ def test_lraspp_top3_equals_one_full_backward_per_class_float64():
 
 
 class _EndsInUpsample(nn.Module):
-    """A conv net at a quarter of the input, upsampled by its own last step (as torchvision's heads end)."""
+    """A conv net at a quarter of the input, upsampled by its own last step (as torchvision's heads end).
+    ``scale``: upsample by that factor (not recomputed) instead of to a size."""
 
-    def __init__(self, mode: str = "bilinear", factor: int = 4):
+    def __init__(self, mode: str = "bilinear", factor: int = 4, scale: float | None = None):
         super().__init__()
-        self.mode, self.factor = mode, factor
+        self.mode, self.factor, self.scale = mode, factor, scale
         self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1))
         self.classifier = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 5, 1))
 
@@ -384,6 +385,8 @@ class _EndsInUpsample(nn.Module):
         h, w = x.shape[-2:]
         size = (h * self.factor // 4, w * self.factor // 4)
         align = False if self.mode == "bilinear" else None
+        if self.scale is not None:
+            return {"out": F.interpolate(out, scale_factor=self.scale, mode=self.mode, align_corners=align)}
         return {"out": F.interpolate(out, size=size, mode=self.mode, align_corners=align)}
 
 
@@ -417,6 +420,20 @@ def test_a_heads_final_upsample_is_taken_over_and_the_maps_are_unchanged(mode, f
     up = F.interpolate(model(images)["out"], size=(24, 28), mode="bilinear", align_corners=False)
     assert torch.equal(exp.pred_mask, up.argmax(1))
     assert bool(calls) == adjoint  # the adjoint path for bilinear upsamples to the input's size only
+
+
+def test_a_final_upsample_by_a_scale_factor_is_done_as_the_model_does_it():
+    """F.interpolate(scale_factor=3.8) samples at 1 / 3.8, not at the sizes' ratio (8 -> 30): even where the output
+    has the input's size, the score does the model's own upsample, and the maps are the full backward's."""
+    torch.manual_seed(0)
+    model = _EndsInUpsample(scale=3.8).double().eval()
+    images = torch.randn(2, 3, 30, 30, dtype=torch.float64)  # a quarter: 8 x 8; floor(8 * 3.8) = 30
+    exp = TaskExplainer(model, "segmentation", target_layer="backbone")(images, top_k=3)
+    assert torch.equal(exp.pred_mask, model(images)["out"].argmax(1))
+    e = exp.explanation
+    ref = reference_gradcam(model, images, "backbone", e.classes, score_fn=reference_seg_score((30, 30)))
+    torch.testing.assert_close(e.scores, ref["scores"], atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(e.cams, ref["cams"], atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("name", ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"])

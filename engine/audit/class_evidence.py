@@ -148,9 +148,10 @@ def judge(ce: ClassEvidence, pointing: np.ndarray | None, params: FlagParams, rn
 
 
 def in_corner_cell(point: tuple[float, float], size: tuple[int, int], cell: float) -> bool:
-    """Whether a point lies in one of the map's four corner cells (one cam cell from two edges)."""
+    """Whether a point lies in one of the map's four corner cells (one cam cell from two edges). Points are
+    pixel centres, in [0, h] x [0, w]: the cells are [0, cell) and (h - cell, h] on each axis."""
     (y, x), (h, w) = point, size
-    return (y < cell or y > h - 1 - cell) and (x < cell or x > w - 1 - cell)
+    return (y < cell or y > h - cell) and (x < cell or x > w - cell)
 
 
 def _corner_cell_check(ce: ClassEvidence, f: Finding) -> None:

@@ -252,7 +252,10 @@ class SegmentationScore:
         kw |= {"recompute_scale_factor": recompute, "antialias": antialias}
         probe = torch.empty((1, 1, *low), device="meta")
         out = tuple(F.interpolate(probe, **kw).shape[-2:])
-        same = mode == "bilinear" and not align_corners and not antialias and not self.align_corners
+        # A scale factor that is not recomputed samples at 1 / factor, not at the sizes' ratio that the adjoint
+        # (and this function's own upsample) use: such a head's upsample is done here as the model does it.
+        by_size = scale_factor is None or bool(recompute)
+        same = by_size and mode == "bilinear" and not align_corners and not antialias and not self.align_corners
         if same and self.size is not None and out == tuple(self.size):
             return logits, True
         return F.interpolate(logits, **kw), False
