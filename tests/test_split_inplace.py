@@ -74,30 +74,27 @@ def test_add_into_writes_only_where_the_result_is_the_same_tensor():
     assert add_into(leaf, torch.ones(2)) is not leaf  # autograd: never in place
 
 
-def test_torchvision_resnet_blocks_add_in_place_and_match_eager_bit_for_bit():
+def _torchvision_cut(name: str, layer: str) -> list:
+    """The rewritten adds of a random torchvision model cut at ``layer``, once its backbone's output has been
+    checked against the eager model's, bit for bit."""
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = tv.models.resnet18(weights=None).eval()
+    model = getattr(tv.models, name)(weights=None).eval()
     x = torch.randn(2, 3, 64, 64)
-    split = split_at(model, "layer4")
-    rewritten = [n for n in split.backbone.graph.nodes if n.target is add_into]
-    # One residual add per BasicBlock of layer1 to layer3, every one in place (layer4, the target, is one leaf
-    # call: its blocks run as eager code, in place already).
-    assert len(rewritten) == 6
+    split = split_at(model, layer)
     with torch.inference_mode():
         a, *_ = split.backbone(x)
-    assert torch.equal(a, _eager_target(model, x, "layer4"))
+    assert torch.equal(a, _eager_target(model, x, layer))
+    return [n for n in split.backbone.graph.nodes if n.target is add_into]
+
+
+def test_torchvision_resnet_blocks_add_in_place_and_match_eager_bit_for_bit():
+    # One residual add per BasicBlock of layer1 to layer3, every one in place (layer4, the target, is one leaf
+    # call: its blocks run as eager code, in place already).
+    assert len(_torchvision_cut("resnet18", "layer4")) == 6
 
 
 def test_an_inverted_residual_adds_into_the_blocks_output_bit_for_bit():
-    tv = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    model = tv.models.mobilenet_v2(weights=None).eval()
-    x = torch.randn(2, 3, 64, 64)
-    split = split_at(model, "features.18")
-    rewritten = [n for n in split.backbone.graph.nodes if n.target is add_into]
+    rewritten = _torchvision_cut("mobilenet_v2", "features.18")
     assert len(rewritten) == 10  # x + conv(x): the fresh operand, the block's last BatchNorm, goes first
     assert all(n.args[0].op == "call_module" for n in rewritten)
-    with torch.inference_mode():
-        a, *_ = split.backbone(x)
-    assert torch.equal(a, _eager_target(model, x, "features.18"))

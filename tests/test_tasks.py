@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from engine_reference import reference_gradcam
+from task_support import save_tiny_segformer
 
 from gradcam_batch.engine.explain import explain
 from gradcam_batch.engine.explain.tasks import (
@@ -340,18 +341,7 @@ def tv_model(name: str, n_classes: int = 6) -> nn.Module:
 
 def tiny_segformer(tmp_path) -> nn.Module:
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.SegformerConfig(
-        num_channels=3,
-        num_encoder_blocks=4,
-        depths=[1, 1, 1, 1],
-        sr_ratios=[8, 4, 2, 1],
-        hidden_sizes=[8, 16, 24, 32],
-        num_attention_heads=[1, 1, 1, 1],
-        mlp_ratios=[2, 2, 2, 2],
-        decoder_hidden_size=16,
-        num_labels=4,
-    )
-    transformers.SegformerForSemanticSegmentation(cfg).save_pretrained(tmp_path / "segformer")
+    save_tiny_segformer(tmp_path / "segformer")
     return transformers.AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "segformer").eval()
 
 

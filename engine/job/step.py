@@ -378,11 +378,11 @@ class BatchExplainer:
 
         task_values = {k: tile(v) for k, v in {"area": texp.area, "positive": texp.positive}.items() if v is not None}
         if texp.mask_energy is not None:
-            methods = list(texp.explanation.values()) if isinstance(texp.explanation, dict) else [texp.explanation]
             for name in ("mask_energy", "mask_iou"):
-                # Each method's own (method-major, as the stacked slots); a class with no predicted pixel has a
-                # zero map: neither its energy nor its IoU is defined (null).
-                value = torch.cat([e.metrics[name] for e in methods], dim=1)
+                # Each method's own (method-major, as the stacked slots; the run's explainer takes a method list,
+                # so its explanation is a dict); a class with no predicted pixel has a zero map: neither its
+                # energy nor its IoU is defined (null).
+                value = torch.cat([e.metrics[name] for e in texp.explanation.values()], dim=1)
                 task_values[name] = torch.where(tile(texp.empty), torch.nan, value)
         private = {KEEP: tile(texp.keep)}
         if texp.empty is not None:
@@ -455,7 +455,7 @@ class BatchExplainer:
         if fill.sample is not None:  # --metrics-sample: only the sampled images; the others' rows are null (NaN)
             full = {n: torch.full(classes.shape, torch.nan, device=x.device) for n in _FAITHFULNESS}
             if not fill.sample.any():
-                return {n: v for n, v in full.items() if _wanted(n, spec.names)}
+                return full  # every column null (the fill reads the run's own columns only)
             idx = to_device(torch.from_numpy(np.flatnonzero(fill.sample)), x.device)
             x, saliency, classes = x[idx], saliency[idx], classes[idx]
         if "deletion" in spec.names or "insertion" in spec.names:
@@ -599,11 +599,6 @@ class BatchExplainer:
 
 
 _FAITHFULNESS = ("deletion_auc", "insertion_auc", "confidence_drop", "confidence_increase")
-
-
-def _wanted(column: str, names: tuple[str, ...]) -> bool:
-    """Whether a faithfulness column belongs to one of the asked metrics."""
-    return column.split("_")[0] in names
 
 
 def metrics_sample(ids: pa.Array | pa.ChunkedArray, share: float, seed: int = 0) -> np.ndarray:
